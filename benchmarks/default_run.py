@@ -1,0 +1,154 @@
+"""The default run on Fashion-MNIST: SSL pretraining + fine-tuning vs a supervised-from-scratch baseline.
+
+Pretrains on the 60000 training images (no labels), draws 10 labelled + 10 validation images
+per class (stratified, seeded), fine-tunes, trains the baseline with the same loop, label budget
+and augmentation, and evaluates both on the 10000 test images. Prints one table row per method.
+
+    .venv/bin/python benchmarks/default_run.py                 # the default settings
+    .venv/bin/python benchmarks/default_run.py --method rotation --pretrain-epochs 3
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import struct
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier  # noqa: E402
+from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba  # noqa: E402
+from ssl_lib.pretrain import PretrainSettings, make_pseudo_labels, pretrain  # noqa: E402
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+MEAN, STD = [0.286], [0.353]
+
+# The recommended defaults, chosen to fit the whole run in ~12 minutes on a 2-core CPU.
+DEFAULT_PRETRAIN = PretrainSettings(method="simclr", backbone="convnet", epochs=6, batch_size=256, lr=2e-3,
+                                    weight_decay=1e-4, seed=0, max_images=40000, device="cpu",
+                                    options={"temperature": 0.2})
+DEFAULT_FINETUNE = FinetuneSettings(mode="full", epochs=60, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
+                                    augment=True, device="cpu", encoder_lr_mult=0.1)
+DEFAULT_BASELINE = FinetuneSettings(mode="full", epochs=150, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
+                                    augment=True, device="cpu", encoder_lr_mult=1.0)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Minimal IDX reader (the project's real loader lives in ssl_lib/data)."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def stratified_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        train.append(idx[:per_class])
+        val.append(idx[per_class:2 * per_class])
+    return np.concatenate(train), np.concatenate(val)
+
+
+def accuracy(model, images, labels) -> float:
+    return float((predict_proba(model, images).argmax(1) == labels).mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", default=DEFAULT_PRETRAIN.method)
+    p.add_argument("--backbone", default=DEFAULT_PRETRAIN.backbone)
+    p.add_argument("--pretrain-epochs", type=int, default=DEFAULT_PRETRAIN.epochs)
+    p.add_argument("--max-images", type=int, default=DEFAULT_PRETRAIN.max_images)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_PRETRAIN.batch_size)
+    p.add_argument("--lr", type=float, default=DEFAULT_PRETRAIN.lr)
+    p.add_argument("--options", default=json.dumps(DEFAULT_PRETRAIN.options), help="method options as JSON")
+    p.add_argument("--ft-mode", default=DEFAULT_FINETUNE.mode)
+    p.add_argument("--ft-epochs", type=int, default=DEFAULT_FINETUNE.epochs)
+    p.add_argument("--ft-lr", type=float, default=DEFAULT_FINETUNE.lr)
+    p.add_argument("--ft-encoder-lr-mult", type=float, default=DEFAULT_FINETUNE.encoder_lr_mult)
+    p.add_argument("--baseline-epochs", type=int, default=DEFAULT_BASELINE.epochs)
+    p.add_argument("--baseline-lr", type=float, default=DEFAULT_BASELINE.lr)
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    x_train = read_idx(DATA / "train-images-idx3-ubyte.gz")[..., None]
+    y_train = read_idx(DATA / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    x_test = read_idx(DATA / "t10k-images-idx3-ubyte.gz")[..., None]
+    y_test = read_idx(DATA / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    lab, val = stratified_split(y_train, args.per_class, args.seed)
+
+    pre = replace(DEFAULT_PRETRAIN, method=args.method, backbone=args.backbone, epochs=args.pretrain_epochs,
+                  max_images=args.max_images, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  options=json.loads(args.options))
+    ft = replace(DEFAULT_FINETUNE, mode=args.ft_mode, epochs=args.ft_epochs, lr=args.ft_lr,
+                 encoder_lr_mult=args.ft_encoder_lr_mult, seed=args.seed)
+    base = replace(DEFAULT_BASELINE, epochs=args.baseline_epochs, lr=args.baseline_lr, seed=args.seed)
+    print("pretrain:", asdict(pre), "\nfinetune:", asdict(ft), "\nbaseline:", asdict(base), flush=True)
+
+    t = time.perf_counter()
+    pseudo = make_pseudo_labels(pre, len(x_train))
+    result = pretrain(x_train, MEAN, STD, pseudo, pre, progress=args.progress,
+                      on_epoch=lambda r: print("  pretrain", {k: round(v, 4) for k, v in r.items()}, flush=True))
+    pretrain_s = time.perf_counter() - t
+    ips = float(np.median([h["images_per_sec"] for h in result.history]))
+
+    t = time.perf_counter()
+    ssl_model = build_classifier(pre.backbone, 1, 28, 10, MEAN, STD, result.encoder_state, seed=args.seed)
+    ssl_model, ft_hist = train_classifier(ssl_model, x_train[lab], y_train[lab], x_train[val], y_train[val], ft,
+                                          progress=args.progress)
+    ft_s = time.perf_counter() - t
+    best = max(ft_hist, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    print(f"  finetune {ft_s:.0f}s best epoch {best['epoch']} val_acc {best['val_acc']:.3f}", flush=True)
+
+    base_acc, base_s = float("nan"), 0.0
+    if not args.skip_baseline:
+        t = time.perf_counter()
+        base_model = build_classifier(pre.backbone, 1, 28, 10, MEAN, STD, None, seed=args.seed)
+        base_model, b_hist = train_classifier(base_model, x_train[lab], y_train[lab], x_train[val], y_train[val],
+                                              base, progress=args.progress)
+        base_s = time.perf_counter() - t
+        best = max(b_hist, key=lambda r: (r["val_acc"], -r["val_loss"]))
+        print(f"  baseline {base_s:.0f}s best epoch {best['epoch']} val_acc {best['val_acc']:.3f}", flush=True)
+
+    t = time.perf_counter()
+    ssl_acc = accuracy(ssl_model, x_test, y_test)
+    if not args.skip_baseline:
+        base_acc = accuracy(base_model, x_test, y_test)
+    # kNN on frozen features with only the labelled budget (train + val) as the memory bank.
+    bank = np.concatenate([lab, val])
+    ssl_frozen = build_classifier(pre.backbone, 1, 28, 10, MEAN, STD, result.encoder_state, seed=args.seed)
+    rand_frozen = build_classifier(pre.backbone, 1, 28, 10, MEAN, STD, None, seed=args.seed)
+    knn = {}
+    for name, m in (("ssl", ssl_frozen), ("random", rand_frozen)):
+        knn[name] = knn_accuracy(extract_features(m, x_train[bank]), y_train[bank],
+                                 extract_features(m, x_test), y_test, k=20)
+    eval_s = time.perf_counter() - t
+    total_s = time.perf_counter() - t0
+
+    print()
+    print("| method | backbone | pretrain s | images/s | SSL test acc | baseline test acc | kNN acc SSL | "
+          "kNN acc random-init | finetune s | baseline s | eval s | total s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {pre.method} | {pre.backbone} | {pretrain_s:.0f} | {ips:.0f} | {ssl_acc:.4f} | {base_acc:.4f} | "
+          f"{knn['ssl']:.4f} | {knn['random']:.4f} | {ft_s:.0f} | {base_s:.0f} | {eval_s:.0f} | {total_s:.0f} |",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

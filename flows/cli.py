@@ -1,0 +1,121 @@
+"""`sslpipe`: the command line. User mistakes get one clear message and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Self-supervised pretraining pipeline: Prefect flows over DVC stages, tracked in MLflow.")
+
+SET_HELP = "Override a param, e.g. --set pretrain.method=rotation (repeatable). Written into params.yaml."
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    from ssl_lib.config import parse_override
+
+    return dict(parse_override(item) for item in sets or [])
+
+
+def _validate(root: Path, overrides: dict[str, Any]):
+    """Check params (with overrides) and the label budget before anything starts or is written."""
+    from ssl_lib.config import apply_overrides, parse_params, read_raw_params
+    from tasks.ingest import check_label_budget
+
+    params = parse_params(apply_overrides(read_raw_params(root / "params.yaml"), overrides),
+                          origin=f"{root / 'params.yaml'}" + (f" with --set {overrides}" if overrides else ""))
+    check_label_budget(params)
+    return params
+
+
+@app.command()
+def run(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+        force: bool = typer.Option(False, help="Rerun every stage even if DVC finds it up to date."),
+        no_exp: bool = typer.Option(False, "--no-exp", help="Do not save the run as a DVC experiment."),
+        root: Path = typer.Option(Path("."), help="Project root (where dvc.yaml and params.yaml are).")) -> None:
+    """Run the whole pipeline as a Prefect flow and print both test accuracies."""
+    from tasks.common import user_error_types
+    from tasks.environment import configure_environment
+
+    configure_environment()
+    root = root.resolve()
+    started = time.perf_counter()
+    try:
+        overrides = _parse_sets(set_)
+        params = _validate(root, overrides)
+    except user_error_types() as err:
+        _fail(str(err))
+    from flows.pipeline import ssl_pipeline
+
+    try:
+        summary = ssl_pipeline(overrides=overrides, root=str(root), force=force, save_experiment=not no_exp)
+    except Exception as err:  # the flow has logged the details; give the user the gist
+        _fail(f"pipeline failed: {err}")
+    _print_summary(summary, params, root, time.perf_counter() - started)
+
+
+def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = summary["metrics"]
+    table = Table(title=f"ssl-pipeline: {params.pretrain.method} / {params.pretrain.backbone} on {params.data.source}")
+    table.add_column("model")
+    table.add_column("test accuracy", justify="right")
+    table.add_column("kNN accuracy", justify="right")
+    table.add_column("macro F1", justify="right")
+    for kind, label in (("ssl", f"SSL ({params.pretrain.method} + {params.finetune.mode} fine-tune)"),
+                        ("baseline", "supervised-only baseline")):
+        table.add_row(label, f"{m[kind]['accuracy']:.4f}", f"{m[kind]['knn_accuracy']:.4f}",
+                      f"{m[kind]['macro_f1']:.4f}")
+    console = Console()
+    console.print(table)
+    ran = ", ".join(s["stage"] for s in summary["stages"] if s["executed"]) or "nothing (all up to date)"
+    console.print(f"SSL gain over the baseline: {m['ssl_gain']:+.4f}   stages run: {ran}   total {seconds:.0f} s")
+    console.print(f"metrics: {root / 'results/metrics.json'}   MLflow parent run: {summary['mlflow_run_id']} "
+                  f"(make ui)   DVC experiment: {summary['dvc_experiment']}")
+
+
+@app.command()
+def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain, finetune or evaluate"),
+          force: bool = typer.Option(False, help="Rerun even if DVC finds it up to date."),
+          root: Path = typer.Option(Path("."), help="Project root.")) -> None:
+    """Run one stage through DVC (`dvc repro --single-item NAME`)."""
+    from tasks.common import STAGES, StageFailed, run_dvc_stage
+
+    if name not in STAGES:
+        _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    try:
+        outcome = run_dvc_stage(name, root.resolve(), force=force)
+    except StageFailed as err:
+        _fail(str(err))
+    typer.echo(f"{name}: {'ran' if outcome.executed else 'up to date'} ({outcome.seconds:.1f} s)")
+
+
+@app.command()
+def validate(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+             root: Path = typer.Option(Path("."), help="Project root.")) -> None:
+    """Check params.yaml (and overrides) and the label budget without running anything."""
+    from tasks.common import user_error_types
+
+    try:
+        params = _validate(root.resolve(), _parse_sets(set_))
+    except user_error_types() as err:
+        _fail(str(err))
+    typer.echo(params.model_dump_json(indent=2))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

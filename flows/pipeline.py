@@ -1,0 +1,100 @@
+"""The pipeline flow: the five stages as Prefect tasks, each run through DVC.
+
+DVC decides what is stale (dvc.lock is the one record of what was built), Prefect schedules,
+retries and shows each stage's state and duration, and MLflow gets one parent run per flow run
+with a nested run per stage. The result is also saved as a DVC experiment (`dvc exp show`).
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks import paths
+from tasks.common import STAGES, StageOutcome, dvc_command, subprocess_env
+from tasks.environment import configure_environment, project_root
+from tasks.evaluate import evaluate_task
+from tasks.finetune import finetune_task
+from tasks.ingest import check_label_budget, ingest_task
+from tasks.params_file import apply_param_overrides
+from tasks.pretrain import pretrain_task
+from tasks.pseudo_labels import pseudo_labels_task
+from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
+
+STAGE_TASKS = (ingest_task, pseudo_labels_task, pretrain_task, finetune_task, evaluate_task)
+assert tuple(t.name for t in STAGE_TASKS) == STAGES
+
+
+def save_dvc_experiment(root: Path, name: str) -> str | None:
+    """Record the workspace as a DVC experiment; None (with the reason logged) where git has no commit yet."""
+    logger = get_run_logger()
+    env = subprocess_env()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, env=env)
+    if head.returncode != 0:
+        logger.warning("not a git repository with a commit: the run is not saved as a DVC experiment")
+        return None
+    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name]), cwd=root, capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0:
+        logger.warning("dvc exp save failed: %s", (out.stderr or out.stdout).strip())
+        return None
+    logger.info("saved as DVC experiment %s", name)
+    return name
+
+
+def _experiment_name(method: str, flow_run_name: str | None) -> str:
+    slug = re.sub(r"[^a-z0-9-]+", "-", f"{method}-{flow_run_name or time.strftime('%Y%m%d-%H%M%S')}".lower())
+    return slug.strip("-")
+
+
+@flow(name="ssl-pipeline", log_prints=True)
+def ssl_pipeline(overrides: dict[str, Any] | None = None, root: str | None = None, force: bool = False,
+                 save_experiment: bool = True) -> dict[str, Any]:
+    """Run ingest → pseudo_labels → pretrain → finetune → evaluate, skipping what DVC finds up to date.
+
+    ``overrides`` are dotted params (``{"pretrain.method": "rotation"}``), validated and written into
+    params.yaml before any compute, as `dvc exp run -S` would.
+    """
+    from prefect.runtime import flow_run
+
+    configure_environment()
+    logger = get_run_logger()
+    root_path = Path(root).resolve() if root else project_root()
+    params = apply_param_overrides(root_path / "params.yaml", overrides or {})
+    check_label_budget(params)
+
+    flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
+    parent_id = open_parent_run(params, invocation=f"prefect-{flow_run_id}", owner="prefect",
+                                run_name=f"pipeline {params.pretrain.method} {flow_run.name or ''}".strip())
+    env = {PARENT_RUN_ENV: parent_id, PREFECT_RUN_ENV: flow_run_id, "SSLPIPE_ROOT": str(root_path)}
+    outcomes: list[StageOutcome] = []
+    succeeded = False
+    try:
+        for stage_task in STAGE_TASKS:
+            outcomes.append(stage_task(str(root_path), env, force=force))
+        exp_name = None
+        if save_experiment:
+            exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name))
+        succeeded = True
+    finally:
+        tag_dataset_hash(parent_id)
+        finish_run(parent_id, succeeded)
+
+    metrics = json.loads((root_path / paths.METRICS).read_text())
+    summary = {"mlflow_run_id": parent_id, "dvc_experiment": exp_name, "metrics": metrics,
+               "stages": [{"stage": o.stage, "executed": o.executed, "seconds": round(o.seconds, 1)}
+                          for o in outcomes]}
+    create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
+    create_markdown_artifact(key="pipeline-result", markdown=(
+        f"SSL test accuracy **{metrics['ssl']['accuracy']:.4f}** vs supervised baseline "
+        f"**{metrics['baseline']['accuracy']:.4f}** ({params.pretrain.method}, "
+        f"{params.data.labels_per_class or params.data.label_fraction} labels/class). "
+        f"MLflow run `{parent_id}`, DVC experiment `{exp_name}`."))
+    logger.info("SSL %.4f vs baseline %.4f", metrics["ssl"]["accuracy"], metrics["baseline"]["accuracy"])
+    return summary

@@ -1,0 +1,191 @@
+"""The deployable classifier (normalization + encoder + linear head) and its supervised training.
+
+``train_classifier`` fine-tunes a pretrained encoder (mode "full" or "linear") and, with a
+random-init encoder and mode "full", also trains the supervised-from-scratch baseline, so the
+two are compared under the same loop, augmentation and model selection.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_lib.augment import nhwc_to_tensor, shift_flip
+from ssl_lib.device import select_device
+from ssl_lib.models.backbones import build_backbone
+
+MODES = ("full", "linear")
+
+
+class Classifier(nn.Module):
+    """Images in [0, 1] -> logits. Mean/std are buffers so the model is self-contained when loaded
+    from a registry: callers never need to know the training normalization."""
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int, mean: list[float],
+                 std: list[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std need one entry per channel and std > 0, got {mean} and {std}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.encoder = encoder
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder features (B, D) of float images (B, C, H, W) in [0, 1]."""
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.encoder(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_classifier(backbone: str, in_channels: int, image_size: int, num_classes: int, mean: list[float],
+                     std: list[float], encoder_state: dict[str, torch.Tensor] | None = None,
+                     seed: int = 0) -> Classifier:
+    """A Classifier whose encoder is random-init (seeded by ``seed``) or loaded from ``encoder_state``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder, feature_dim = build_backbone(backbone, in_channels, image_size)
+        model = Classifier(encoder, feature_dim, num_classes, mean, std)
+    if encoder_state is not None:
+        encoder.load_state_dict(encoder_state)
+    return model
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    mode: str  # "full": train everything; "linear": frozen encoder (BatchNorm in eval), train the head
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    augment: bool = True  # random shift + horizontal flip, batched
+    device: str = "auto"
+    encoder_lr_mult: float = 0.1  # full mode: a pretrained encoder moves slower than a fresh head
+    max_shift_px: int = 2
+    label_smoothing: float = 0.0
+    warmup_fraction: float = 0.05
+
+
+def _evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i:i + batch_size].float().div_(255.0))
+            loss_sum += float(F.cross_entropy(logits, y[i:i + batch_size], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    return loss_sum / len(x), correct / len(x)
+
+
+def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: np.ndarray,
+                     val_images: np.ndarray | None, val_labels: np.ndarray | None, settings: FinetuneSettings,
+                     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                     progress: bool = True) -> tuple[Classifier, list[dict[str, Any]]]:
+    """Train ``model`` on uint8 NHWC images; return it with the best-validation-epoch weights, and the history.
+
+    Loss: cross entropy (with optional label smoothing) of the head's logits. Model selection:
+    highest validation accuracy, ties broken by lower validation loss; without a validation set,
+    the last epoch. History rows: epoch, train_loss, train_acc, val_loss, val_acc, seconds.
+    """
+    from tqdm.auto import tqdm
+
+    if settings.mode not in MODES:
+        raise ValueError(f"unknown finetune mode {settings.mode!r}; use one of {', '.join(MODES)}")
+    if settings.epochs < 1 or settings.batch_size < 2:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
+    device = select_device(settings.device)
+    model.to(device=device, memory_format=torch.channels_last)
+    x_train = nhwc_to_tensor(np.asarray(train_images), device)
+    y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long, device=device)
+    has_val = val_images is not None and val_labels is not None and len(val_images) > 0
+    if has_val:
+        x_val = nhwc_to_tensor(np.asarray(val_images), device)
+        y_val = torch.as_tensor(np.asarray(val_labels), dtype=torch.long, device=device)
+    if int(y_train.max()) >= model.num_classes or int(y_train.min()) < 0:
+        raise ValueError(f"train labels must lie in [0, {model.num_classes}), got [{int(y_train.min())}, {int(y_train.max())}]")
+
+    linear = settings.mode == "linear"
+    model.encoder.requires_grad_(not linear)
+    head_params = list(model.head.parameters())
+    groups = [{"params": head_params, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    if not linear:
+        enc = list(model.encoder.parameters())
+        groups += [{"params": [p for p in enc if p.ndim > 1], "lr": settings.lr * settings.encoder_lr_mult,
+                    "weight_decay": settings.weight_decay},
+                   # No decay on BatchNorm/bias parameters.
+                   {"params": [p for p in enc if p.ndim <= 1], "lr": settings.lr * settings.encoder_lr_mult,
+                    "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr)
+    n = len(x_train)
+    batch_size = min(settings.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = steps_per_epoch * settings.epochs
+    warmup = max(1, int(round(total * settings.warmup_fraction)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    history: list[dict[str, Any]] = []
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bar = tqdm(range(settings.epochs), disable=not progress, desc=f"train {settings.mode}", unit="epoch")
+    try:
+        for epoch in bar:
+            start = time.perf_counter()
+            model.train()
+            if linear:
+                model.encoder.eval()  # frozen means frozen: BatchNorm running stats must not drift either
+            order = torch.randperm(n, generator=generator).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                if len(idx) < 2 and not linear:
+                    continue  # a single-sample batch breaks BatchNorm in train mode
+                x = x_train[idx].float().div_(255.0)
+                if settings.augment:
+                    x = shift_flip(x, generator, settings.max_shift_px)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == y_train[idx]).sum()
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
+                                      "train_acc": int(correct) / n}
+            if has_val:
+                record["val_loss"], record["val_acc"] = _evaluate(model, x_val, y_val)
+                key = (record["val_acc"], -record["val_loss"])
+                if best_key is None or key > best_key:
+                    best_key = key
+                    best_state = copy.deepcopy(model.state_dict())
+                    record["best"] = True
+            record["seconds"] = time.perf_counter() - start
+            history.append(record)
+            if progress:
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                val_acc=f"{record.get('val_acc', float('nan')):.3f}")
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.encoder.requires_grad_(True)
+    model.eval()
+    return model, history

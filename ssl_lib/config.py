@@ -1,0 +1,185 @@
+"""The pipeline's parameters: validated once, at load, into plain typed objects.
+
+``params.yaml`` is the single source of truth. Every key is checked here before any compute runs:
+an unknown key, a wrong type, an unknown method or an impossible label budget gives one clear
+message that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SOURCES = ("fashion-mnist", "digits", "folder")
+
+
+class ConfigError(ValueError):
+    """A user mistake in params.yaml or in an override; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    # forbid: a typo such as `pretrain.epoch` must fail loudly, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    source: Literal["fashion-mnist", "digits", "folder"] = "fashion-mnist"
+    path: str | None = None
+    labels_per_class: int | None = Field(default=10, ge=1)
+    label_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    val_per_class: int = Field(default=10, ge=0)
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_label_budget(self) -> "DataParams":
+        if (self.labels_per_class is None) == (self.label_fraction is None):
+            raise ValueError(
+                "set exactly one of data.labels_per_class and data.label_fraction (the other must be null)"
+            )
+        if self.source == "folder" and not self.path:
+            raise ValueError("data.source 'folder' needs data.path: a folder with one sub-folder of images per class")
+        return self
+
+
+class PseudoLabelParams(_Section):
+    preview_count: int = Field(default=32, ge=1, le=256)
+
+
+class PretrainParams(_Section):
+    method: str = "simclr"
+    backbone: str = "convnet"
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=256, ge=2)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    max_images: int | None = Field(default=None, ge=2)
+    device: str = "auto"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from ssl_lib.methods import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; known methods: {', '.join(sorted(METHODS))}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from ssl_lib.models.backbones import BACKBONES
+
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone {value!r}; known backbones: {', '.join(BACKBONES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "PretrainParams":
+        from ssl_lib.methods import get_method
+
+        allowed = get_method(self.method).default_options
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"unknown pretrain.options {unknown} for method {self.method!r}; "
+                f"allowed: {', '.join(sorted(allowed)) or '(none)'}"
+            )
+        return self
+
+
+class FinetuneParams(_Section):
+    mode: Literal["full", "linear"] = "full"
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    augment: bool = True
+    baseline_lr: float | None = Field(default=None, gt=0)
+    device: str = "auto"
+    registered_model_name: str = Field(default="ssl-pipeline-classifier", min_length=1)
+
+
+class EvaluateParams(_Section):
+    knn_k: int = Field(default=20, ge=1)
+
+
+class PipelineParams(_Section):
+    seed: int = Field(default=0, ge=0)
+    data: DataParams = DataParams()
+    pseudo_labels: PseudoLabelParams = PseudoLabelParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid parameters in {origin}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against params.yaml's documented keys"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelineParams:
+    """Validate a raw params mapping; raise ConfigError with every problem listed."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin} must be a YAML mapping of sections (seed, data, pretrain, ...)")
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def read_raw_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root or pass the path to params.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> PipelineParams:
+    """Read and validate params.yaml."""
+    return parse_params(read_raw_params(path), origin=str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``a.b=value``; the value is read as YAML so numbers, booleans and null keep their type."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. pretrain.method=simclr")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted-key overrides applied (validation happens afterwards)."""
+    result = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = result
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result

@@ -1,0 +1,361 @@
+"""Load a raw image source (Fashion-MNIST, sklearn digits, or a folder of images) into memory.
+
+Every source ends up as the same ``RawDataset`` so the split and prepare steps never need to
+know where the pixels came from.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+
+from .errors import DataError
+from .idx import read_idx
+
+SOURCES: tuple[str, ...] = ("fashion-mnist", "digits", "folder")
+
+FASHION_MNIST_CLASSES: list[str] = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CACHE_DIR = Path("~/.cache/ssl-pipeline")
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+# Reserved folder names inside a `folder` source; everything else at the top level is a class.
+TEST_DIR = "test"
+UNLABELED_DIR = "unlabeled"
+
+_FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
+class RawDataset:
+    """All images of a source, in a deterministic order, before any split is chosen."""
+
+    images: np.ndarray            # uint8 (N, H, W, C)
+    labels: np.ndarray            # int64 (N,), -1 = unlabeled
+    source_ids: list[str]         # stable id per image, e.g. "train/00123" or "cat/001.png"
+    predefined_test: np.ndarray   # bool (N,), True where the source itself says "test"
+    class_names: list[str]
+    source: str
+    source_version: str
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(f"{self.source}: images must be uint8 (N, H, W, C), "
+                            f"got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (n,) or self.predefined_test.shape != (n,) or len(self.source_ids) != n:
+            raise DataError(f"{self.source}: images, labels, predefined_test and source_ids "
+                            "must all have one entry per image")
+        if n and (self.labels.min() < -1 or self.labels.max() >= len(self.class_names)):
+            raise DataError(f"{self.source}: labels must be -1 (unlabeled) or a class index "
+                            f"below {len(self.class_names)}")
+
+
+def load_source(name: str, path: str | os.PathLike[str] | None = None, *,
+                image_size: int | tuple[int, int] | None = None) -> RawDataset:
+    """Load source ``name`` ("fashion-mnist", "digits" or "folder") from ``path``.
+
+    ``image_size`` ((height, width) or one int for square) only applies to "folder"; the other
+    sources have a fixed native size.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in SOURCES:
+        raise DataError(f"unknown data source {name!r}; set data.source to one of: {', '.join(SOURCES)}")
+    if key == "folder":
+        return load_folder(path, image_size=image_size)
+    if image_size is not None:
+        raise DataError(f"data.image_size only applies to the 'folder' source; "
+                        f"remove it (set it to null) for {key!r}")
+    if key == "digits":
+        if path is not None:
+            raise DataError("the 'digits' source is built into scikit-learn and takes no path; "
+                            "set data.path to null")
+        return load_digits()
+    return load_fashion_mnist(path)
+
+
+# --------------------------------------------------------------------------- fashion-mnist
+
+def _find_fashion_files(directory: Path) -> dict[str, Path] | None:
+    """Map each of the four IDX files to its path in ``directory`` (.gz preferred), or None."""
+    found: dict[str, Path] = {}
+    for key, stem in _FASHION_FILES.items():
+        for candidate in (directory / f"{stem}.gz", directory / stem):
+            if candidate.is_file():
+                found[key] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _download_fashion_mnist(cache: Path) -> tuple[Path | None, str]:
+    """Fetch Fashion-MNIST with torchvision into ``cache``; returns (raw dir or None, why not)."""
+    try:
+        from torchvision.datasets import FashionMNIST  # optional and slow to import
+    except ImportError as exc:
+        return None, f"torchvision is not installed ({exc})"
+    try:
+        for train in (True, False):
+            FashionMNIST(root=str(cache), train=train, download=True)
+    except Exception as exc:  # network errors come in many types (URLError, RuntimeError, ...)
+        return None, f"download failed ({type(exc).__name__}: {exc})"
+    return cache / "FashionMNIST" / "raw", ""
+
+
+def load_fashion_mnist(path: str | os.PathLike[str] | None = None) -> RawDataset:
+    """Fashion-MNIST from ``path``, else the Debian package, else a torchvision download.
+
+    Train images come first ("train/NNNNN"), then the predefined test set ("test/NNNNN").
+    """
+    install_hint = ("install it with `apt-get install dataset-fashion-mnist`, or point data.path "
+                    "at a directory holding train-images-idx3-ubyte(.gz), train-labels-idx1-ubyte(.gz), "
+                    "t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)")
+    if path is not None:
+        files = _find_fashion_files(Path(path))
+        if files is None:
+            raise DataError(f"Fashion-MNIST IDX files not found in {path}; {install_hint}")
+    else:
+        cache = CACHE_DIR.expanduser()
+        files = (_find_fashion_files(DEBIAN_FASHION_MNIST_DIR)
+                 or _find_fashion_files(cache / "FashionMNIST" / "raw"))
+        if files is None:
+            raw_dir, why = _download_fashion_mnist(cache)
+            files = _find_fashion_files(raw_dir) if raw_dir is not None else None
+            if files is None:
+                raise DataError(f"Fashion-MNIST not found in {DEBIAN_FASHION_MNIST_DIR} or {cache} "
+                                f"and {why or 'the download left no IDX files'}; {install_hint}")
+
+    def read(key: str, ndim: int) -> np.ndarray:
+        try:
+            return read_idx(files[key], expected_ndim=ndim)
+        except DataError as exc:
+            raise DataError(f"{exc} (for the Debian copy: apt-get install --reinstall "
+                            "dataset-fashion-mnist)") from exc
+
+    train_x, train_y = read("train_images", 3), read("train_labels", 1)
+    test_x, test_y = read("test_images", 3), read("test_labels", 1)
+    for x, y, xk, yk in ((train_x, train_y, "train_images", "train_labels"),
+                         (test_x, test_y, "test_images", "test_labels")):
+        if len(x) != len(y):
+            raise DataError(f"{files[xk]} has {len(x)} images but {files[yk]} has {len(y)} labels; "
+                            "the files come from different releases, replace them with a matching set")
+        if x.dtype != np.uint8 or y.dtype != np.uint8 or (len(y) and y.max() >= len(FASHION_MNIST_CLASSES)):
+            raise DataError(f"{files[xk]} / {files[yk]} do not look like Fashion-MNIST "
+                            "(expected uint8 images and labels 0..9); replace them")
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataError(f"train images are {train_x.shape[1:]} but test images are {test_x.shape[1:]}; "
+                        "replace the files with a matching set")
+
+    # Hash the decoded contents, not the file bytes, so a recompressed or gunzipped copy of the
+    # same data keeps the same version and downstream caches stay valid.
+    digest = hashlib.sha256()
+    for array in (train_x, train_y, test_x, test_y):
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+
+    return RawDataset(
+        images=np.concatenate([train_x, test_x])[..., None],
+        labels=np.concatenate([train_y, test_y]).astype(np.int64),
+        source_ids=[f"train/{i:05d}" for i in range(len(train_x))]
+        + [f"test/{i:05d}" for i in range(len(test_x))],
+        predefined_test=np.concatenate([np.zeros(len(train_x), bool), np.ones(len(test_x), bool)]),
+        class_names=list(FASHION_MNIST_CLASSES),
+        source="fashion-mnist",
+        source_version=f"sha256:{digest.hexdigest()}",
+    )
+
+
+# --------------------------------------------------------------------------- digits
+
+def load_digits() -> RawDataset:
+    """scikit-learn's 8x8 digits (1797 images), rescaled from 0..16 to 0..255. No test set."""
+    import sklearn
+    from sklearn.datasets import load_digits as _sk_load_digits
+
+    bunch = _sk_load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
+    return RawDataset(
+        images=images,
+        labels=bunch.target.astype(np.int64),
+        source_ids=[f"digits/{i:05d}" for i in range(len(images))],
+        predefined_test=np.zeros(len(images), bool),
+        class_names=[str(c) for c in bunch.target_names],
+        source="digits",
+        source_version=f"sklearn-{sklearn.__version__}",
+    )
+
+
+# --------------------------------------------------------------------------- folder
+
+def _walk_images(root: Path) -> list[str]:
+    """Relative POSIX paths of image files under ``root``, sorted; hidden entries are ignored."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _class_dirs(directory: Path, reserved: set[str]) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return [p.name for p in directory.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and p.name not in reserved]
+
+
+def _role(rel: str, class_index: dict[str, int]) -> tuple[int, bool] | str:
+    """(label, is_test) for a file's relative path, or a reason string why it cannot be used."""
+    parts = rel.split("/")
+    if parts[0] == TEST_DIR:
+        if len(parts) < 3 or parts[1] == UNLABELED_DIR:
+            return (f"test images need a class: move it into {TEST_DIR}/<class>/ "
+                    "(unlabeled images cannot be test images)")
+        return class_index[parts[1]], True
+    if len(parts) == 1 or parts[0] == UNLABELED_DIR:
+        return -1, False
+    return class_index[parts[0]], False
+
+
+def _open_image(path: Path):  # -> PIL.Image.Image, kept untyped so PIL is imported lazily
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.load()  # decode now so a truncated file fails here, not later
+        # Copy before the file closes: a closed PIL image refuses all further operations.
+        upright = ImageOps.exif_transpose(img)
+        return upright if upright is not None else img.copy()
+
+
+def _is_colour(img) -> bool:
+    if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
+        return False
+    rgb = np.asarray(img.convert("RGB"))
+    # A colour-mode file whose channels are all equal (e.g. a grey JPEG saved as RGB) is grey.
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def _to_array(img, mode: str, size_wh: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Flatten transparency onto white; a plain convert would expose arbitrary hidden colours.
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    elif img.mode in ("I", "I;16", "F"):
+        # Wide grey modes: PIL's convert("L") clips instead of rescaling, so rescale by hand.
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode == "I;16" or values.max() > 255 else 255.0
+        img = Image.fromarray(np.rint(values.clip(0, top) * (255.0 / top)).astype(np.uint8))
+    img = img.convert(mode)
+    if img.size != size_wh:
+        img = img.resize(size_wh, Image.Resampling.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _normalise_size(image_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """(height, width) from an int or a pair; None means 'use the most common size'."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    try:
+        h, w = (int(v) for v in image_size)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise DataError(f"data.image_size must be a positive int or [height, width], got {image_size!r}")
+    return h, w
+
+
+def load_folder(path: str | os.PathLike[str] | None, *,
+                image_size: int | tuple[int, int] | None = None) -> RawDataset:
+    """Images from a directory tree: ``<class>/...`` labeled, root files or ``unlabeled/...``
+    unlabeled, ``test/<class>/...`` the predefined test set.
+
+    Corrupt or unusable files are listed in ``skipped`` and left out, never fatal. All images get
+    one mode (RGB if any image has colour, else L) and one size (``image_size`` as (height, width),
+    else the most common size), resized bilinearly.
+    """
+    if path is None:
+        raise DataError("the 'folder' source needs a directory: set data.path")
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"data.path {str(root)!r} is not a directory; point data.path at a folder "
+                        "with one sub-folder of images per class")
+    target_hw = _normalise_size(image_size)
+
+    class_names = sorted(set(_class_dirs(root, {TEST_DIR, UNLABELED_DIR}))
+                         | set(_class_dirs(root / TEST_DIR, {UNLABELED_DIR})))
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    skipped: list[tuple[str, str]] = []
+    digest = hashlib.sha256()
+    candidates: list[tuple[str, int, bool, tuple[int, int], bool]] = []  # rel, label, test, (w,h), colour
+    # First pass only inspects, so memory stays at one decoded image however large the files are.
+    for rel in _walk_images(root):
+        file = root / rel
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            skipped.append((rel, f"unreadable: {exc}"))
+            continue
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(raw).digest())
+        role = _role(rel, class_index)
+        if isinstance(role, str):
+            skipped.append((rel, role))
+            continue
+        try:
+            img = _open_image(file)
+            candidates.append((rel, role[0], role[1], img.size, _is_colour(img)))
+        except Exception as exc:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
+            skipped.append((rel, f"not a readable image: {type(exc).__name__}: {exc}"))
+
+    if not candidates:
+        raise DataError(f"no readable images found under {root} ({len(skipped)} skipped); put image files "
+                        f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in one sub-folder per class")
+
+    mode = "RGB" if any(c[4] for c in candidates) else "L"
+    if target_hw is None:
+        # Most common size; ties go to the smallest so the choice never depends on file order.
+        counts = Counter(c[3] for c in candidates)
+        size_wh = min(counts, key=lambda wh: (-counts[wh], wh[1] * wh[0], wh))
+    else:
+        size_wh = (target_hw[1], target_hw[0])
+
+    arrays: list[np.ndarray] = []
+    kept: list[tuple[str, int, bool]] = []
+    for rel, label, is_test, _, _ in candidates:
+        try:
+            arrays.append(_to_array(_open_image(root / rel), mode, size_wh))
+            kept.append((rel, label, is_test))
+        except Exception as exc:  # the file changed between passes; treat it like any bad file
+            skipped.append((rel, f"not a readable image: {type(exc).__name__}: {exc}"))
+    if not arrays:
+        raise DataError(f"no readable images found under {root}; see the skipped files")
+
+    return RawDataset(
+        images=np.stack(arrays),
+        labels=np.array([k[1] for k in kept], dtype=np.int64),
+        source_ids=[k[0] for k in kept],
+        predefined_test=np.array([k[2] for k in kept], dtype=bool),
+        class_names=class_names,
+        source="folder",
+        source_version=f"sha256:{digest.hexdigest()}",
+        skipped=sorted(skipped),
+    )

@@ -1,0 +1,110 @@
+"""Test-set evaluation: probabilities, features, kNN accuracy, per-class metrics, confusion matrix."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ssl_lib.augment import nhwc_to_tensor
+from ssl_lib.io import atomic_path
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _batched(model: nn.Module, images: np.ndarray, batch_size: int, fn) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 NHWC, got {images.dtype}")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                x = nhwc_to_tensor(images[i:i + batch_size], device).float().div_(255.0)
+                outputs.append(fn(x).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def predict_proba(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Softmax class probabilities (N, K) of a Classifier for uint8 NHWC images."""
+    return _batched(model, images, batch_size, lambda x: torch.softmax(model(x), dim=1))
+
+
+def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Encoder features (N, D) of a Classifier (its ``features`` method) for uint8 NHWC images."""
+    return _batched(model, images, batch_size, model.features)
+
+
+def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                 test_labels: np.ndarray, k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted kNN accuracy with cosine similarity (Wu et al., 2018).
+
+    Each of the k nearest training samples votes for its class with weight exp(cos(q, x_i) / T);
+    the class with the largest total wins. k is capped at the number of training samples.
+    """
+    train = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_feats), dtype=torch.float32), dim=1)
+    test = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_feats), dtype=torch.float32), dim=1)
+    y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)
+    y_test = torch.as_tensor(np.asarray(test_labels), dtype=torch.long)
+    num_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
+    k = min(k, len(train))
+    correct = 0
+    for i in range(0, len(test), 1024):  # chunks keep the similarity matrix small
+        sims, idx = (test[i:i + 1024] @ train.t()).topk(k, dim=1)
+        votes = torch.zeros(len(sims), num_classes)
+        votes.scatter_add_(1, y_train[idx], torch.exp(sims / temperature))
+        correct += int((votes.argmax(1) == y_test[i:i + 1024]).sum())
+    return correct / len(test)
+
+
+def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
+    """One row per class: precision, recall, f1, support (sklearn, zero_division=0)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    return pd.DataFrame({"class": list(class_names), "precision": precision, "recall": recall, "f1": f1,
+                         "support": support.astype(int)})
+
+
+def save_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
+                       path: str | Path) -> None:
+    """Write the confusion matrix (rows: true class, columns: predicted) as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # here, not at import: importing this module must not change global state
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    k = len(class_names)
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(k)))
+    size = max(4.0, 0.55 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), labels=list(class_names), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels=list(class_names), fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > threshold else "black")
+    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(1, cm.sum()):.3f})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

@@ -1,0 +1,117 @@
+"""Stage 5, evaluate: both classifiers on the test split — accuracy, kNN on frozen features, per-class
+table, confusion matrices, metrics.json for `dvc metrics` and plot data for `dvc plots`."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+
+from ssl_lib.config import PipelineParams
+from tasks import paths
+from tasks.common import make_stage_task, run_stage_cli
+
+log = logging.getLogger("sslpipe.evaluate")
+
+
+def _load_classifiers(spec: dict) -> dict:
+    import torch
+
+    from ssl_lib.classifier import build_classifier
+
+    models = {}
+    for kind, path in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; run the stage first: dvc repro finetune")
+        model = build_classifier(**spec)
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        models[kind] = model.eval()
+    return models
+
+
+def run(params: PipelineParams) -> dict:
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from ssl_lib.classifier import build_classifier
+    from ssl_lib.data import load_prepared
+    from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
+    from ssl_lib.io import atomic_path, write_json
+    from tasks.finetune import load_encoder_info
+    from tasks.registry import record_and_maybe_promote
+    from tasks.tracking import stage_run
+
+    with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
+        data = load_prepared(paths.PREPARED)
+        test_x, test_y = data.split("test")
+        known_x, known_y = (np.concatenate(pair) for pair in zip(data.split("labeled"), data.split("val")))
+        classifier_info = json.loads(paths.CLASSIFIER_INFO.read_text())
+        class_names = classifier_info["class_names"]
+        spec = {k: classifier_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
+        models = _load_classifiers(spec)
+        k = min(params.evaluate.knn_k, len(known_y))
+
+        def knn(model) -> float:
+            return knn_accuracy(extract_features(model, known_x), known_y, extract_features(model, test_x), test_y, k=k)
+
+        metrics: dict = {}
+        predictions = pd.DataFrame({"actual": [class_names[i] for i in test_y]})
+        tables = []
+        for kind, model in models.items():
+            predicted = predict_proba(model, test_x).argmax(axis=1)
+            table = per_class_table(test_y, predicted, class_names)
+            tables.append(table.assign(model=kind))
+            metrics[kind] = {"accuracy": float((predicted == test_y).mean()), "knn_accuracy": knn(model),
+                             "macro_f1": float(table["f1"].iloc[:len(class_names)].mean())}
+            predictions[kind] = [class_names[i] for i in predicted]
+            save_confusion_png(test_y, predicted, class_names,
+                               paths.CONFUSION_SSL if kind == "ssl" else paths.CONFUSION_BASELINE)
+
+        # Frozen features before any label was seen: what pretraining alone bought over random weights.
+        _, encoder_state = load_encoder_info()
+        torch.manual_seed(params.seed)
+        metrics["pretrained_encoder_knn_accuracy"] = knn(build_classifier(**spec, encoder_state=encoder_state).eval())
+        torch.manual_seed(params.seed)
+        metrics["random_encoder_knn_accuracy"] = knn(build_classifier(**spec).eval())
+        metrics["ssl_gain"] = metrics["ssl"]["accuracy"] - metrics["baseline"]["accuracy"]
+        metrics["num_test"] = int(len(test_y))
+
+        write_json(paths.METRICS, metrics)
+        with atomic_path(paths.PER_CLASS) as tmp:
+            pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+        with atomic_path(paths.PREDICTIONS) as tmp:
+            predictions.to_csv(tmp, index=False)
+
+        flat = {"test_accuracy_ssl": metrics["ssl"]["accuracy"],
+                "test_accuracy_baseline": metrics["baseline"]["accuracy"],
+                "knn_accuracy_ssl": metrics["ssl"]["knn_accuracy"],
+                "knn_accuracy_baseline": metrics["baseline"]["knn_accuracy"],
+                "macro_f1_ssl": metrics["ssl"]["macro_f1"], "macro_f1_baseline": metrics["baseline"]["macro_f1"],
+                "knn_accuracy_pretrained_encoder": metrics["pretrained_encoder_knn_accuracy"],
+                "knn_accuracy_random_encoder": metrics["random_encoder_knn_accuracy"],
+                "ssl_gain": metrics["ssl_gain"]}
+        mlflow.log_metrics(flat)
+        client = MlflowClient()
+        parent_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if parent_id:
+            for key, value in flat.items():
+                client.log_metric(parent_id, key, value)
+        for artifact in (paths.CONFUSION_SSL, paths.CONFUSION_BASELINE, paths.PER_CLASS, paths.METRICS):
+            mlflow.log_artifact(str(artifact))
+
+        registered = classifier_info.get("registered_model") or {}
+        if registered.get("version"):
+            record_and_maybe_promote(registered["name"], registered["version"],
+                                     {"test_accuracy": flat["test_accuracy_ssl"],
+                                      "baseline_test_accuracy": flat["test_accuracy_baseline"]})
+        log.info("test accuracy: SSL %.4f, supervised baseline %.4f (gain %+.4f)", flat["test_accuracy_ssl"],
+                 flat["test_accuracy_baseline"], flat["ssl_gain"])
+    return metrics
+
+
+evaluate_task = make_stage_task("evaluate")
+
+if __name__ == "__main__":
+    run_stage_cli("evaluate", run)

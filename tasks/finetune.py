@@ -1,0 +1,107 @@
+"""Stage 4, finetune: the pretrained encoder plus a head on the small labeled set, and a supervised-only
+baseline trained on exactly the same labels with the same budget. The SSL classifier is registered in MLflow."""
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from ssl_lib.config import PipelineParams
+from tasks import paths
+from tasks.common import make_stage_task, run_stage_cli
+
+log = logging.getLogger("sslpipe.finetune")
+
+# Listing requirements explicitly spares MLflow ~15 s of inferring them on every log_model call.
+MODEL_REQUIREMENTS = ["torch", "torchvision", "numpy"]
+
+
+def load_encoder_info() -> tuple[dict, dict]:
+    import json
+
+    import torch
+
+    if not paths.ENCODER.is_file() or not paths.ENCODER_INFO.is_file():
+        raise FileNotFoundError(f"{paths.ENCODER} is missing; run the stage first: dvc repro pretrain")
+    info = json.loads(paths.ENCODER_INFO.read_text())
+    return info, torch.load(paths.ENCODER, weights_only=True, map_location="cpu")
+
+
+def run(params: PipelineParams) -> dict:
+    import mlflow
+    import torch
+
+    from ssl_lib.classifier import build_classifier, train_classifier
+    from ssl_lib.data import load_prepared
+    from ssl_lib.io import atomic_path, write_json
+    from tasks.settings import finetune_settings
+    from tasks.tracking import stage_run
+
+    section = {"seed": params.seed, "finetune": params.finetune.model_dump(),
+               "pretrain.backbone": params.pretrain.backbone}
+    with stage_run("finetune", params, section=section):
+        data = load_prepared(paths.PREPARED)
+        train_x, train_y = data.split("labeled")
+        val_x, val_y = data.split("val")
+        info, encoder_state = load_encoder_info()
+        num_classes = len(data.meta["class_names"])
+        spec = dict(backbone=info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"],
+                    num_classes=num_classes, mean=info["mean"], std=info["std"])
+        histories = []
+        models = {}
+        for kind, state in (("ssl", encoder_state), ("baseline", None)):
+            settings = finetune_settings(params, baseline=kind == "baseline")
+            model = build_classifier(**spec, encoder_state=state)
+
+            def on_epoch(row: dict, prefix: str = kind) -> None:
+                mlflow.log_metrics({f"{prefix}_{k}": float(v) for k, v in row.items() if k != "epoch"},
+                                   step=int(row["epoch"]))
+
+            model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings, on_epoch=on_epoch)
+            models[kind] = model.cpu().eval()
+            histories.append(pd.DataFrame(history).assign(model=kind))
+            log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings.mode)
+
+        for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
+            with atomic_path(target) as tmp:
+                torch.save(models[kind].state_dict(), tmp)
+        with atomic_path(paths.FINETUNE_HISTORY) as tmp:
+            pd.concat(histories, ignore_index=True).to_csv(tmp, index=False)
+
+        registered = log_classifier(models["ssl"], data.split("val")[0][:4] if len(val_y) else train_x[:4],
+                                    params.finetune.registered_model_name)
+        mlflow.log_metrics({"num_labeled": len(train_y), "num_val": len(val_y)})
+        write_json(paths.CLASSIFIER_INFO, {**spec, "class_names": data.meta["class_names"],
+                                           "mode": params.finetune.mode, "registered_model": registered})
+    return registered
+
+
+def model_input(images) -> "object":
+    """Registry models take float32 (N, C, H, W) in [0, 1]; normalisation lives inside the model."""
+    import numpy as np
+
+    return (np.asarray(images, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
+
+
+def log_classifier(model, example_images, registered_name: str) -> dict:
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    example = model_input(example_images)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, logits)
+    model_info = mlflow.pytorch.log_model(model, name="classifier", signature=signature, input_example=example,
+                                          pip_requirements=MODEL_REQUIREMENTS,
+                                          registered_model_name=registered_name)
+    version = getattr(model_info, "registered_model_version", None)
+    log.info("registered %s version %s", registered_name, version)
+    return {"name": registered_name, "version": str(version) if version is not None else None,
+            "model_uri": model_info.model_uri, "run_id": mlflow.active_run().info.run_id}
+
+
+finetune_task = make_stage_task("finetune")
+
+if __name__ == "__main__":
+    run_stage_cli("finetune", run)

@@ -1,0 +1,22 @@
+"""The artifact layout that dvc.yaml declares; stages read and write only these paths."""
+from pathlib import Path
+
+PREPARED = Path("data/prepared")
+PSEUDO_LABELS = Path("artifacts/pseudo_labels")
+PSEUDO_TARGETS = PSEUDO_LABELS / "targets.npz"
+PSEUDO_PREVIEW = PSEUDO_LABELS / "preview.png"
+PRETRAIN = Path("artifacts/pretrain")
+ENCODER = PRETRAIN / "encoder.pt"
+ENCODER_INFO = PRETRAIN / "encoder.json"
+PRETRAIN_HISTORY = PRETRAIN / "history.csv"
+FINETUNE = Path("artifacts/finetune")
+SSL_CLASSIFIER = FINETUNE / "ssl_classifier.pt"
+BASELINE_CLASSIFIER = FINETUNE / "baseline_classifier.pt"
+CLASSIFIER_INFO = FINETUNE / "classifiers.json"
+FINETUNE_HISTORY = FINETUNE / "history.csv"
+RESULTS = Path("results")
+METRICS = RESULTS / "metrics.json"
+PER_CLASS = RESULTS / "per_class.csv"
+PREDICTIONS = RESULTS / "predictions.csv"
+CONFUSION_SSL = RESULTS / "confusion_ssl.png"
+CONFUSION_BASELINE = RESULTS / "confusion_baseline.png"

@@ -1,0 +1,52 @@
+"""Stage 2, pseudo_labels: the pretext targets (or view seeds) for the chosen method, plus a preview grid."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ssl_lib.config import PipelineParams
+from tasks import paths
+from tasks.common import make_stage_task, run_stage_cli
+
+log = logging.getLogger("sslpipe.pseudo_labels")
+
+
+def run(params: PipelineParams) -> dict[str, np.ndarray]:
+    import mlflow
+
+    from ssl_lib.data import load_prepared
+    from ssl_lib.io import atomic_path
+    from ssl_lib.pretrain import make_pseudo_labels, save_preview
+    from tasks.settings import pretrain_settings
+    from tasks.tracking import stage_run
+
+    settings = pretrain_settings(params)
+    section = {"seed": params.seed, "pseudo_labels": params.pseudo_labels.model_dump(),
+               "pretrain.method": settings.method, "pretrain.epochs": settings.epochs,
+               "pretrain.max_images": settings.max_images}
+    with stage_run("pseudo_labels", params, section=section):
+        pool = load_prepared(paths.PREPARED).pretrain_pool()
+        pseudo = make_pseudo_labels(settings, len(pool))
+        with atomic_path(paths.PSEUDO_TARGETS) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **pseudo)
+        save_preview(settings.method, pool, pseudo, paths.PSEUDO_PREVIEW, count=params.pseudo_labels.preview_count)
+        mlflow.log_artifact(str(paths.PSEUDO_PREVIEW))
+        mlflow.log_metrics({"pool_size": len(pool), "targets_bytes": paths.PSEUDO_TARGETS.stat().st_size})
+        log.info("pseudo-labels for %s: %s", settings.method,
+                 {k: (v.shape, str(v.dtype)) for k, v in pseudo.items()})
+    return pseudo
+
+
+def load_pseudo_labels() -> dict[str, np.ndarray]:
+    if not paths.PSEUDO_TARGETS.is_file():
+        raise FileNotFoundError(f"{paths.PSEUDO_TARGETS} is missing; run the stage first: dvc repro pseudo_labels")
+    with np.load(paths.PSEUDO_TARGETS) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+pseudo_labels_task = make_stage_task("pseudo_labels")
+
+if __name__ == "__main__":
+    run_stage_cli("pseudo_labels", run)

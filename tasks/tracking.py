@@ -1,0 +1,181 @@
+"""MLflow glue: one parent run per pipeline execution, one nested run per stage.
+
+A pipeline execution is either a Prefect flow run (the flow opens the parent run and hands its id
+to the stages through ``$SSLPIPE_PARENT_RUN_ID``) or one ``dvc repro`` / ``dvc exp run`` process
+(the first stage it runs opens the parent, tagged with that DVC process's identity, and later
+stages of the same process find it). Run ids cross process boundaries explicitly because MLflow's
+active run is per thread.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from ssl_lib.config import PipelineParams
+from tasks.environment import configure_environment, project_root
+
+PARENT_RUN_ENV = "SSLPIPE_PARENT_RUN_ID"
+PREFECT_RUN_ENV = "SSLPIPE_PREFECT_FLOW_RUN_ID"
+DEFAULT_EXPERIMENT = "ssl-pipeline"
+INVOCATION_TAG = "sslpipe.invocation"
+OWNER_TAG = "sslpipe.parent_owner"
+PREPARED_DATA = "data/prepared"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def experiment_id() -> str:
+    import mlflow
+
+    configure_environment()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.set_experiment(experiment_name())
+    return experiment.experiment_id
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or project_root(), capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def dataset_hash(root: Path | None = None) -> str | None:
+    """The md5 DVC recorded for the prepared dataset in dvc.lock, if the ingest stage has run."""
+    lock = (root or project_root()) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    except yaml.YAMLError:
+        return None
+    for out in stages.get("ingest", {}).get("outs", []):
+        if out.get("path") == PREPARED_DATA:
+            return out.get("md5")
+    return None
+
+
+def common_tags(params: PipelineParams) -> dict[str, str]:
+    tags = {
+        "sslpipe.method": params.pretrain.method,
+        "sslpipe.backbone": params.pretrain.backbone,
+        "sslpipe.data_source": params.data.source,
+    }
+    optional = {
+        "mlflow.source.git.commit": git_commit(),
+        "sslpipe.dataset_hash": dataset_hash(),
+        "prefect.flow_run_id": os.environ.get(PREFECT_RUN_ENV),
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
+    }
+    tags.update({k: v for k, v in optional.items() if v})
+    return tags
+
+
+def _dvc_invocation_key() -> str | None:
+    """Identify the enclosing ``dvc`` process, so that all stages it runs share one parent run."""
+    import psutil
+
+    try:
+        for proc in psutil.Process().parents():
+            cmdline = proc.cmdline()
+            head = [Path(arg).name for arg in cmdline[:3]]
+            if "dvc" in head or ("-m" in head and "dvc" in cmdline[:4]):
+                return f"dvc-{proc.pid}-{int(proc.create_time() * 1000)}"
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_name: str | None = None) -> str:
+    """Find the parent run of ``invocation`` or create it (with all params logged); return its id."""
+    from mlflow import MlflowClient
+
+    exp_id = experiment_id()
+    client = MlflowClient()
+    found = client.search_runs([exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    name = run_name or f"pipeline {params.pretrain.method} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    tags = {**common_tags(params), INVOCATION_TAG: invocation, OWNER_TAG: owner, "mlflow.runName": name}
+    run = client.create_run(exp_id, run_name=name, tags=tags)
+    flat = flatten(params.model_dump(mode="json"))
+    client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat.items()])
+    return run.info.run_id
+
+
+def _param(key: str, value: Any):
+    from mlflow.entities import Param
+
+    return Param(key, "null" if value is None else str(value))
+
+
+def finish_run(run_id: str, succeeded: bool) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
+def tag_dataset_hash(run_id: str) -> None:
+    """Tag a run late with the dataset hash: it only exists once DVC has locked the ingest stage."""
+    from mlflow import MlflowClient
+
+    digest = dataset_hash()
+    if digest:
+        MlflowClient().set_tag(run_id, "sslpipe.dataset_hash", digest)
+
+
+def _resolve_parent(params: PipelineParams) -> tuple[str, bool]:
+    """Return (parent run id, whether this process is responsible for closing it)."""
+    given = os.environ.get(PARENT_RUN_ENV)
+    if given:
+        return given, False
+    invocation = _dvc_invocation_key() or f"standalone-{os.getpid()}-{time.time_ns()}"
+    return open_parent_run(params, invocation, owner="dvc"), True
+
+
+@contextmanager
+def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None = None) -> Iterator[str]:
+    """Run a stage inside a nested MLflow run; yield the run id.
+
+    ``section`` is the slice of params the stage reads; it is logged on the stage's run.
+    """
+    import mlflow
+
+    exp_id = experiment_id()
+    parent_id, owns_parent = _resolve_parent(params)
+    tags = {**common_tags(params), "mlflow.parentRunId": parent_id, "sslpipe.stage": stage}
+    succeeded = False
+    try:
+        with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
+            if section:
+                mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(section).items()})
+            yield run.info.run_id
+        succeeded = True
+    finally:
+        if owns_parent:
+            # Each stage closes the parent: the last stage of the invocation leaves it final.
+            tag_dataset_hash(parent_id)
+            finish_run(parent_id, succeeded)
