@@ -27,6 +27,7 @@ from tasks.pretrain import pretrain_task
 from tasks.pseudo_labels import pseudo_labels_task
 from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
 
+UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, paths.FINETUNE_HISTORY)
 STAGE_TASKS = (ingest_task, pseudo_labels_task, pretrain_task, finetune_task, evaluate_task)
 assert tuple(t.name for t in STAGE_TASKS) == STAGES
 
@@ -39,8 +40,10 @@ def save_dvc_experiment(root: Path, name: str) -> str | None:
     if head.returncode != 0:
         logger.warning("not a git repository with a commit: the run is not saved as a DVC experiment")
         return None
-    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name]), cwd=root, capture_output=True,
-                         text=True, env=env)
+    # Outputs with `cache: false` (metrics, plot data) are plain files git does not track yet: include them.
+    untracked = [arg for path in UNCACHED_OUTPUTS if (root / path).exists() for arg in ("--include-untracked", path)]
+    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name, *untracked]), cwd=root,
+                         capture_output=True, text=True, env=env)
     if out.returncode != 0:
         logger.warning("dvc exp save failed: %s", (out.stderr or out.stdout).strip())
         return None

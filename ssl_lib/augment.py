@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -195,14 +196,17 @@ def augment_views(x: torch.Tensor, generator: torch.Generator, settings: Augment
     return out.clamp(0.0, 1.0)
 
 
-def nhwc_to_tensor(images, device: torch.device | str = "cpu") -> torch.Tensor:
+def nhwc_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 NHWC numpy array -> uint8 NCHW tensor on ``device`` (no copy to float)."""
-    t = torch.as_tensor(images)
+    images = np.asarray(images)
+    if not images.flags.writeable:  # e.g. np.frombuffer / memmap; torch warns on read-only memory
+        images = images.copy()
+    t = torch.from_numpy(images)
     if t.ndim == 3:  # (N, H, W) grayscale without a channel axis
         t = t.unsqueeze(-1)
     return t.permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def tensor_to_nhwc_uint8(x: torch.Tensor):
+def tensor_to_nhwc_uint8(x: torch.Tensor) -> np.ndarray:
     """float [0, 1] NCHW tensor -> uint8 NHWC numpy array."""
     return (to_float(x).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

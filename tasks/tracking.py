@@ -34,10 +34,20 @@ def experiment_name() -> str:
 
 def experiment_id() -> str:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     configure_environment()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    experiment = mlflow.set_experiment(experiment_name())
+    name = experiment_name()
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        # Anchor artifacts at the project root too: MLflow's default (./mlruns under the cwd) would land
+        # inside DVC's temp workspaces and vanish with them.
+        artifacts = (project_root() / "mlartifacts").as_uri()
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifacts)
+        except MlflowException:
+            experiment = mlflow.get_experiment_by_name(name)  # created meanwhile by a concurrent stage
     return experiment.experiment_id
 
 

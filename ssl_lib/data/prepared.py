@@ -188,10 +188,11 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
            image_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
     """Load ``source``, assign splits and write the prepared dataset to ``out_dir``.
 
-    Returns the meta dict plus ``skipped`` ([{path, reason}]) so callers can log what was left out.
+    Returns the meta dict plus ``skipped`` ([(path, reason), ...], the same list as report.json)
+    so callers can log what was left out.
     """
     raw = load_source(source, path, image_size=image_size)
     splits = assign_splits(raw.labels, raw.predefined_test, seed, labels_per_class, label_fraction,
                            val_per_class, test_fraction, class_names=raw.class_names)
     meta = write_prepared(out_dir, raw, splits)
-    return {**meta, "skipped": [{"path": p, "reason": r} for p, r in raw.skipped]}
+    return {**meta, "skipped": list(raw.skipped)}
