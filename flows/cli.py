@@ -1,6 +1,7 @@
 """`sslpipe`: the command line. User mistakes get one clear message and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +46,9 @@ def run(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_H
     from tasks.common import user_error_types
     from tasks.environment import configure_environment
 
-    configure_environment()
     root = root.resolve()
+    os.environ["SSLPIPE_ROOT"] = str(root)  # anchors the MLflow store at the project, wherever we run from
+    configure_environment()
     started = time.perf_counter()
     try:
         overrides = _parse_sets(set_)

@@ -74,7 +74,8 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, root: str | None = Non
 
     flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
     parent_id = open_parent_run(params, invocation=f"prefect-{flow_run_id}", owner="prefect",
-                                run_name=f"pipeline {params.pretrain.method} {flow_run.name or ''}".strip())
+                                run_name=f"pipeline {params.pretrain.method} {flow_run.name or ''}".strip(),
+                                extra_tags={"prefect.flow_run_id": flow_run_id})
     env = {PARENT_RUN_ENV: parent_id, PREFECT_RUN_ENV: flow_run_id, "SSLPIPE_ROOT": str(root_path)}
     outcomes: list[StageOutcome] = []
     succeeded = False

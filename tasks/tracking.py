@@ -117,7 +117,8 @@ def _dvc_invocation_key() -> str | None:
     return None
 
 
-def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_name: str | None = None) -> str:
+def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_name: str | None = None,
+                    extra_tags: dict[str, str] | None = None) -> str:
     """Find the parent run of ``invocation`` or create it (with all params logged); return its id."""
     from mlflow import MlflowClient
 
@@ -129,7 +130,8 @@ def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_nam
         client.update_run(run_id, status="RUNNING")
         return run_id
     name = run_name or f"pipeline {params.pretrain.method} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    tags = {**common_tags(params), INVOCATION_TAG: invocation, OWNER_TAG: owner, "mlflow.runName": name}
+    tags = {**common_tags(params), **(extra_tags or {}), INVOCATION_TAG: invocation, OWNER_TAG: owner,
+            "mlflow.runName": name}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     flat = flatten(params.model_dump(mode="json"))
     client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat.items()])

@@ -1,0 +1,83 @@
+"""Shared fixtures: a real temporary git + DVC project on digits, and one real Prefect test server."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for 2 CPU cores in seconds, large enough that every stage does real work.
+TINY_PARAMS = {
+    "data": {"source": "digits", "labels_per_class": 5, "val_per_class": 3, "label_fraction": None},
+    "pretrain": {"epochs": 2, "batch_size": 128, "max_images": None, "backbone": "convnet_small"},
+    "finetune": {"epochs": 4, "batch_size": 32, "registered_model_name": "test-classifier"},
+    "evaluate": {"knn_k": 5},
+}
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run_cmd(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def make_project(path: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC repo holding this project's dvc.yaml and params.yaml (overridden), committed."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, path / name)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = _deep_update(_deep_update(raw, TINY_PARAMS), params or {})
+    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (path / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect/\n")
+    run_cmd(["git", "init", "-q", "-b", "main"], path)
+    run_cmd([sys.executable, "-m", "dvc", "init", "-q"], path)
+    run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], path)
+    run_cmd(["git", "add", "-A"], path)
+    run_cmd(["git", "commit", "-qm", "init"], path)
+    return path
+
+
+def use_project(path: Path) -> None:
+    """Point this process (and the stage subprocesses it starts) at ``path``'s MLflow store."""
+    os.environ["SSLPIPE_ROOT"] = str(path)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("home")
+    os.environ.update({
+        "GIT_AUTHOR_NAME": "ssl-pipeline tests", "GIT_AUTHOR_EMAIL": "tests@ssl-pipeline.local",
+        "GIT_COMMITTER_NAME": "ssl-pipeline tests", "GIT_COMMITTER_EMAIL": "tests@ssl-pipeline.local",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "1", "PREFECT_HOME": str(home / "prefect"), "TQDM_DISABLE": "1",
+    })
+    yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One real (test) Prefect API for the whole session: starting one costs ~20 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,146 @@
+"""End to end: a real Prefect flow run over real DVC stages, tracked in a real MLflow store, on digits."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import make_project, run_cmd, use_project
+
+pytestmark = pytest.mark.slow
+
+STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "evaluate")
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory, prefect_server):
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "proj")
+    use_project(project)
+    from flows.pipeline import ssl_pipeline
+
+    summary = ssl_pipeline(overrides={"pretrain.method": "rotation"}, root=str(project))
+    return project, summary
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _experiment_id(client) -> str:
+    return client.get_experiment_by_name("ssl-pipeline").experiment_id
+
+
+def test_flow_runs_every_stage_and_writes_outputs(flow_run):
+    project, summary = flow_run
+    assert [s["stage"] for s in summary["stages"]] == list(STAGES)
+    assert all(s["executed"] for s in summary["stages"])
+    for rel in ("data/prepared/images.npy", "data/prepared/manifest.csv", "data/prepared/meta.json",
+                "artifacts/pseudo_labels/targets.npz", "artifacts/pseudo_labels/preview.png",
+                "artifacts/pretrain/encoder.pt", "results/per_class.csv", "results/confusion_ssl.png",
+                "results/confusion_baseline.png", "results/predictions.csv"):
+        assert (project / rel).is_file(), rel
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    for kind in ("ssl", "baseline"):
+        assert 0.0 <= metrics[kind]["accuracy"] <= 1.0
+        assert 0.0 <= metrics[kind]["knn_accuracy"] <= 1.0
+    # Digits has 10 classes: anything at chance level would mean the stages are not wired to real learning.
+    assert metrics["pretrained_encoder_knn_accuracy"] > 0.3
+    # The override was written into params.yaml, as `dvc exp run -S` would.
+    assert yaml.safe_load((project / "params.yaml").read_text())["pretrain"]["method"] == "rotation"
+
+
+def test_encoder_checkpoint_is_a_plain_state_dict(flow_run):
+    import torch
+
+    project, _ = flow_run
+    state = torch.load(project / "artifacts/pretrain/encoder.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_mlflow_has_parent_with_nested_stage_runs(flow_run):
+    project, summary = flow_run
+    client = _client()
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sslpipe.method"] == "rotation"
+    assert parent.data.tags.get("prefect.flow_run_id")
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    prepared_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/prepared")
+    assert parent.data.tags["sslpipe.dataset_hash"] == prepared_md5
+    assert parent.data.params["pretrain.method"] == "rotation"
+    assert "test_accuracy_ssl" in parent.data.metrics
+    children = client.search_runs([_experiment_id(client)],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["sslpipe.stage"] for r in children) == sorted(STAGES)
+    pretrain = next(r for r in children if r.data.tags["sslpipe.stage"] == "pretrain")
+    history = client.get_metric_history(pretrain.info.run_id, "pretrain_loss")
+    assert len(history) == 2  # one point per epoch
+    evaluate = next(r for r in children if r.data.tags["sslpipe.stage"] == "evaluate")
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"confusion_ssl.png", "per_class.csv"} <= artifacts
+
+
+def test_registered_model_loads_by_champion_alias(flow_run):
+    import mlflow.pytorch
+    import torch
+
+    project, _ = flow_run
+    model = mlflow.pytorch.load_model("models:/test-classifier@champion")
+    images = np.load(project / "data/prepared/images.npy")[:5]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        logits = model(x)
+    assert logits.shape == (5, 10)
+    version = _client().get_model_version_by_alias("test-classifier", "champion")
+    assert float(version.tags["test_accuracy"]) > 0
+
+
+def test_flow_run_is_a_dvc_experiment(flow_run):
+    project, summary = flow_run
+    assert summary["dvc_experiment"]
+    shown = run_cmd([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
+    assert summary["dvc_experiment"] in shown
+    assert "ssl" in shown  # metrics.json made it into the experiment
+
+
+def test_repro_right_after_a_run_executes_nothing(flow_run):
+    project, _ = flow_run
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert "Running stage" not in out
+    assert "up to date" in out
+
+
+def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
+    project, _ = flow_run
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["finetune"]["epochs"] += 1
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    status = run_cmd([sys.executable, "-m", "dvc", "status"], project).stdout
+    assert "finetune" in status and "pretrain" not in status and "ingest" not in status
+
+    client = _client()
+    before = {r.info.run_id for r in client.search_runs([_experiment_id(client)])}
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"finetune", "evaluate"}, out
+
+    # A plain `dvc repro` also gets one parent run with a nested run per executed stage.
+    new_runs = [r for r in client.search_runs([_experiment_id(client)]) if r.info.run_id not in before]
+    parents = [r for r in new_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["sslpipe.parent_owner"] == "dvc"
+    children = [r for r in new_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["sslpipe.stage"] for r in children) == ["evaluate", "finetune"]
+    assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
+    # A second registered version exists, and champion points at the better of the two.
+    versions = client.search_model_versions("name = 'test-classifier'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias("test-classifier", "champion")
+    best = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
+    assert float(champion.tags["test_accuracy"]) == float(best.tags["test_accuracy"])
