@@ -1,0 +1,109 @@
+"""User mistakes get one clear message naming the fix, exit code 2, no traceback, and no partial outputs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from ssl_lib.config import ConfigError, load_params
+from tasks.params_file import apply_param_overrides
+from tests.conftest import REPO, make_project, run_cmd, use_project
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    path = make_project(tmp_path / "proj")
+    use_project(path)
+    return path
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("pretrain.epoch=3", ["pretrain.epoch", "unknown key"]),
+    ("pretrain.epochs=many", ["pretrain.epochs", "integer"]),
+    ("pretrain.method=sift", ["pretrain.method", "unknown method 'sift'", "rotation", "simclr"]),
+    ("pretrain.backbone=vgg", ["pretrain.backbone", "convnet"]),
+    ("pretrain.options={bogus: 1}", ["bogus", "allowed"]),
+    ("data.source=cifar", ["data.source", "fashion-mnist", "digits", "folder"]),
+    ("data.label_fraction=0.1", ["data.labels_per_class", "data.label_fraction"]),
+    ("finetune.mode=partial", ["finetune.mode", "full", "linear"]),
+    ("data.labels_per_class=500", ["data.labels_per_class", "data.val_per_class"]),  # impossible budget
+    ("data.source=folder", ["data.path"]),
+])
+def test_run_rejects_bad_params_before_any_compute(project: Path, override: str, expected: list[str]):
+    params_before = (project / "params.yaml").read_text()
+    result = runner.invoke(app, ["run", "--set", override, "--root", str(project)])
+    assert result.exit_code == 2, result.output
+    for fragment in expected:
+        assert fragment in result.output, (fragment, result.output)
+    assert "Traceback" not in result.output
+    # Nothing was started or written.
+    assert (project / "params.yaml").read_text() == params_before
+    assert not (project / "data").exists() and not (project / "mlflow.db").exists()
+
+
+def test_validate_accepts_good_overrides(project: Path):
+    result = runner.invoke(app, ["validate", "--set", "pretrain.epochs=3", "--root", str(project)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["pretrain"]["epochs"] == 3
+
+
+def test_unknown_stage_is_named(project: Path):
+    result = runner.invoke(app, ["stage", "train", "--root", str(project)])
+    assert result.exit_code == 2
+    assert "ingest, pseudo_labels, pretrain, finetune" in result.output
+
+
+def test_stage_cli_reports_broken_params_without_traceback(project: Path):
+    (project / "params.yaml").write_text("seed: 0\npretrain:\n  methd: simclr\n")
+    out = run_cmd([sys.executable, "-m", "tasks.ingest"], project, check=False)
+    assert out.returncode == 2
+    assert "pretrain.methd" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_stage_before_its_inputs_exist_names_the_fix(project: Path):
+    out = run_cmd([sys.executable, "-m", "tasks.pretrain"], project, check=False)
+    assert out.returncode == 2
+    assert "dvc repro" in out.stderr and "Traceback" not in out.stderr
+    assert not (project / "artifacts/pretrain/encoder.pt").exists()
+
+
+def test_corrupt_image_in_folder_source_is_reported_and_skipped(tmp_path: Path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (images / cls).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(images / cls / f"{i}.png")
+    (images / "dog" / "broken.png").write_bytes(b"\x89PNG not really an image")
+    project = make_project(tmp_path / "proj", {"data": {"source": "folder", "path": str(images),
+                                                        "labels_per_class": 2, "val_per_class": 1}})
+    use_project(project)
+    out = run_cmd([sys.executable, "-m", "dvc", "repro", "--single-item", "ingest"], project)
+    assert "skipped 1 unreadable image" in out.stdout + out.stderr
+    report = json.loads((project / "data/prepared/report.json").read_text())
+    assert report["num_skipped"] == 1 and report["skipped"][0]["path"].endswith("broken.png")
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    assert meta["num_images"] == 24
+
+
+def test_overrides_keep_params_comments_and_validate_first(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    params = apply_param_overrides(path, {"pretrain.method": "rotation", "finetune.epochs": 7})
+    assert params.pretrain.method == "rotation"
+    text = path.read_text()
+    assert "# fashion-mnist | digits | folder" in text  # comments survive
+    assert load_params(path).finetune.epochs == 7
+    with pytest.raises(ConfigError, match="pretrain.method"):
+        apply_param_overrides(path, {"pretrain.method": "nope"})
+    assert yaml.safe_load(path.read_text())["pretrain"]["method"] == "rotation"
