@@ -27,7 +27,7 @@ from tasks.pretrain import pretrain_task
 from tasks.pseudo_labels import pseudo_labels_task
 from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
 
-UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, paths.FINETUNE_HISTORY)
+UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values())
 STAGE_TASKS = (ingest_task, pseudo_labels_task, pretrain_task, finetune_task, evaluate_task)
 assert tuple(t.name for t in STAGE_TASKS) == STAGES
 
@@ -57,11 +57,13 @@ def _experiment_name(method: str, flow_run_name: str | None) -> str:
 
 
 @flow(name="ssl-pipeline", log_prints=True)
-def ssl_pipeline(overrides: dict[str, Any] | None = None, root: str | None = None, force: bool = False,
+def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = None, epochs: int | None = None,
+                 labels_per_class: int | None = None, root: str | None = None, force: bool = False,
                  save_experiment: bool = True) -> dict[str, Any]:
     """Run ingest → pseudo_labels → pretrain → finetune → evaluate, skipping what DVC finds up to date.
 
-    ``overrides`` are dotted params (``{"pretrain.method": "rotation"}``), validated and written into
+    ``overrides`` are dotted params (``{"pretrain.method": "rotation"}``); ``method``, ``epochs`` (pretraining)
+    and ``labels_per_class`` are shortcuts for the common ones. All are validated and written into
     params.yaml before any compute, as `dvc exp run -S` would.
     """
     from prefect.runtime import flow_run
@@ -69,7 +71,11 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, root: str | None = Non
     configure_environment()
     logger = get_run_logger()
     root_path = Path(root).resolve() if root else project_root()
-    params = apply_param_overrides(root_path / "params.yaml", overrides or {})
+    shortcuts = {"pretrain.method": method, "pretrain.epochs": epochs, "data.labels_per_class": labels_per_class}
+    overrides = {**(overrides or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
+    if labels_per_class is not None:
+        overrides["data.label_fraction"] = None
+    params = apply_param_overrides(root_path / "params.yaml", overrides)
     check_label_budget(params)
 
     flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"

@@ -47,7 +47,6 @@ def run(params: PipelineParams) -> dict:
         num_classes = len(data.meta["class_names"])
         spec = dict(backbone=info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"],
                     num_classes=num_classes, mean=info["mean"], std=info["std"])
-        histories = []
         models = {}
         for kind, state in (("ssl", encoder_state), ("baseline", None)):
             settings = finetune_settings(params, baseline=kind == "baseline")
@@ -59,14 +58,13 @@ def run(params: PipelineParams) -> dict:
 
             model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings, on_epoch=on_epoch)
             models[kind] = model.cpu().eval()
-            histories.append(pd.DataFrame(history).assign(model=kind))
+            with atomic_path(paths.FINETUNE_HISTORY[kind]) as tmp:
+                pd.DataFrame(history).to_csv(tmp, index=False)
             log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings.mode)
 
         for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
             with atomic_path(target) as tmp:
                 torch.save(models[kind].state_dict(), tmp)
-        with atomic_path(paths.FINETUNE_HISTORY) as tmp:
-            pd.concat(histories, ignore_index=True).to_csv(tmp, index=False)
 
         registered = log_classifier(models["ssl"], data.split("val")[0][:4] if len(val_y) else train_x[:4],
                                     params.finetune.registered_model_name)

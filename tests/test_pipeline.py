@@ -109,6 +109,15 @@ def test_flow_run_is_a_dvc_experiment(flow_run):
     assert "ssl" in shown  # metrics.json made it into the experiment
 
 
+def test_dvc_metrics_and_plots_read_the_outputs(flow_run):
+    project, _ = flow_run
+    metrics = json.loads(run_cmd([sys.executable, "-m", "dvc", "metrics", "show", "--json"], project).stdout)
+    assert "results/metrics.json" in json.dumps(metrics)
+    plots = json.loads(run_cmd([sys.executable, "-m", "dvc", "plots", "show", "--json"], project).stdout)["data"]
+    assert {"finetune_val_accuracy", "confusion_ssl", "confusion_baseline"} <= set(plots)
+    assert any("history.csv" in key for key in plots)
+
+
 def test_repro_right_after_a_run_executes_nothing(flow_run):
     project, _ = flow_run
     out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
