@@ -95,6 +95,7 @@ def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain,
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     try:
         outcome = run_dvc_stage(name, root.resolve(), force=force)
     except StageFailed as err:
