@@ -68,3 +68,19 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` atomically and byte-reproducibly.
+
+    Saving to a path makes torch name the archive's inner folder after the (random) temp file name;
+    saving through a buffer keeps the bytes identical for identical tensors, so DVC sees no change.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())

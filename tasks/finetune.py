@@ -33,7 +33,7 @@ def run(params: PipelineParams) -> dict:
 
     from ssl_lib.classifier import build_classifier, train_classifier
     from ssl_lib.data import load_prepared
-    from ssl_lib.io import atomic_path, write_json
+    from ssl_lib.io import atomic_path, save_torch, write_json
     from tasks.settings import finetune_settings
     from tasks.tracking import stage_run
 
@@ -63,8 +63,7 @@ def run(params: PipelineParams) -> dict:
             log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings.mode)
 
         for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
-            with atomic_path(target) as tmp:
-                torch.save(models[kind].state_dict(), tmp)
+            save_torch(models[kind].state_dict(), target)
 
         registered = log_classifier(models["ssl"], data.split("val")[0][:4] if len(val_y) else train_x[:4],
                                     params.finetune.registered_model_name)

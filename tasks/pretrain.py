@@ -14,11 +14,10 @@ log = logging.getLogger("sslpipe.pretrain")
 
 def run(params: PipelineParams) -> dict:
     import mlflow
-    import torch
 
     from ssl_lib.data import load_prepared
     from ssl_lib.device import select_device
-    from ssl_lib.io import atomic_path, write_json
+    from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.pretrain import pretrain
     from tasks.pseudo_labels import load_pseudo_labels
     from tasks.settings import pretrain_settings
@@ -37,8 +36,7 @@ def run(params: PipelineParams) -> dict:
 
         result = pretrain(pool, data.meta["mean"], data.meta["std"], load_pseudo_labels(), settings,
                           on_epoch=on_epoch)
-        with atomic_path(paths.ENCODER) as tmp:
-            torch.save(result.encoder_state, tmp)
+        save_torch(result.encoder_state, paths.ENCODER)
         height, width, channels = data.meta["shape"]
         info = {"method": settings.method, "backbone": settings.backbone, "feature_dim": result.feature_dim,
                 "in_channels": channels, "image_size": height, "mean": data.meta["mean"],

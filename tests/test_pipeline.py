@@ -153,3 +153,13 @@ def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
     champion = client.get_model_version_by_alias("test-classifier", "champion")
     best = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
     assert float(champion.tags["test_accuracy"]) == float(best.tags["test_accuracy"])
+
+
+def test_rerunning_pretrain_reproduces_the_encoder_bit_for_bit(flow_run):
+    """Same params and seed on CPU give the same weights: DVC then finds nothing downstream stale."""
+    project, _ = flow_run
+    before = (project / "artifacts/pretrain/encoder.pt").read_bytes()
+    run_cmd([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "pretrain"], project)
+    assert (project / "artifacts/pretrain/encoder.pt").read_bytes() == before
+    status = run_cmd([sys.executable, "-m", "dvc", "status"], project).stdout
+    assert "finetune" not in status and "evaluate" not in status, status
