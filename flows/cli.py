@@ -116,6 +116,35 @@ def validate(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=
     typer.echo(params.model_dump_json(indent=2))
 
 
+@app.command()
+def predict(source: str = typer.Argument(..., help="A folder of images (or one image), or split:NAME of the "
+                                                    "prepared data, e.g. split:test"),
+            model: str = typer.Option("models:/ssl-pipeline-classifier@champion", help="MLflow model URI."),
+            output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV to write."),
+            flow: bool = typer.Option(False, "--flow", help="Run as a Prefect flow (observable, retried)."),
+            root: Path = typer.Option(Path("."), help="Project root (for split:NAME and the MLflow store).")) -> None:
+    """Predict classes with a registered model: id, predicted class and class probabilities to a CSV."""
+    from tasks.common import user_error_types
+    from tasks.environment import configure_environment
+
+    os.environ["SSLPIPE_ROOT"] = str(root.resolve())
+    configure_environment()
+    try:
+        if flow:
+            from flows.predict import predict_flow
+
+            predict_flow(source, model, str(output))
+        else:
+            from tasks.predict import predict as run_predict
+
+            table = run_predict(source, model, output, prepared_dir=root.resolve() / "data/prepared")
+            errors = int((table["status"] == "error").sum())
+            typer.echo(f"wrote {len(table) - errors} predictions to {output}"
+                       + (f"; {errors} unreadable image(s) listed with status=error" if errors else ""))
+    except user_error_types() as err:
+        _fail(str(err))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -40,7 +40,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
     from ssl_lib.io import atomic_path, write_json
     from tasks.finetune import load_encoder_info
-    from tasks.registry import record_and_maybe_promote
+    from tasks.registry import crown_if_no_champion, record_metrics
     from tasks.tracking import stage_run
 
     with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
@@ -103,9 +103,10 @@ def run(params: PipelineParams) -> dict:
 
         registered = classifier_info.get("registered_model") or {}
         if registered.get("version"):
-            record_and_maybe_promote(registered["name"], registered["version"],
-                                     {"test_accuracy": flat["test_accuracy_ssl"],
-                                      "baseline_test_accuracy": flat["test_accuracy_baseline"]})
+            record_metrics(registered["name"], registered["version"],
+                           {"test_accuracy": flat["test_accuracy_ssl"],
+                            "baseline_test_accuracy": flat["test_accuracy_baseline"]})
+            crown_if_no_champion(registered["name"], registered["version"])
         log.info("test accuracy: SSL %.4f, supervised baseline %.4f (gain %+.4f)", flat["test_accuracy_ssl"],
                  flat["test_accuracy_baseline"], flat["ssl_gain"])
     return metrics

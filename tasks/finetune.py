@@ -29,7 +29,6 @@ def load_encoder_info() -> tuple[dict, dict]:
 
 def run(params: PipelineParams) -> dict:
     import mlflow
-    import torch
 
     from ssl_lib.classifier import build_classifier, train_classifier
     from ssl_lib.data import load_prepared
@@ -65,8 +64,8 @@ def run(params: PipelineParams) -> dict:
         for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
             save_torch(models[kind].state_dict(), target)
 
-        registered = log_classifier(models["ssl"], data.split("val")[0][:4] if len(val_y) else train_x[:4],
-                                    params.finetune.registered_model_name)
+        registered = log_classifier(models["ssl"], train_x[:4], params.finetune.registered_model_name,
+                                    class_names=data.meta["class_names"])
         mlflow.log_metrics({"num_labeled": len(train_y), "num_val": len(val_y)})
         write_json(paths.CLASSIFIER_INFO, {**spec, "class_names": data.meta["class_names"],
                                            "mode": params.finetune.mode, "registered_model": registered})
@@ -80,7 +79,7 @@ def model_input(images) -> "object":
     return (np.asarray(images, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
 
 
-def log_classifier(model, example_images, registered_name: str) -> dict:
+def log_classifier(model, example_images, registered_name: str, class_names: list[str]) -> dict:
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -91,7 +90,11 @@ def log_classifier(model, example_images, registered_name: str) -> dict:
     signature = infer_signature(example, logits)
     model_info = mlflow.pytorch.log_model(model, name="classifier", signature=signature, input_example=example,
                                           pip_requirements=MODEL_REQUIREMENTS,
-                                          registered_model_name=registered_name)
+                                          # a torch.export program: loads without this package installed
+                                          serialization_format="pt2",
+                                          registered_model_name=registered_name,
+                                          metadata={"class_names": list(class_names),
+                                                    "input": "float32 (N, C, H, W) in [0, 1]"})
     version = getattr(model_info, "registered_model_version", None)
     log.info("registered %s version %s", registered_name, version)
     return {"name": registered_name, "version": str(version) if version is not None else None,

@@ -1,4 +1,8 @@
-"""Model-registry bookkeeping: record test metrics on a model version and keep the `champion` alias honest."""
+"""Model-registry bookkeeping: test metrics on each model version, and the `champion` alias.
+
+A pipeline run only crowns a first champion (so `models:/NAME@champion` always resolves); moving the
+alias to a newer version is the retraining flow's decision, made against a margin on one test split.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,34 +13,41 @@ CHAMPION = "champion"
 ACCURACY_TAG = "test_accuracy"
 
 
-def record_and_maybe_promote(name: str, version: str, metrics: dict[str, float], margin: float = 0.0) -> bool:
-    """Tag ``version`` with ``metrics``; point `champion` at it if there is none or it beats the champion.
-
-    The comparison uses the champion's own recorded test accuracy, so promotion needs no re-evaluation
-    as long as both were measured on the same test split (the dataset hash tag says whether they were).
-    """
+def record_metrics(name: str, version: str, metrics: dict[str, float]) -> None:
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     for key, value in metrics.items():
         client.set_model_version_tag(name, version, key, f"{value:.6f}")
+
+
+def champion_version(name: str):
+    """The ModelVersion behind the `champion` alias, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
     try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
+        return MlflowClient().get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        champion = None
-    new_accuracy = metrics[ACCURACY_TAG]
-    if champion is None:
-        promote, reason = True, "no champion yet"
-    elif champion.version == version:
-        return True
-    else:
-        old = float(champion.tags.get(ACCURACY_TAG, "-inf"))
-        promote = new_accuracy > old + margin
-        reason = f"{new_accuracy:.4f} vs champion v{champion.version} {old:.4f} (margin {margin})"
-    client.set_model_version_tag(name, version, "promotion_decision",
-                                 ("promoted: " if promote else "kept champion: ") + reason)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    log.info("%s v%s %s (%s)", name, version, "is the new champion" if promote else "not promoted", reason)
-    return promote
+        return None
+
+
+def crown_if_no_champion(name: str, version: str) -> bool:
+    """Point `champion` at ``version`` when the model has no champion yet; report whether it did."""
+    from mlflow import MlflowClient
+
+    if champion_version(name) is not None:
+        return False
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion_decision", "promoted: first champion")
+    log.info("%s v%s is the first champion", name, version)
+    return True
+
+
+def promote(name: str, version: str, reason: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "promotion_decision", f"promoted: {reason}")
+    client.set_registered_model_alias(name, CHAMPION, version)

@@ -147,12 +147,10 @@ def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
     children = [r for r in new_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["sslpipe.stage"] for r in children) == ["evaluate", "finetune"]
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
-    # A second registered version exists, and champion points at the better of the two.
+    # A second registered version exists, with its metrics; only retraining moves the champion alias.
     versions = client.search_model_versions("name = 'test-classifier'")
-    assert len(versions) == 2
-    champion = client.get_model_version_by_alias("test-classifier", "champion")
-    best = max(versions, key=lambda v: float(v.tags["test_accuracy"]))
-    assert float(champion.tags["test_accuracy"]) == float(best.tags["test_accuracy"])
+    assert len(versions) == 2 and all("test_accuracy" in v.tags for v in versions)
+    assert str(client.get_model_version_by_alias("test-classifier", "champion").version) == "1"
 
 
 def test_rerunning_pretrain_reproduces_the_encoder_bit_for_bit(flow_run):
@@ -163,3 +161,46 @@ def test_rerunning_pretrain_reproduces_the_encoder_bit_for_bit(flow_run):
     assert (project / "artifacts/pretrain/encoder.pt").read_bytes() == before
     status = run_cmd([sys.executable, "-m", "dvc", "status"], project).stdout
     assert "finetune" not in status and "evaluate" not in status, status
+
+
+def test_predict_from_champion_on_a_folder_with_a_corrupt_image(flow_run, tmp_path):
+    import pandas as pd
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    project, _ = flow_run
+    images = np.load(project / "data/prepared/images.npy")[:3, :, :, 0]
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    (folder / "zz_broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "pred.csv"
+    result = CliRunner().invoke(app, ["predict", str(folder), "--model", "models:/test-classifier@champion",
+                                      "-o", str(out), "--root", str(project)])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out)
+    assert list(table["status"]) == ["ok", "ok", "ok", "error"]
+    assert table.loc[3, "id"] == "zz_broken.jpg" and isinstance(table.loc[3, "error"], str)
+    probs = table.filter(like="prob_").iloc[:3].to_numpy()
+    assert probs.shape == (3, 10) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_path):
+    import pandas as pd
+
+    from tasks.predict import predict
+
+    project, _ = flow_run
+    version = _client().get_model_version_by_alias("test-classifier", "champion")
+    table = predict("split:test", f"models:/test-classifier/{version.version}", tmp_path / "p.csv",
+                    prepared_dir=project / "data/prepared")
+    manifest = pd.read_csv(project / "data/prepared/manifest.csv")
+    test = manifest[manifest["split"] == "test"]
+    assert list(table["id"]) == list(test["source_id"])
+    names = [str(i) for i in range(10)]
+    predicted = table["predicted_class"].astype(str).map(names.index).to_numpy()
+    accuracy = float((predicted == test["label"].to_numpy()).mean())
+    assert accuracy == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)

@@ -1,0 +1,27 @@
+"""Batch predictions as a Prefect flow, for scheduling next to retraining."""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.environment import configure_environment
+
+
+@task(name="predict", retries=1, retry_delay_seconds=5)
+def predict_task(source: str, model_uri: str, output: str) -> dict:
+    from tasks.predict import predict
+
+    table = predict(source, model_uri, output)
+    return {"rows": len(table), "errors": int((table["status"] == "error").sum())}
+
+
+@flow(name="ssl-predict", log_prints=True)
+def predict_flow(source: str, model_uri: str = "models:/ssl-pipeline-classifier@champion",
+                 output: str = "predictions.csv") -> dict:
+    """Predict every image of ``source`` (a folder, or ``split:NAME`` of the prepared data) with ``model_uri``."""
+    configure_environment()
+    result = predict_task(source, model_uri, output)
+    get_run_logger().info("%d predictions, %d unreadable images -> %s", result["rows"], result["errors"], output)
+    create_markdown_artifact(key="predictions", markdown=f"{result['rows']} rows from `{source}` with "
+                                                         f"`{model_uri}` ({result['errors']} unreadable) → `{output}`")
+    return result

@@ -1,0 +1,100 @@
+"""Batch predictions from a registered classifier: a folder of images or a prepared split in, a CSV out."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks import paths
+
+log = logging.getLogger("sslpipe.predict")
+
+SPLIT_PREFIX = "split:"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: object
+    channels: int
+    height: int
+    width: int
+    class_names: list[str]
+
+
+def load_model(model_uri: str) -> LoadedModel:
+    """Load a registry or run model and read its input layout from the logged signature."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    try:
+        info = get_model_info(model_uri)
+        # Logged as a torch.export program: already in inference mode, and .eval() is not supported on it.
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (MlflowException, OSError) as err:
+        raise ValueError(f"cannot load model {model_uri!r}: {err}. Use models:/NAME@champion, "
+                         "models:/NAME/VERSION or runs:/RUN_ID/classifier, with MLFLOW_TRACKING_URI "
+                         "pointing at the store that has it") from None
+    shape = info.signature.inputs.inputs[0].shape  # (-1, C, H, W)
+    class_names = list((info.metadata or {}).get("class_names") or [])
+    if not class_names:
+        num_classes = info.signature.outputs.inputs[0].shape[-1]
+        class_names = [str(i) for i in range(num_classes)]
+    return LoadedModel(model, int(shape[1]), int(shape[2]), int(shape[3]), class_names)
+
+
+def _source_images(source: str, loaded: LoadedModel, prepared_dir: Path) -> tuple[list[str], np.ndarray, list]:
+    if source.startswith(SPLIT_PREFIX):
+        from ssl_lib.data import load_prepared
+
+        split = source[len(SPLIT_PREFIX):]
+        data = load_prepared(prepared_dir)
+        index = data.indices(split)
+        return list(data.manifest["source_id"].iloc[index]), np.asarray(data.images[index]), []
+    from ssl_lib.data.images import read_images
+
+    batch = read_images(source, loaded.channels, loaded.height, loaded.width)
+    return batch.paths, batch.images, batch.failed
+
+
+def _probabilities(model, images: np.ndarray, batch_size: int, num_classes: int) -> np.ndarray:
+    import torch
+
+    outputs = [np.zeros((0, num_classes), dtype=np.float32)]
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = np.ascontiguousarray(images[start:start + batch_size], dtype=np.float32) / 255.0
+            logits = model(torch.from_numpy(chunk).permute(0, 3, 1, 2).contiguous())
+            outputs.append(torch.softmax(logits, dim=1).numpy())
+    return np.concatenate(outputs)
+
+
+def predict(source: str, model_uri: str, output: str | Path, prepared_dir: str | Path = paths.PREPARED,
+            batch_size: int = 512) -> pd.DataFrame:
+    """Write ``output`` (CSV): id, predicted class, one probability column per class, status and error.
+
+    An unreadable image gets a row with status ``error`` and the reason; the rest of the batch goes on.
+    """
+    from ssl_lib.io import atomic_path
+
+    loaded = load_model(model_uri)
+    ids, images, failed = _source_images(source, loaded, Path(prepared_dir))
+    if images.shape[1:] != (loaded.height, loaded.width, loaded.channels):
+        raise ValueError(f"{source}: images are {images.shape[1:]} but the model takes "
+                         f"{(loaded.height, loaded.width, loaded.channels)}")
+    probs = _probabilities(loaded.model, images, batch_size, len(loaded.class_names))
+    table = pd.DataFrame({"id": ids, "predicted_class": [loaded.class_names[i] for i in probs.argmax(1)],
+                          "confidence": probs.max(1) if len(probs) else [], "status": "ok", "error": ""})
+    for j, name in enumerate(loaded.class_names):
+        table[f"prob_{name}"] = probs[:, j]
+    if failed:
+        errors = pd.DataFrame({"id": [p for p, _ in failed], "status": "error", "error": [r for _, r in failed]})
+        table = pd.concat([table, errors], ignore_index=True)
+        log.warning("%d unreadable image(s) reported in %s", len(failed), output)
+    with atomic_path(output) as tmp:
+        table.to_csv(tmp, index=False)
+    log.info("wrote %d predictions (%d errors) to %s", len(ids), len(failed), output)
+    return table
