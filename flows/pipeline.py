@@ -59,12 +59,13 @@ def _experiment_name(method: str, flow_run_name: str | None) -> str:
 @flow(name="ssl-pipeline", log_prints=True)
 def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = None, epochs: int | None = None,
                  labels_per_class: int | None = None, root: str | None = None, force: bool = False,
-                 save_experiment: bool = True) -> dict[str, Any]:
+                 save_experiment: bool = True, reingest: bool = False) -> dict[str, Any]:
     """Run ingest → pseudo_labels → pretrain → finetune → evaluate, skipping what DVC finds up to date.
 
     ``overrides`` are dotted params (``{"pretrain.method": "rotation"}``); ``method``, ``epochs`` (pretraining)
     and ``labels_per_class`` are shortcuts for the common ones. All are validated and written into
-    params.yaml before any compute, as `dvc exp run -S` would.
+    params.yaml before any compute, as `dvc exp run -S` would. ``reingest`` reruns ingest although its params
+    are unchanged (the source's files changed); DVC then reruns only what the new data invalidates.
     """
     from prefect.runtime import flow_run
 
@@ -87,7 +88,8 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     succeeded = False
     try:
         for stage_task in STAGE_TASKS:
-            outcomes.append(stage_task(str(root_path), env, force=force))
+            rerun = force or (reingest and stage_task is ingest_task)
+            outcomes.append(stage_task(str(root_path), env, force=rerun))
         exp_name = None
         if save_experiment:
             exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name))

@@ -1,0 +1,68 @@
+"""Retraining moves `champion` only to a better model; a failed retrain leaves it untouched."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import make_project, use_project
+
+pytestmark = pytest.mark.slow
+
+# A learning rate this small leaves the head at chance: a deliberately weak model.
+WEAK = {"finetune.lr": 1e-7, "finetune.baseline_lr": 1e-7}
+GOOD = {"finetune.lr": 3e-3, "finetune.baseline_lr": 3e-3, "finetune.epochs": 15}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, prefect_server):
+    path = make_project(tmp_path_factory.mktemp("retrain") / "proj",
+                        {"finetune": {"registered_model_name": "retrain-classifier"}})
+    use_project(path)
+    return path
+
+
+def _champion() -> tuple[str, dict]:
+    from mlflow import MlflowClient
+
+    version = MlflowClient().get_model_version_by_alias("retrain-classifier", "champion")
+    return str(version.version), version.tags
+
+
+def test_retrain_promotes_only_a_better_model(project):
+    from flows.retrain import retrain
+
+    first = retrain(margin=0.05, overrides=WEAK, root=str(project))
+    assert first["promoted"] and first["new_version"] == "1"
+
+    better = retrain(margin=0.05, overrides=GOOD, root=str(project))
+    assert better["new_version"] == "2"
+    assert better["new_accuracy"] > better["champion_accuracy"] + 0.05, better
+    assert better["promoted"], better
+    version, tags = _champion()
+    assert version == "2" and tags["retrain_decision"].startswith("promoted")
+
+    worse = retrain(margin=0.05, overrides=WEAK, root=str(project))
+    assert worse["new_version"] == "3" and not worse["promoted"], worse
+    assert worse["champion_version"] == "2"
+    assert _champion()[0] == "2"
+    from mlflow import MlflowClient
+
+    tags = MlflowClient().get_model_version("retrain-classifier", "3").tags
+    assert tags["retrain_decision"].startswith("kept champion")
+    assert float(tags["retrain_champion_test_accuracy"]) > float(tags["retrain_test_accuracy"])
+
+
+def test_unchanged_source_and_params_retrain_nothing(project):
+    from flows.retrain import retrain
+
+    row = retrain(margin=0.05, root=str(project))
+    # DVC skipped every stage: no new version was registered, the champion stays.
+    assert row["new_version"] == "3" and not row["promoted"] and row["decision"].startswith("unchanged")
+    assert _champion()[0] == "2"
+
+
+def test_failed_retrain_leaves_the_champion_untouched(project):
+    from flows.retrain import retrain
+
+    with pytest.raises(Exception, match="labels_per_class"):
+        retrain(margin=0.0, overrides={**GOOD, "data.labels_per_class": 100000}, root=str(project))
+    assert _champion()[0] == "2"
