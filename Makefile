@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: install run test test-fast ui data repro clean
+.PHONY: install run test test-fast ui serve data repro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ test-fast: install
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# A local Prefect server (127.0.0.1:4200) and the retrain deployment served on its cron schedule.
+PREFECT_PORT ?= 4200
+serve: install
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .prefect-server.log 2>&1 & \
+	server=$$!; trap "kill $$server" EXIT INT TERM; \
+	for i in $$(seq 120); do \
+		$(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health', timeout=2)" 2>/dev/null && break; \
+		sleep 1; \
+	done; \
+	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment ssl-retrain/nightly-retrain)"; \
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.retrain serve
 
 clean:
 	rm -rf data/prepared artifacts results mlflow.db

@@ -30,12 +30,13 @@ from ssl_lib.pretrain import PretrainSettings, make_pseudo_labels, pretrain  # n
 DATA = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = [0.286], [0.353]
 
-# The recommended defaults, chosen to fit the whole run in ~12 minutes on a 2-core CPU.
-DEFAULT_PRETRAIN = PretrainSettings(method="simclr", backbone="convnet", epochs=6, batch_size=256, lr=2e-3,
-                                    weight_decay=1e-4, seed=0, max_images=40000, device="cpu",
-                                    options={"temperature": 0.2})
-DEFAULT_FINETUNE = FinetuneSettings(mode="full", epochs=60, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
-                                    augment=True, device="cpu", encoder_lr_mult=0.1)
+# Best settings found so far (NOT yet meeting the target: SSL fine-tune ~69-70% vs baseline ~71%).
+# convnet_small (w=16) because SimCLR needs two encoder passes per image and the CPU budget is ~7 min.
+DEFAULT_PRETRAIN = PretrainSettings(method="simclr", backbone="convnet_small", epochs=6, batch_size=256, lr=3e-3,
+                                    weight_decay=1e-4, seed=0, max_images=20000, device="cpu",
+                                    options={"temperature": 0.3, "crop_scale_min": 0.4})
+DEFAULT_FINETUNE = FinetuneSettings(mode="full", epochs=100, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
+                                    augment=True, device="cpu", encoder_lr_mult=1.0)
 DEFAULT_BASELINE = FinetuneSettings(mode="full", epochs=150, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
                                     augment=True, device="cpu", encoder_lr_mult=1.0)
 

@@ -110,11 +110,12 @@ def retrain(margin: float = 0.005, overrides: dict[str, Any] | None = None, root
                     f"champion v{champion.version} {champion_accuracy:.4f} (margin {margin})")
     if promoted:
         promote(name, version, decision)
-    record_metrics(name, version, {"retrain_test_accuracy": new_accuracy,
-                                   **({"retrain_champion_test_accuracy": champion_accuracy}
-                                      if champion_accuracy is not None else {})})
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "retrain_decision", decision)
+    if retrained or champion is None:  # an unchanged run must not overwrite the version's earlier verdict
+        record_metrics(name, version, {"retrain_test_accuracy": new_accuracy,
+                                       **({"retrain_champion_test_accuracy": champion_accuracy}
+                                          if champion_accuracy is not None else {})})
+        client.set_model_version_tag(name, version, "retrain_decision", decision)
     run_id = summary["mlflow_run_id"]
     client.set_tag(run_id, "retrain.decision", decision)
     client.log_metric(run_id, "retrain_new_test_accuracy", new_accuracy)

@@ -268,7 +268,7 @@ def test_supervised_training_learns_and_keeps_best_epoch(digits):
     tr, va = _split(labels, 20), _split(labels, 10, offset=20)
     test = np.setdiff1d(np.arange(len(images)), np.concatenate([tr, va]))
     model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
-    settings = FinetuneSettings(mode="full", epochs=10, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0,
+    settings = FinetuneSettings(mode="full", epochs=15, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0,
                                 device="cpu", encoder_lr_mult=1.0)
     model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                       progress=False)
