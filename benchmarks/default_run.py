@@ -79,6 +79,9 @@ def main() -> None:
     p.add_argument("--ft-encoder-lr-mult", type=float, default=DEFAULT_FINETUNE.encoder_lr_mult)
     p.add_argument("--baseline-epochs", type=int, default=DEFAULT_BASELINE.epochs)
     p.add_argument("--baseline-lr", type=float, default=DEFAULT_BASELINE.lr)
+    p.add_argument("--ft-set", default="{}", help="JSON of extra FinetuneSettings fields for the SSL fine-tune")
+    p.add_argument("--base-set", default="{}", help="JSON of extra FinetuneSettings fields for the baseline")
+    p.add_argument("--pre-set", default="{}", help="JSON of extra PretrainSettings fields")
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -99,10 +102,11 @@ def main() -> None:
 
     pre = replace(DEFAULT_PRETRAIN, method=args.method, backbone=args.backbone, epochs=args.pretrain_epochs,
                   max_images=args.max_images, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  options=json.loads(args.options))
+                  options=json.loads(args.options), **json.loads(args.pre_set))
     ft = replace(DEFAULT_FINETUNE, mode=args.ft_mode, epochs=args.ft_epochs, lr=args.ft_lr,
-                 encoder_lr_mult=args.ft_encoder_lr_mult, seed=args.seed)
-    base = replace(DEFAULT_BASELINE, epochs=args.baseline_epochs, lr=args.baseline_lr, seed=args.seed)
+                 encoder_lr_mult=args.ft_encoder_lr_mult, seed=args.seed, **json.loads(args.ft_set))
+    base = replace(DEFAULT_BASELINE, epochs=args.baseline_epochs, lr=args.baseline_lr, seed=args.seed,
+                   **json.loads(args.base_set))
     print("pretrain:", asdict(pre), "\nfinetune:", asdict(ft), "\nbaseline:", asdict(base), flush=True)
 
     t = time.perf_counter()

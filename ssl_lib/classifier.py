@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_lib.augment import nhwc_to_tensor, shift_flip
+from ssl_lib.augment import nhwc_to_tensor, random_resized_crop, shift_flip
 from ssl_lib.device import select_device
 from ssl_lib.models.backbones import build_backbone
 
@@ -76,6 +76,75 @@ class FinetuneSettings:
     max_shift_px: int = 2
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.05
+    # With augment: also a random resized crop (area in [crop_scale_min, 1]) with probability crop_p;
+    # crop_p = 0 keeps the plain shift + flip.
+    crop_p: float = 0.0
+    crop_scale_min: float = 0.5
+    # Head initialisation: "random" (nn.Linear default) or "prototype": the nearest-class-mean
+    # classifier of the (un-augmented) training features, W_c = mu_c / s, b_c = -|mu_c|^2 / (2 s^2)
+    # with s the mean feature norm, so training starts from the class prototypes.
+    head_init: str = "random"
+    # LP-FT (Kumar et al., 2022): first train only the head on the frozen encoder (BatchNorm in eval)
+    # for lp_epochs at lp_lr, then run the normal schedule. 0 = off.
+    lp_epochs: int = 0
+    lp_lr: float = 1e-2
+
+
+HEAD_INITS = ("random", "prototype")
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, settings: FinetuneSettings) -> torch.Tensor:
+    if not settings.augment:
+        return x
+    if settings.crop_p > 0:
+        n = x.shape[0]
+        cropped = random_resized_crop(x, generator, (settings.crop_scale_min, 1.0), flip_p=0.0)
+        use = (torch.rand(n, generator=generator, device=generator.device) < settings.crop_p).to(x.device)
+        x = torch.where(use.view(-1, 1, 1, 1), cropped, x)
+    return shift_flip(x, generator, settings.max_shift_px)
+
+
+def _prototype_init(model: "Classifier", x_train: torch.Tensor, y_train: torch.Tensor) -> None:
+    """Set the head to the nearest-class-mean classifier of the training features."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.features(x_train[i:i + 512].float().div(255.0)) for i in range(0, len(x_train), 512)])
+        scale = feats.norm(dim=1).mean().clamp_min(1e-6)
+        feats = feats / scale
+        weight = torch.zeros_like(model.head.weight)
+        for c in range(model.num_classes):
+            mask = y_train == c
+            if bool(mask.any()):
+                weight[c] = feats[mask].mean(0)
+        # logits = f.mu/s - |mu|^2/2 (f in units of s): argmax = nearest class mean.
+        model.head.weight.copy_(weight / scale)
+        model.head.bias.copy_(-0.5 * (weight ** 2).sum(1))
+    model.train(was_training)
+
+
+def _linear_probe_phase(model: "Classifier", x_train: torch.Tensor, y_train: torch.Tensor,
+                        settings: FinetuneSettings, generator: torch.Generator) -> None:
+    """Train the head alone on the frozen encoder (eval-mode BatchNorm), cosine lr, same augmentation."""
+    model.encoder.eval()
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=settings.lp_lr, weight_decay=settings.weight_decay)
+    n = len(x_train)
+    batch_size = min(settings.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = max(1, steps_per_epoch * settings.lp_epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    for _ in range(settings.lp_epochs):
+        order = torch.randperm(n, generator=generator).to(x_train.device)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            x = _augment(x_train[idx].float().div_(255.0), generator, settings)
+            with torch.no_grad():
+                feats = model.features(x)
+            loss = F.cross_entropy(model.head(feats), y_train[idx], label_smoothing=settings.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
 
 
 def _evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
@@ -116,6 +185,15 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     if int(y_train.max()) >= model.num_classes or int(y_train.min()) < 0:
         raise ValueError(f"train labels must lie in [0, {model.num_classes}), got [{int(y_train.min())}, {int(y_train.max())}]")
 
+    if settings.head_init not in HEAD_INITS:
+        raise ValueError(f"unknown head_init {settings.head_init!r}; use one of {', '.join(HEAD_INITS)}")
+    generator = torch.Generator().manual_seed(settings.seed)
+    if settings.head_init == "prototype":
+        _prototype_init(model, x_train, y_train)
+    if settings.lp_epochs > 0:
+        model.encoder.requires_grad_(False)
+        _linear_probe_phase(model, x_train, y_train, settings, generator)
+
     linear = settings.mode == "linear"
     model.encoder.requires_grad_(not linear)
     head_params = list(model.head.parameters())
@@ -136,7 +214,6 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup
         else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
-    generator = torch.Generator().manual_seed(settings.seed)
 
     history: list[dict[str, Any]] = []
     best_key: tuple[float, float] | None = None
@@ -156,8 +233,7 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
                 if len(idx) < 2 and not linear:
                     continue  # a single-sample batch breaks BatchNorm in train mode
                 x = x_train[idx].float().div_(255.0)
-                if settings.augment:
-                    x = shift_flip(x, generator, settings.max_shift_px)
+                x = _augment(x, generator, settings)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ log = logging.getLogger("sslpipe.pretrain")
 def run(params: PipelineParams) -> dict:
     import mlflow
 
-    from ssl_lib.data import load_prepared
+    from ssl_lib.data import load_pool
     from ssl_lib.device import select_device
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.pretrain import pretrain
@@ -26,21 +26,20 @@ def run(params: PipelineParams) -> dict:
     settings = pretrain_settings(params)
     section = {"seed": params.seed, "pretrain": params.pretrain.model_dump()}
     with stage_run("pretrain", params, section=section):
-        data = load_prepared(paths.PREPARED)
-        pool = data.pretrain_pool()
+        pool, meta = load_pool(paths.PREPARED)
         mlflow.set_tag("device", str(select_device(settings.device)))
 
         def on_epoch(row: dict) -> None:
             metrics = {f"pretrain_{k}": float(v) for k, v in row.items() if k != "epoch"}
             mlflow.log_metrics(metrics, step=int(row["epoch"]))
 
-        result = pretrain(pool, data.meta["mean"], data.meta["std"], load_pseudo_labels(), settings,
+        result = pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), settings,
                           on_epoch=on_epoch)
         save_torch(result.encoder_state, paths.ENCODER)
-        height, width, channels = data.meta["shape"]
+        height, width, channels = meta["shape"]
         info = {"method": settings.method, "backbone": settings.backbone, "feature_dim": result.feature_dim,
-                "in_channels": channels, "image_size": height, "mean": data.meta["mean"],
-                "std": data.meta["std"], "epochs": settings.epochs}
+                "in_channels": channels, "image_size": height, "mean": meta["mean"],
+                "std": meta["std"], "epochs": settings.epochs}
         write_json(paths.ENCODER_INFO, info)
         history = pd.DataFrame(result.history)
         with atomic_path(paths.PRETRAIN_HISTORY) as tmp:

@@ -15,9 +15,9 @@ log = logging.getLogger("sslpipe.pseudo_labels")
 def run(params: PipelineParams) -> dict[str, np.ndarray]:
     import mlflow
 
-    from ssl_lib.data import load_prepared
+    from ssl_lib.data import load_pool
     from ssl_lib.io import atomic_path
-    from ssl_lib.pretrain import make_pseudo_labels, save_preview
+    from ssl_lib.pretrain import make_pseudo_labels, save_preview, subset_indices
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
@@ -26,12 +26,15 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
                "pretrain.method": settings.method, "pretrain.epochs": settings.epochs,
                "pretrain.max_images": settings.max_images}
     with stage_run("pseudo_labels", params, section=section):
-        pool = load_prepared(paths.PREPARED).pretrain_pool()
+        pool, _ = load_pool(paths.PREPARED)
         pseudo = make_pseudo_labels(settings, len(pool))
         with atomic_path(paths.PSEUDO_TARGETS) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **pseudo)
-        save_preview(settings.method, pool, pseudo, paths.PSEUDO_PREVIEW, count=params.pseudo_labels.preview_count)
+        # The preview's images must line up with the targets: the pretraining subset, in order.
+        subset = pool[subset_indices(len(pool), settings)]
+        save_preview(settings.method, subset, pseudo, paths.PSEUDO_PREVIEW, count=params.pseudo_labels.preview_count,
+                     options=settings.options)
         mlflow.log_artifact(str(paths.PSEUDO_PREVIEW))
         mlflow.log_metrics({"pool_size": len(pool), "targets_bytes": paths.PSEUDO_TARGETS.stat().st_size})
         log.info("pseudo-labels for %s: %s", settings.method,

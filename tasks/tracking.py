@@ -8,6 +8,7 @@ active run is per thread.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -26,6 +27,7 @@ DEFAULT_EXPERIMENT = "ssl-pipeline"
 INVOCATION_TAG = "sslpipe.invocation"
 OWNER_TAG = "sslpipe.parent_owner"
 PREPARED_DATA = "data/prepared"
+DATASET_FILES = ("images.npy", "manifest.csv")
 
 
 def experiment_name() -> str:
@@ -72,7 +74,7 @@ def git_commit(root: Path | None = None) -> str | None:
 
 
 def dataset_hash(root: Path | None = None) -> str | None:
-    """The md5 DVC recorded for the prepared dataset in dvc.lock, if the ingest stage has run."""
+    """A digest of the md5s DVC recorded in dvc.lock for the prepared images and manifest, once ingest ran."""
     lock = (root or project_root()) / "dvc.lock"
     if not lock.is_file():
         return None
@@ -80,10 +82,12 @@ def dataset_hash(root: Path | None = None) -> str | None:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     except yaml.YAMLError:
         return None
-    for out in stages.get("ingest", {}).get("outs", []):
-        if out.get("path") == PREPARED_DATA:
-            return out.get("md5")
-    return None
+    # The dataset is the images plus their manifest: one digest over both of DVC's md5s.
+    md5s = {out.get("path"): out.get("md5") for out in stages.get("ingest", {}).get("outs", [])}
+    parts = [md5s.get(f"{PREPARED_DATA}/{name}") for name in DATASET_FILES]
+    if not all(parts):
+        return None
+    return hashlib.md5(":".join(parts).encode()).hexdigest()
 
 
 def common_tags(params: PipelineParams) -> dict[str, str]:

@@ -20,7 +20,7 @@ from ssl_lib.data import (
     write_idx,
 )
 
-FILES = ("images.npy", "manifest.csv", "meta.json", "report.json")
+FILES = ("images.npy", "pool_indices.npy", "manifest.csv", "meta.json", "report.json")
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -364,3 +364,16 @@ def test_load_prepared_missing_or_corrupt(digits_dirs, tmp_path):
         load_prepared(broken)
     with pytest.raises(DataError, match="unknown split"):
         load_prepared(digits_dirs[0]).split("training")
+
+
+def test_label_budget_changes_only_the_manifest(digits_dirs, tmp_path):
+    """Pretraining reads images, pool and meta: a new label budget must leave them byte-identical."""
+    from ssl_lib.data import load_pool
+
+    _ingest_digits(tmp_path / "more", labels_per_class=20, val_per_class=2)
+    for name in ("images.npy", "pool_indices.npy", "meta.json", "report.json"):
+        assert (tmp_path / "more" / name).read_bytes() == (digits_dirs[0] / name).read_bytes(), name
+    assert (tmp_path / "more" / "manifest.csv").read_bytes() != (digits_dirs[0] / "manifest.csv").read_bytes()
+    pool, meta = load_pool(digits_dirs[0])
+    np.testing.assert_array_equal(pool, load_prepared(digits_dirs[0]).pretrain_pool())
+    assert meta["num_test"] == 1797 - len(pool)

@@ -1,6 +1,7 @@
 """End to end: a real Prefect flow run over real DVC stages, tracked in a real MLflow store, on digits."""
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -71,8 +72,9 @@ def test_mlflow_has_parent_with_nested_stage_runs(flow_run):
     assert parent.data.tags["sslpipe.method"] == "rotation"
     assert parent.data.tags.get("prefect.flow_run_id")
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    prepared_md5 = next(o["md5"] for o in lock["stages"]["ingest"]["outs"] if o["path"] == "data/prepared")
-    assert parent.data.tags["sslpipe.dataset_hash"] == prepared_md5
+    md5s = {o["path"]: o["md5"] for o in lock["stages"]["ingest"]["outs"]}
+    expected = hashlib.md5(f"{md5s['data/prepared/images.npy']}:{md5s['data/prepared/manifest.csv']}".encode())
+    assert parent.data.tags["sslpipe.dataset_hash"] == expected.hexdigest()
     assert parent.data.params["pretrain.method"] == "rotation"
     assert "test_accuracy_ssl" in parent.data.metrics
     children = client.search_runs([_experiment_id(client)],
@@ -204,3 +206,15 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
     predicted = table["predicted_class"].astype(str).map(names.index).to_numpy()
     accuracy = float((predicted == test["label"].to_numpy()).mean())
     assert accuracy == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
+
+
+def test_a_new_label_budget_reuses_the_pretrained_encoder(flow_run):
+    """Pretraining never sees labels: changing the budget reruns ingest, finetune and evaluate only."""
+    project, _ = flow_run
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["data"]["labels_per_class"] += 2
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"ingest", "finetune", "evaluate"}, out

@@ -10,6 +10,7 @@ from .prepared import (
     PreparedDataset,
     channel_stats,
     ingest,
+    load_pool,
     load_prepared,
     write_prepared,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_folder",
+    "load_pool",
     "load_prepared",
     "load_source",
     "read_idx",

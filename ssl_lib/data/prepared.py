@@ -1,12 +1,15 @@
 """The prepared dataset: the canonical on-disk form every later stage reads.
 
 A directory with
-  images.npy    uint8 (N, H, W, C), np.save format, memory-mappable
-  manifest.csv  index, split, label, source_id, sha1 (sha1 of the image's raw bytes)
-  meta.json     class_names, shape, per-channel mean/std in [0, 1] over non-test images, source,
-                source_version, num_images, split_counts, num_skipped, ...
-  report.json   skipped: [{path, reason}], num_skipped
+  images.npy        uint8 (N, H, W, C), np.save format, memory-mappable
+  pool_indices.npy  int64 indices of the non-test images: the self-supervised pretraining pool
+  meta.json         class_names, shape, per-channel mean/std in [0, 1] over non-test images, source,
+                    source_version, num_images, num_test, num_skipped, ...
+  report.json       skipped: [{path, reason}], num_skipped
+  manifest.csv      index, split, label, source_id, sha1 (sha1 of the image's raw bytes)
 The same inputs always give byte-identical files, so DVC sees no change when nothing changed.
+Only manifest.csv depends on the label budget: the other files are what pretraining reads, so a new
+label budget leaves them byte-identical and DVC does not retrain the encoder.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.csv"
 META_FILE = "meta.json"
 REPORT_FILE = "report.json"
+POOL_FILE = "pool_indices.npy"
 MANIFEST_COLUMNS = ["index", "split", "label", "source_id", "sha1"]
 _FIX = "run the ingest stage: dvc repro ingest"
 _STATS_CHUNK = 4096  # images per chunk when computing mean/std, bounds memory on big datasets
@@ -99,7 +103,7 @@ def write_prepared(out_dir: str | os.PathLike[str], raw: RawDataset, splits: np.
         "source": raw.source,
         "source_version": raw.source_version,
         "num_images": int(len(images)),
-        "split_counts": split_counts(splits),
+        "num_test": int((~non_test).sum()),
         "num_skipped": len(raw.skipped),
     }
     report = {
@@ -111,10 +115,11 @@ def write_prepared(out_dir: str | os.PathLike[str], raw: RawDataset, splits: np.
         # mkdtemp makes the directory 0700; give it normal permissions so others can read it.
         os.chmod(tmp, 0o755)
         np.save(tmp / IMAGES_FILE, images, allow_pickle=False)
+        np.save(tmp / POOL_FILE, np.flatnonzero(non_test).astype(np.int64), allow_pickle=False)
         manifest.to_csv(tmp / MANIFEST_FILE, index=False, lineterminator="\n")
         (tmp / META_FILE).write_text(_dumps(meta))
         (tmp / REPORT_FILE).write_text(_dumps(report))
-    return meta
+    return {**meta, "split_counts": split_counts(splits)}
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays and DataFrames have no plain ==
@@ -180,6 +185,24 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     if problems:
         raise DataError(f"prepared dataset {root} is inconsistent: {'; '.join(problems)}; {_FIX}")
     return PreparedDataset(images=images, manifest=manifest, meta=meta)
+
+
+def load_pool(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The pretraining pool (non-test images, uint8 NHWC in memory) and meta.json.
+
+    Reads only the files that do not depend on the label budget (see the module docstring).
+    """
+    root = Path(path)
+    missing = [f for f in (IMAGES_FILE, POOL_FILE, META_FILE) if not (root / f).is_file()]
+    if missing:
+        raise DataError(f"prepared dataset {root} lacks {', '.join(missing)}; {_FIX}")
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+        images = np.load(root / IMAGES_FILE, mmap_mode="r", allow_pickle=False)
+        indices = np.load(root / POOL_FILE, allow_pickle=False)
+        return np.asarray(images[indices]), meta
+    except (OSError, ValueError, IndexError) as exc:
+        raise DataError(f"prepared dataset {root} is corrupt ({type(exc).__name__}: {exc}); {_FIX}") from exc
 
 
 def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
