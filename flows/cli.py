@@ -145,6 +145,36 @@ def predict(source: str = typer.Argument(..., help="A folder of images (or one i
         _fail(str(err))
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated methods."),
+          labels: str = typer.Option("1,5,10,50,100", help="Comma-separated labels per class."),
+          seeds: str = typer.Option("0", help="Comma-separated seeds."),
+          workers: int = typer.Option(1, help="Points run at once (>1 needs an MLflow tracking server)."),
+          experiment: str = typer.Option("ssl-sweep", help="MLflow experiment of the sweep's runs."),
+          root: Path = typer.Option(Path("."), help="Project root.")) -> None:
+    """Run a grid of DVC experiments; write a comparison table and a label-efficiency plot."""
+    from tasks.common import user_error_types
+    from tasks.environment import configure_environment
+
+    os.environ["SSLPIPE_ROOT"] = str(root.resolve())
+    configure_environment()
+    try:
+        from flows.sweep import sweep as sweep_flow
+
+        result = sweep_flow([m.strip() for m in methods.split(",") if m.strip()], _int_list(labels),
+                            _int_list(seeds), root=str(root.resolve()), workers=workers, experiment=experiment)
+    except user_error_types() as err:
+        _fail(str(err))
+    typer.echo(f"table: {result['table']}\nplot:  {result['plot']}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -34,13 +34,13 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
-def experiment_id() -> str:
+def experiment_id(name: str | None = None) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
     configure_environment()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    name = experiment_name()
+    name = name or experiment_name()
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         # Anchor artifacts at the project root too: MLflow's default (./mlruns under the cwd) would land
@@ -122,11 +122,11 @@ def _dvc_invocation_key() -> str | None:
 
 
 def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_name: str | None = None,
-                    extra_tags: dict[str, str] | None = None) -> str:
+                    extra_tags: dict[str, str] | None = None, experiment: str | None = None) -> str:
     """Find the parent run of ``invocation`` or create it (with all params logged); return its id."""
     from mlflow import MlflowClient
 
-    exp_id = experiment_id()
+    exp_id = experiment_id(experiment)
     client = MlflowClient()
     found = client.search_runs([exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
     if found:

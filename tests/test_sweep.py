@@ -1,0 +1,45 @@
+"""A sweep is a grid of real DVC experiments, one MLflow run each, with a table and a plot."""
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import make_project, run_cmd, use_project
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
+    from mlflow import MlflowClient
+
+    from flows.sweep import sweep
+
+    project = make_project(tmp_path / "proj")
+    use_project(project)
+    result = sweep(methods=["rotation"], labels_per_class=[2, 4], seeds=[0], root=str(project),
+                   experiment="test-sweep")
+    table = pd.read_csv(result["table"])
+    assert list(table["labels_per_class"]) == [2, 4]
+    assert table["ssl_accuracy"].between(0, 1).all() and table["baseline_accuracy"].between(0, 1).all()
+    with open(result["plot"], "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    shown = run_cmd([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], project).stdout
+    assert set(table["dvc_experiment"]) <= set(shown.split())
+    # The workspace was left alone: temp runs never touch params.yaml.
+    assert "labels_per_class: 5" in (project / "params.yaml").read_text()
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("test-sweep")
+    stages_by_point = {}
+    for run_id, name in zip(table["mlflow_run_id"], table["dvc_experiment"]):
+        point = client.get_run(run_id)
+        assert point.info.status == "FINISHED" and "test_accuracy_ssl" in point.data.metrics
+        children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        stages_by_point[name] = {r.data.tags["sslpipe.stage"] for r in children}
+    first, second = table["dvc_experiment"]
+    assert "pretrain" in stages_by_point[first]
+    # Pretraining sees no labels: the second budget restored the encoder from DVC's run cache.
+    assert "pretrain" not in stages_by_point[second] and "finetune" in stages_by_point[second]
