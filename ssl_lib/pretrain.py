@@ -186,6 +186,7 @@ def pretrain(images: np.ndarray, mean: list[float], std: list[float], pseudo: di
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                model.after_step(epoch * steps_per_epoch + step, total_steps)
                 scheduler.step()
                 epoch_losses.append(loss.detach())
                 for key, value in model.last_stats.items():

@@ -280,6 +280,44 @@ def test_supervised_training_learns_and_keeps_best_epoch(digits):
     assert test_acc > 0.6, test_acc
 
 
+def test_prototype_head_init_is_nearest_class_mean(digits):
+    from ssl_lib.classifier import _prototype_init
+
+    images, labels, mean, std = digits
+    tr = _split(labels, 10)
+    model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
+    x = torch.as_tensor(images[tr]).permute(0, 3, 1, 2).contiguous()
+    y = torch.as_tensor(labels[tr])
+    _prototype_init(model, x, y)
+    model.eval()
+    with torch.no_grad():
+        feats = model.features(x.float() / 255.0)
+        logits = model.head(feats)
+    means = torch.stack([feats[y == c].mean(0) for c in range(10)])
+    nearest = torch.cdist(feats, means).argmin(1)
+    assert torch.equal(logits.argmax(1), nearest)
+
+
+def test_lp_ft_crop_and_prototype_options_are_deterministic(digits):
+    images, labels, mean, std = digits
+    tr, va = _split(labels, 10), _split(labels, 10, offset=10)
+    settings = FinetuneSettings(mode="full", epochs=3, batch_size=32, lr=3e-3, weight_decay=1e-4, seed=0,
+                                device="cpu", head_init="prototype", lp_epochs=3, crop_p=0.5,
+                                label_smoothing=0.1)
+    runs = []
+    for _ in range(2):
+        model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
+        _, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
+                                      progress=False)
+        runs.append([(r["train_loss"], r["val_loss"]) for r in history])
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="head_init"):
+        train_classifier(build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0), images[tr], labels[tr],
+                         None, None, FinetuneSettings(mode="full", epochs=1, batch_size=32, lr=1e-3,
+                                                      weight_decay=0.0, seed=0, device="cpu", head_init="x"),
+                         progress=False)
+
+
 def test_knn_and_reports(tmp_path):
     feats = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
     labels = np.array([0, 0, 1, 1])

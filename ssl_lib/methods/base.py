@@ -73,6 +73,10 @@ class SSLMethod(nn.Module):
         """Scalar loss of a batch. ``images``: float (B, C, H, W) in [0, 1], un-normalized."""
         raise NotImplementedError
 
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called by ``ssl_lib.pretrain`` right after each optimizer step; ``step`` counts from 0 over the
+        whole run (``total_steps`` steps). Momentum/EMA methods update their target networks here. No-op."""
+
     @classmethod
     def make_pseudo_labels(cls, num_images: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
         """Deterministic pseudo labels for the whole run. The base class only makes ``epoch_seed``."""

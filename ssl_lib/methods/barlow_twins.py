@@ -1,0 +1,67 @@
+"""Barlow Twins (Zbontar et al., 2021): make the cross-correlation of two views' embeddings the identity."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_lib.methods.base import register
+from ssl_lib.methods.simclr import normalized_embedding_std
+from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
+    """Redundancy-reduction loss of B embedding pairs (B, D).
+
+    Each dimension is standardized over the batch, a = (z - mean_b z) / sqrt(var_b z + eps) with the
+    biased batch variance (as the paper's affine-free BatchNorm), and with the cross-correlation
+    C_ij = 1/B sum_b a1_bi a2_bj:
+
+        loss = sum_i (1 - C_ii)^2 + lambd * sum_i sum_{j != i} C_ij^2
+
+    The first term makes the views agree, the second decorrelates the dimensions.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 2:
+        raise ValueError(f"z1 and z2 must both be (B, D) with B >= 2, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+
+    def standardize(z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+    c = standardize(z1).t() @ standardize(z2) / z1.shape[0]
+    diag = torch.diagonal(c)
+    on_diag = (1 - diag).pow(2).sum()
+    off_diag = c.pow(2).sum() - diag.pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+@register
+class BarlowTwins(TwoViewMethod):
+    """Barlow Twins: z = projector(encoder(v)) (3-layer expander), loss = barlow_twins(z1, z2, lambd).
+
+    ``lambd`` about 1/proj_dim balances the D on-diagonal against the D^2 - D off-diagonal terms.
+    """
+
+    name = "barlow_twins"
+    family = "non-contrastive"
+    default_options: dict[str, Any] = {
+        **VIEW_OPTIONS,
+        "proj_dim": 256,
+        "proj_hidden": 256,
+        "lambd": 0.0051,
+    }
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
+                 **options: Any) -> None:
+        super().__init__(encoder, feature_dim, in_channels, image_size, **options)
+        self.projector = mlp(feature_dim, int(self.options["proj_hidden"]), int(self.options["proj_dim"]), layers=3)
+
+    def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
+             generator: torch.Generator) -> torch.Tensor:
+        v1, v2 = self.views(images, generator)
+        # One encoder pass over both views; the loss standardizes each view's batch on its own.
+        z1, z2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
+        with torch.no_grad():
+            self.last_stats = {"embedding_std": normalized_embedding_std(z1.detach())}
+        return barlow_twins_loss(z1, z2, float(self.options["lambd"]))

@@ -1,0 +1,71 @@
+"""BYOL (Grill et al., 2020): an online network predicts a slowly moving target network's embedding."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_lib.methods.base import register
+from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
+from ssl_lib.methods.simclr import normalized_embedding_std
+from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Normalized MSE between predictions and target embeddings, averaged over the batch:
+
+        loss = 1/B sum_i || p_i/||p_i|| - z_i/||z_i|| ||^2 = 1/B sum_i (2 - 2 cos(p_i, z_i))
+
+    in [0, 4]. ``z`` should come detached from the target network.
+    """
+    if p.shape != z.shape or p.ndim != 2:
+        raise ValueError(f"p and z must both be (B, D), got {tuple(p.shape)} and {tuple(z.shape)}")
+    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+
+
+@register
+class BYOL(TwoViewMethod):
+    """BYOL: online = predictor(projector(encoder)), target = EMA of projector(encoder).
+
+    loss = (byol(q(g(f(v1))), g'(f'(v2))) + byol(q(g(f(v2))), g'(f'(v1)))) / 2; the target's
+    momentum rises from ``momentum`` to 1 on a cosine over the run.
+    """
+
+    name = "byol"
+    family = "non-contrastive"
+    default_options: dict[str, Any] = {
+        **VIEW_OPTIONS,
+        "proj_dim": 128,
+        "proj_hidden": 512,
+        "pred_hidden": 512,
+        "momentum": 0.99,
+    }
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
+                 **options: Any) -> None:
+        super().__init__(encoder, feature_dim, in_channels, image_size, **options)
+        hidden, out = int(self.options["proj_hidden"]), int(self.options["proj_dim"])
+        self.projector = mlp(feature_dim, hidden, out)
+        self.predictor = mlp(out, int(self.options["pred_hidden"]), out)
+        self.target_encoder = make_target(self.encoder)
+        self.target_projector = make_target(self.projector)
+
+    def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
+             generator: torch.Generator) -> torch.Tensor:
+        v1, v2 = self.views(images, generator)
+        both = torch.cat([v1, v2])
+        z = self.projector(self.encoder(both))
+        p1, p2 = self.predictor(z).chunk(2)
+        with torch.no_grad():
+            t1, t2 = self.target_projector(self.target_encoder(both)).chunk(2)
+        loss = (byol_loss(p1, t2) + byol_loss(p2, t1)) / 2
+        with torch.no_grad():
+            self.last_stats = {"embedding_std": normalized_embedding_std(z.chunk(2)[0].detach())}
+        return loss
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        m = cosine_momentum(float(self.options["momentum"]), step, total_steps)
+        ema_update(self.target_encoder, self.encoder, m)
+        ema_update(self.target_projector, self.projector, m)

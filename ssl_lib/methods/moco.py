@@ -1,0 +1,100 @@
+"""MoCo v2 (He et al., 2020; Chen et al., 2020): match a query to its momentum-encoded key among queued negatives."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_lib.methods.base import register
+from ssl_lib.methods.momentum import ema_update, make_target
+from ssl_lib.methods.simclr import normalized_embedding_std
+from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+
+
+def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE of B queries against their keys, with the K queued keys as negatives.
+
+    With u_i = q_i / ||q_i||, v_i = k_i / ||k_i|| and n_j = queue_j / ||queue_j||:
+
+        loss = 1/B sum_i -log( exp(u_i . v_i / t) / (exp(u_i . v_i / t) + sum_j exp(u_i . n_j / t)) )
+
+    i.e. a (K + 1)-way classification of the positive key. Gradients flow into ``q`` only when
+    ``k`` and ``queue`` are detached, as MoCo passes them.
+    """
+    if q.shape != k.shape or q.ndim != 2 or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"need q, k of shape (B, D) and queue (K, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(queue.shape)}")
+    u = F.normalize(q.float(), dim=1)
+    v = F.normalize(k.float(), dim=1)
+    n = F.normalize(queue.float(), dim=1)
+    positive = (u * v).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive, u @ n.t()], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(u), dtype=torch.long, device=u.device))
+
+
+@register
+class MoCo(TwoViewMethod):
+    """MoCo v2: query encoder f_q = projector(encoder), key encoder f_k an EMA of f_q (``momentum``).
+
+    loss = info_nce(f_q(v1), f_k(v2), queue, t), symmetrized with (v2, v1) when ``symmetric``; the
+    keys of the batch then replace the oldest ``queue_size`` entries. The queue starts as random
+    unit vectors. Keep ``queue_size`` well below the number of training images, or images meet
+    stale keys of themselves among the negatives.
+    """
+
+    name = "moco"
+    family = "contrastive"
+    default_options: dict[str, Any] = {
+        **VIEW_OPTIONS,
+        "temperature": 0.2,
+        "proj_dim": 128,
+        "proj_hidden": 512,
+        "queue_size": 4096,
+        "momentum": 0.99,
+        "symmetric": True,
+    }
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
+                 **options: Any) -> None:
+        super().__init__(encoder, feature_dim, in_channels, image_size, **options)
+        hidden, out = int(self.options["proj_hidden"]), int(self.options["proj_dim"])
+        size = int(self.options["queue_size"])
+        if size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {size}")
+        self.projector = mlp(feature_dim, hidden, out)
+        self.key_encoder = make_target(self.encoder)
+        self.key_projector = make_target(self.projector)
+        self.register_buffer("queue", F.normalize(torch.randn(size, out), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor) -> None:
+        keys = keys[-len(self.queue):]
+        idx = (self.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(self.queue)
+        self.queue[idx] = F.normalize(keys.float(), dim=1).to(self.queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + len(keys)) % len(self.queue))
+
+    def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
+             generator: torch.Generator) -> torch.Tensor:
+        v1, v2 = self.views(images, generator)
+        t = float(self.options["temperature"])
+        q1, q2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
+        with torch.no_grad():
+            k1, k2 = self.key_projector(self.key_encoder(torch.cat([v1, v2]))).chunk(2)
+        queue = self.queue.clone()  # enqueueing below must not change what backward needs
+        if self.options["symmetric"]:
+            loss = (info_nce_loss(q1, k2, queue, t) + info_nce_loss(q2, k1, queue, t)) / 2
+            self._enqueue(torch.cat([k2, k1]))
+        else:
+            loss = info_nce_loss(q1, k2, queue, t)
+            self._enqueue(k2)
+        with torch.no_grad():
+            self.last_stats = {"embedding_std": normalized_embedding_std(q1.detach())}
+        return loss
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        m = float(self.options["momentum"])
+        ema_update(self.key_encoder, self.encoder, m)
+        ema_update(self.key_projector, self.projector, m)

@@ -1,0 +1,66 @@
+"""What the two-view methods (MoCo, BYOL, SimSiam, Barlow Twins, VICReg, DINO) share with SimCLR.
+
+The view augmentation, its options and the preview are SimCLR's, reused rather than copied:
+``VIEW_OPTIONS`` are SimCLR's defaults for those keys, ``view_settings`` is SimCLR's mapping from
+options to ``AugmentSettings``, and the preview delegates to ``SimCLR.preview_pairs``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_lib.augment import AugmentSettings, augment_views
+from ssl_lib.methods.base import SSLMethod
+from ssl_lib.methods.simclr import SimCLR
+
+VIEW_OPTION_KEYS: tuple[str, ...] = ("crop_scale_min", "jitter_p", "jitter_strength", "grayscale_p", "blur_p",
+                                     "solarize_p")
+# SimCLR's defaults for the view options; a method's default_options is {**VIEW_OPTIONS, ...its own}.
+VIEW_OPTIONS: dict[str, Any] = {k: SimCLR.default_options[k] for k in VIEW_OPTION_KEYS}
+
+
+def view_settings(options: dict[str, Any]) -> AugmentSettings:
+    """``AugmentSettings`` from the view options (``VIEW_OPTION_KEYS``) in ``options``."""
+    return SimCLR.augment_settings_from(options)
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
+    """``layers`` Linear layers, Linear-BN-ReLU between them; ``last_bn`` adds an affine-free BN at the end."""
+    if layers < 1:
+        raise ValueError(f"an MLP needs at least one layer, got {layers}")
+    modules: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers - 1):
+        modules += [nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        dim = hidden
+    modules.append(nn.Linear(dim, out_dim))
+    if last_bn:
+        modules.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*modules)
+
+
+class TwoViewMethod(SSLMethod):
+    """Base of the methods that compare two random SimCLR-style views of each image (not registered).
+
+    Subclasses put ``**VIEW_OPTIONS`` into their ``default_options`` and call ``self.views``.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
+                 **options: Any) -> None:
+        super().__init__(encoder, feature_dim, in_channels, image_size, **options)
+        self.augment_settings = view_settings(self.options)
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two independent views of the batch, drawn from ``generator`` in the same order as SimCLR's."""
+        return (augment_views(images, generator, self.augment_settings),
+                augment_views(images, generator, self.augment_settings))
+
+    @classmethod
+    def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
+                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+        """The two views of the first ``count // 2`` images, as drawn with the first epoch's seed."""
+        resolved = cls.resolve_options(options)
+        return SimCLR.preview_pairs(images_uint8, pseudo, count, {k: resolved[k] for k in VIEW_OPTION_KEYS})
