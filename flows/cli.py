@@ -158,6 +158,8 @@ def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated m
           seeds: str = typer.Option("0", help="Comma-separated seeds."),
           workers: int = typer.Option(1, help="Points run at once (>1 needs an MLflow tracking server)."),
           experiment: str = typer.Option("ssl-sweep", help="MLflow experiment of the sweep's runs."),
+          dask_address: Optional[str] = typer.Option(None, help="Run points on a Dask cluster: its scheduler "
+                                                                "address, or 'local' (needs the dask extra)."),
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Run a grid of DVC experiments; write a comparison table and a label-efficiency plot."""
     from tasks.common import user_error_types
@@ -166,9 +168,9 @@ def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated m
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
     try:
-        from flows.sweep import sweep as sweep_flow
+        from flows.sweep import sweep_flow
 
-        result = sweep_flow([m.strip() for m in methods.split(",") if m.strip()], _int_list(labels),
+        result = sweep_flow(dask_address)([m.strip() for m in methods.split(",") if m.strip()], _int_list(labels),
                             _int_list(seeds), root=str(root.resolve()), workers=workers, experiment=experiment)
     except user_error_types() as err:
         _fail(str(err))

@@ -110,6 +110,20 @@ def _metric_entities(metrics: dict) -> list:
     return [Metric(k, float(v), now, 0) for k, v in flat.items()]
 
 
+def sweep_flow(dask_address: str | None = None):
+    """The sweep flow, on a Dask cluster when ``dask_address`` is given ("local" starts a LocalCluster)."""
+    if not dask_address:
+        return sweep
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        from ssl_lib.config import ConfigError
+
+        raise ConfigError("a Dask address needs prefect-dask: pip install -e '.[dask]'") from None
+    runner = DaskTaskRunner() if dask_address == "local" else DaskTaskRunner(address=dask_address)
+    return sweep.with_options(task_runner=runner)
+
+
 def label_efficiency_plot(table: pd.DataFrame, path: Path) -> None:
     """Accuracy against labels per class: SSL and the supervised baseline per method, a band over seeds."""
     import matplotlib

@@ -81,7 +81,11 @@ class PretrainParams(_Section):
     def _known_options(self) -> "PretrainParams":
         from ssl_lib.methods import get_method
 
-        allowed = get_method(self.method).default_options
+        method = get_method(self.method)
+        required = getattr(method, "required_backbone", None)
+        if required and self.backbone != required:
+            raise ValueError(f"method {self.method!r} needs pretrain.backbone={required!r} (got {self.backbone!r})")
+        allowed = method.default_options
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise ValueError(

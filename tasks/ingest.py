@@ -47,6 +47,14 @@ def check_label_budget(params: PipelineParams) -> None:
     raw = load_source(data.source, data.path)
     assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class, data.label_fraction,
                   data.val_per_class, data.test_fraction, class_names=raw.class_names)
+    from ssl_lib.config import ConfigError
+    from ssl_lib.methods import get_method
+
+    needed = getattr(get_method(params.pretrain.method), "required_channels", None)
+    if needed and raw.images.shape[-1] != needed:
+        raise ConfigError(f"pretrain.method {params.pretrain.method!r} needs {needed}-channel images, but "
+                          f"data.source {data.source!r} has {raw.images.shape[-1]}: use a colour dataset "
+                          "(e.g. data.source=folder with RGB images) or another method")
 
 
 ingest_task = make_stage_task("ingest")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -62,16 +63,16 @@ def use_project(path: Path) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow.db'}"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_environment(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("home")
-    os.environ.update({
-        "GIT_AUTHOR_NAME": "ssl-pipeline tests", "GIT_AUTHOR_EMAIL": "tests@ssl-pipeline.local",
-        "GIT_COMMITTER_NAME": "ssl-pipeline tests", "GIT_COMMITTER_EMAIL": "tests@ssl-pipeline.local",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-        "DO_NOT_TRACK": "1", "PREFECT_HOME": str(home / "prefect"), "TQDM_DISABLE": "1",
-    })
-    yield
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="sslpipe-tests-"))
+os.environ.update({
+    "GIT_AUTHOR_NAME": "ssl-pipeline tests", "GIT_AUTHOR_EMAIL": "tests@ssl-pipeline.local",
+    "GIT_COMMITTER_NAME": "ssl-pipeline tests", "GIT_COMMITTER_EMAIL": "tests@ssl-pipeline.local",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1", "PREFECT_HOME": str(_SESSION_HOME / "prefect"), "TQDM_DISABLE": "1",
+})
+# Import prefect now, at collection: it binds its console log handler to the stderr of the moment of
+# its first import, and a first import inside a CliRunner.invoke would bind it to a stream that closes.
+import prefect.main  # noqa: E402,F401  (prefect.main is what sets its logging up)
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ def project(tmp_path: Path) -> Path:
     ("finetune.mode=partial", ["finetune.mode", "full", "linear"]),
     ("data.labels_per_class=500", ["data.labels_per_class", "data.val_per_class"]),  # impossible budget
     ("data.source=folder", ["data.path"]),
+    ("pretrain.method=mae", ["pretrain.backbone", "vit_tiny"]),
+    ("pretrain.method=colorization", ["3-channel", "digits"]),
 ])
 def test_run_rejects_bad_params_before_any_compute(project: Path, override: str, expected: list[str]):
     params_before = (project / "params.yaml").read_text()

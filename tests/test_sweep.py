@@ -43,3 +43,18 @@ def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
     assert "pretrain" in stages_by_point[first]
     # Pretraining sees no labels: the second budget restored the encoder from DVC's run cache.
     assert "pretrain" not in stages_by_point[second] and "finetune" in stages_by_point[second]
+
+
+def test_sweep_points_run_on_a_dask_cluster(tmp_path, prefect_server):
+    pytest.importorskip("prefect_dask")
+    from prefect_dask import DaskTaskRunner
+
+    from flows.sweep import sweep
+
+    project = make_project(tmp_path / "proj", {"pretrain": {"epochs": 1}, "finetune": {"epochs": 2}})
+    use_project(project)
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True})
+    result = sweep.with_options(task_runner=runner)(methods=["rotation"], labels_per_class=[3], seeds=[1],
+                                                    root=str(project), experiment="dask-sweep")
+    table = pd.read_csv(result["table"])
+    assert len(table) == 1 and 0 <= table.loc[0, "ssl_accuracy"] <= 1

@@ -2,5 +2,11 @@
 from ssl_lib.methods.base import METHODS, SSLMethod, UnknownMethodError, get_method, register
 from ssl_lib.methods import rotation as _rotation  # noqa: F401  (registers "rotation")
 from ssl_lib.methods import simclr as _simclr  # noqa: F401  (registers "simclr")
+from ssl_lib.methods import autoencoder as _autoencoder  # noqa: F401
+from ssl_lib.methods import autoregressive as _autoregressive  # noqa: F401
+from ssl_lib.methods import colorization as _colorization  # noqa: F401
+from ssl_lib.methods import inpainting as _inpainting  # noqa: F401
+from ssl_lib.methods import jigsaw as _jigsaw  # noqa: F401
+from ssl_lib.methods import mae as _mae  # noqa: F401
 
 __all__ = ["METHODS", "SSLMethod", "UnknownMethodError", "get_method", "register"]

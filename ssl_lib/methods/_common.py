@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -25,7 +24,7 @@ def require_vit(encoder: nn.Module, method: str):
 
     normalize, bare = unwrap_encoder(encoder)
     if not isinstance(bare, ViT):
-        raise ValueError(f"method {method} needs backbone vit_tiny (a ssl_lib.models.vit.ViT), "
+        raise ValueError(f"method {method} needs backbone vit_tiny (a ssl_lib.models.vit.ViT), "  # noqa: TRY004
                          f"got {type(bare).__name__}; set pretrain.backbone=vit_tiny")
     return normalize, bare
 
@@ -41,7 +40,7 @@ def probe_encoder(encoder: nn.Module, in_channels: int, height: int, width: int,
             param = next(encoder.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             out = encoder(torch.zeros(2, in_channels, height, width, device=device))
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
+    except Exception as exc:  # re-raised as ValueError with context
         raise ValueError(f"{what}: the backbone cannot encode {height}x{width} inputs ({exc})") from exc
     finally:
         encoder.train(was_training)

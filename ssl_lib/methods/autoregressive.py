@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from ssl_lib.augment import shift_flip
-from ssl_lib.methods._common import images_to_tensor, per_sample_uniform, require_vit, to_uint8
+from ssl_lib.methods._common import (
+    images_to_tensor,
+    per_sample_uniform,
+    require_vit,
+    to_uint8,
+)
 from ssl_lib.methods.base import SSLMethod, register
 from ssl_lib.methods.mae import patchify, unpatchify
 from ssl_lib.models.vit import default_patch_size
@@ -62,6 +67,7 @@ class AutoregressivePatches(SSLMethod):
 
     name = "autoregressive"
     family = "generative"
+    required_backbone = "vit_tiny"  # for config validation without building a model
     default_options: dict[str, Any] = {"prefix_causal": True, "head_hidden": 256, "norm_pix_loss": True,
                                        "augment": True, "max_shift_px": 1}
 

@@ -32,6 +32,7 @@ class Colorization(SSLMethod):
 
     name = "colorization"
     family = "pretext"
+    required_channels = 3  # for config validation; check_data raises the message
     default_options: dict[str, Any] = {"decoder_width": 64, "augment": True, "max_shift_px": 2}
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,

@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from ssl_lib.augment import shift_flip
-from ssl_lib.methods._common import FeatureDecoder, images_to_tensor, square_mask, to_uint8
+from ssl_lib.methods._common import (
+    FeatureDecoder,
+    images_to_tensor,
+    square_mask,
+    to_uint8,
+)
 from ssl_lib.methods.base import SSLMethod, register
 
 
@@ -56,7 +61,7 @@ class Inpainting(SSLMethod):
         fraction = float(options["mask_fraction"])
         if not 0 < fraction < 1:
             raise ValueError(f"inpainting mask_fraction must be in (0, 1), got {fraction}")
-        return max(1, int(round(image_size * fraction)))
+        return max(1, round(image_size * fraction))
 
     def masked_input(self, images: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = images.shape[-2:]

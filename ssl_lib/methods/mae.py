@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from ssl_lib.augment import shift_flip
-from ssl_lib.methods._common import images_to_tensor, per_sample_uniform, require_vit, to_uint8
+from ssl_lib.methods._common import (
+    images_to_tensor,
+    per_sample_uniform,
+    require_vit,
+    to_uint8,
+)
 from ssl_lib.methods.base import SSLMethod, register
 from ssl_lib.models.vit import Block, sincos_pos_embed
 
@@ -27,7 +32,7 @@ def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
 def unpatchify(x: torch.Tensor, p: int, channels: int, grid_h: int | None = None) -> torch.Tensor:
     """(B, L, p*p*C) -> (B, C, H, W); square grid unless ``grid_h`` is given. Inverse of patchify."""
     b, length, _ = x.shape
-    h = grid_h or int(round(length ** 0.5))
+    h = grid_h or round(length ** 0.5)
     w = length // h
     if h * w != length:
         raise ValueError(f"{length} patches do not form a {h}-row grid")
@@ -81,6 +86,7 @@ class MAE(SSLMethod):
 
     name = "mae"
     family = "generative"
+    required_backbone = "vit_tiny"  # for config validation without building a model
     default_options: dict[str, Any] = {"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 2,
                                        "decoder_heads": 4, "norm_pix_loss": True, "augment": True,
                                        "max_shift_px": 1}

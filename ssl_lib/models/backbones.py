@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 # "convnet" is the CPU default: four conv layers, ~1000 img/s fwd+bwd on 28x28 with 2 CPU cores.
-BACKBONES: tuple[str, ...] = ("convnet", "convnet_small", "convnet_wide", "resnet18")
+BACKBONES: tuple[str, ...] = ("convnet", "convnet_small", "convnet_wide", "resnet18", "vit_tiny")
 
 _CONVNET_WIDTHS = {"convnet": 32, "convnet_small": 16, "convnet_wide": 64}
 
@@ -65,6 +65,10 @@ def build_backbone(name: str, in_channels: int, image_size: int) -> tuple[nn.Mod
     if name == "resnet18":
         enc = _ResNetEncoder(in_channels)
         return enc, enc.feature_dim
+    if name == "vit_tiny":
+        from ssl_lib.models.vit import build_vit_tiny  # the token-based encoder of mae and autoregressive
+
+        return build_vit_tiny(in_channels, image_size)
     raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}")
 
 
