@@ -66,3 +66,37 @@ def test_failed_retrain_leaves_the_champion_untouched(project):
     with pytest.raises(Exception, match="labels_per_class"):
         retrain(margin=0.0, overrides={**GOOD, "data.labels_per_class": 100000}, root=str(project))
     assert _champion()[0] == "2"
+
+
+def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_server):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from flows.retrain import retrain
+
+    digits = load_digits()
+    images = tmp_path / "images"
+    for i, (image, label) in enumerate(zip(digits.images[:400], digits.target[:400])):
+        (images / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(images / str(label) / f"{i}.png")
+    project = make_project(tmp_path / "proj", {
+        "data": {"source": "folder", "path": str(images), "labels_per_class": 3, "val_per_class": 2},
+        "finetune": {"registered_model_name": "folder-classifier"}})
+    use_project(project)
+    first = retrain(margin=0.0, root=str(project))
+    meta = json.loads((project / "data/prepared/meta.json").read_text())
+    lock_before = (project / "dvc.lock").read_text()
+
+    again = retrain(margin=0.0, root=str(project))  # nothing changed: nothing reruns
+    assert again["decision"].startswith("unchanged") and (project / "dvc.lock").read_text() == lock_before
+
+    for i, (image, label) in enumerate(zip(digits.images[400:450], digits.target[400:450])):
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(images / str(label) / f"new{i}.png")
+    changed = retrain(margin=0.0, root=str(project))
+    new_meta = json.loads((project / "data/prepared/meta.json").read_text())
+    assert new_meta["num_images"] == meta["num_images"] + 50
+    assert new_meta["source_version"] != meta["source_version"]
+    assert int(changed["new_version"]) == int(first["new_version"]) + 1

@@ -8,5 +8,11 @@ from ssl_lib.methods import colorization as _colorization  # noqa: F401
 from ssl_lib.methods import inpainting as _inpainting  # noqa: F401
 from ssl_lib.methods import jigsaw as _jigsaw  # noqa: F401
 from ssl_lib.methods import mae as _mae  # noqa: F401
+from ssl_lib.methods import barlow_twins as _barlow_twins  # noqa: F401
+from ssl_lib.methods import byol as _byol  # noqa: F401
+from ssl_lib.methods import dino as _dino  # noqa: F401
+from ssl_lib.methods import moco as _moco  # noqa: F401
+from ssl_lib.methods import simsiam as _simsiam  # noqa: F401
+from ssl_lib.methods import vicreg as _vicreg  # noqa: F401
 
 __all__ = ["METHODS", "SSLMethod", "UnknownMethodError", "get_method", "register"]
