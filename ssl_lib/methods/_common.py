@@ -49,6 +49,14 @@ def probe_encoder(encoder: nn.Module, in_channels: int, height: int, width: int,
                          f"expected ({feature_dim},)")
 
 
+def sample_seeds(seed: int, salt: int, epochs: int, num_images: int) -> np.ndarray:
+    """(epochs, N) int64 seeds, one per sample and epoch, for per-sample randomness fixed in pseudo-labels.
+
+    ``salt`` keeps the streams of different methods apart for the same run seed.
+    """
+    return np.random.default_rng([seed, salt]).integers(0, 2**62, size=(epochs, num_images), dtype=np.int64)
+
+
 def per_sample_uniform(seeds: torch.Tensor, n: int) -> torch.Tensor:
     """(B, n) float32 uniforms in [0, 1) on the CPU, row i drawn from a generator seeded by seeds[i].
 

@@ -13,6 +13,7 @@ from ssl_lib.methods._common import (
     images_to_tensor,
     per_sample_uniform,
     require_vit,
+    sample_seeds,
     to_uint8,
 )
 from ssl_lib.methods.base import SSLMethod, register
@@ -102,8 +103,7 @@ class AutoregressivePatches(SSLMethod):
     def make_pseudo_labels(cls, num_images: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
         """Adds ``prefix_seed``: (epochs, N) int64, the seed of each sample's prefix length."""
         pseudo = super().make_pseudo_labels(num_images, epochs, seed)
-        rng = np.random.default_rng([seed, 0xA17])
-        pseudo["prefix_seed"] = rng.integers(0, 2**62, size=(epochs, num_images), dtype=np.int64)
+        pseudo["prefix_seed"] = sample_seeds(seed, 0xA17, epochs, num_images)
         return pseudo
 
     @classmethod

@@ -12,6 +12,7 @@ from ssl_lib.augment import shift_flip
 from ssl_lib.methods._common import (
     FeatureDecoder,
     images_to_tensor,
+    sample_seeds,
     square_mask,
     to_uint8,
 )
@@ -81,8 +82,7 @@ class Inpainting(SSLMethod):
     def make_pseudo_labels(cls, num_images: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
         """Adds ``mask_seed``: (epochs, N) int64, the seed that places each sample's square."""
         pseudo = super().make_pseudo_labels(num_images, epochs, seed)
-        rng = np.random.default_rng([seed, 0x1A7])
-        pseudo["mask_seed"] = rng.integers(0, 2**62, size=(epochs, num_images), dtype=np.int64)
+        pseudo["mask_seed"] = sample_seeds(seed, 0x1A7, epochs, num_images)
         return pseudo
 
     @classmethod

@@ -13,6 +13,7 @@ from ssl_lib.methods._common import (
     images_to_tensor,
     per_sample_uniform,
     require_vit,
+    sample_seeds,
     to_uint8,
 )
 from ssl_lib.methods.base import SSLMethod, register
@@ -164,8 +165,7 @@ class MAE(SSLMethod):
     def make_pseudo_labels(cls, num_images: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
         """Adds ``mask_seed``: (epochs, N) int64, the seed of each sample's masking noise."""
         pseudo = super().make_pseudo_labels(num_images, epochs, seed)
-        rng = np.random.default_rng([seed, 0x3AE])
-        pseudo["mask_seed"] = rng.integers(0, 2**62, size=(epochs, num_images), dtype=np.int64)
+        pseudo["mask_seed"] = sample_seeds(seed, 0x3AE, epochs, num_images)
         return pseudo
 
     @classmethod
