@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Small enough for 2 CPU cores in seconds, large enough that every stage does real work.
 TINY_PARAMS = {
     "data": {"source": "digits", "labels_per_class": 5, "val_per_class": 3, "label_fraction": None},
-    "pretrain": {"epochs": 2, "batch_size": 128, "max_images": None, "backbone": "convnet_small"},
-    "finetune": {"epochs": 4, "batch_size": 32, "registered_model_name": "test-classifier"},
+    "pretrain": {"epochs": 2, "batch_size": 128, "max_images": None, "backbone": "convnet_small",
+                 "options": {}},
+    "finetune": {"epochs": 4, "lp_epochs": 2, "batch_size": 32, "registered_model_name": "test-classifier"},
     "evaluate": {"knn_k": 5},
 }
 

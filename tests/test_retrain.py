@@ -7,9 +7,10 @@ from tests.conftest import make_project, use_project
 
 pytestmark = pytest.mark.slow
 
-# A learning rate this small leaves the head at chance: a deliberately weak model.
-WEAK = {"finetune.lr": 1e-7, "finetune.baseline_lr": 1e-7}
-GOOD = {"finetune.lr": 3e-3, "finetune.baseline_lr": 3e-3, "finetune.epochs": 15}
+# A random head trained at this learning rate stays at chance: a deliberately weak model.
+WEAK = {"finetune.lr": 1e-7, "finetune.baseline_lr": 1e-7, "finetune.head_init": "random", "finetune.lp_epochs": 0}
+GOOD = {"finetune.lr": 3e-3, "finetune.baseline_lr": 3e-3, "finetune.epochs": 15, "finetune.head_init": "prototype",
+        "finetune.lp_epochs": 5}
 
 
 @pytest.fixture(scope="module")
