@@ -25,7 +25,7 @@ TINY_PARAMS = {
 
 def _deep_update(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(base.get(key), dict):  # {} replaces
             _deep_update(base[key], value)
         else:
             base[key] = value
