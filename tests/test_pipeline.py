@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,20 +127,27 @@ def test_repro_right_after_a_run_executes_nothing(flow_run):
     assert "up to date" in out
 
 
-def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
-    project, _ = flow_run
+def _bump_param(project: Path, section: str, key: str, delta: int) -> None:
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text())
-    params["finetune"]["epochs"] += 1
+    params[section][key] += delta
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _stages_run_by(output: str) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
+
+
+def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
+    project, _ = flow_run
+    _bump_param(project, "finetune", "epochs", 1)
     status = run_cmd([sys.executable, "-m", "dvc", "status"], project).stdout
     assert "finetune" in status and "pretrain" not in status and "ingest" not in status
 
     client = _client()
     before = {r.info.run_id for r in client.search_runs([_experiment_id(client)])}
     out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
-    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"finetune", "evaluate"}, out
+    assert _stages_run_by(out) == {"finetune", "evaluate"}, out
 
     # A plain `dvc repro` also gets one parent run with a nested run per executed stage.
     new_runs = [r for r in client.search_runs([_experiment_id(client)]) if r.info.run_id not in before]
@@ -210,10 +218,6 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
 def test_a_new_label_budget_reuses_the_pretrained_encoder(flow_run):
     """Pretraining never sees labels: changing the budget reruns ingest, finetune and evaluate only."""
     project, _ = flow_run
-    params_path = project / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
-    params["data"]["labels_per_class"] += 2
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    _bump_param(project, "data", "labels_per_class", 2)
     out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
-    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"ingest", "finetune", "evaluate"}, out
+    assert _stages_run_by(out) == {"ingest", "finetune", "evaluate"}, out
