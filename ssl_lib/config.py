@@ -57,7 +57,13 @@ class PretrainParams(_Section):
     weight_decay: float = Field(default=1e-4, ge=0)
     max_images: int | None = Field(default=None, ge=2)
     device: str = "auto"
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Hyper-parameters per method, keyed by method name, so switching `method` picks that method's own
+    # options (or its defaults): {simclr: {temperature: 0.3}, rotation: {...}}.
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    def method_options(self) -> dict[str, Any]:
+        """The options of the selected method."""
+        return dict(self.options.get(self.method) or {})
 
     @field_validator("method")
     @classmethod
@@ -85,13 +91,18 @@ class PretrainParams(_Section):
         required = getattr(method, "required_backbone", None)
         if required and self.backbone != required:
             raise ValueError(f"method {self.method!r} needs pretrain.backbone={required!r} (got {self.backbone!r})")
-        allowed = method.default_options
-        unknown = sorted(set(self.options) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"unknown pretrain.options {unknown} for method {self.method!r}; "
-                f"allowed: {', '.join(sorted(allowed)) or '(none)'}"
-            )
+        from ssl_lib.methods import METHODS
+
+        unknown_methods = sorted(set(self.options) - set(METHODS))
+        if unknown_methods:
+            raise ValueError(f"pretrain.options is keyed by method name; unknown {unknown_methods}; "
+                             f"allowed: {', '.join(sorted(METHODS))}")
+        for name, options in self.options.items():
+            allowed = METHODS[name].default_options
+            unknown = sorted(set(options or {}) - set(allowed))
+            if unknown:
+                raise ValueError(f"unknown pretrain.options.{name} {unknown}; "
+                                 f"allowed: {', '.join(sorted(allowed)) or '(none)'}")
         return self
 
 

@@ -10,7 +10,7 @@ def pretrain_settings(params: PipelineParams) -> PretrainSettings:
     p = params.pretrain
     return PretrainSettings(method=p.method, backbone=p.backbone, epochs=p.epochs, batch_size=p.batch_size,
                             lr=p.lr, weight_decay=p.weight_decay, seed=params.seed, max_images=p.max_images,
-                            device=p.device, options=dict(p.options))
+                            device=p.device, options=p.method_options())
 
 
 def finetune_settings(params: PipelineParams, baseline: bool = False) -> FinetuneSettings:
