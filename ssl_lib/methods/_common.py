@@ -57,6 +57,20 @@ def sample_seeds(seed: int, salt: int, epochs: int, num_images: int) -> np.ndarr
     return np.random.default_rng([seed, salt]).integers(0, 2**62, size=(epochs, num_images), dtype=np.int64)
 
 
+def weighted_patch_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                       norm_pix: bool) -> torch.Tensor:
+    """sum_{b,l} w_{b,l} * mean_j (pred - t)^2 / sum w, with t per-patch standardized when ``norm_pix``.
+
+    The pixel loss shared by MAE (w = mask of removed patches) and next-patch prediction (w = scored patches).
+    """
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = (pred - target).pow(2).mean(dim=-1)
+    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def per_sample_uniform(seeds: torch.Tensor, n: int) -> torch.Tensor:
     """(B, n) float32 uniforms in [0, 1) on the CPU, row i drawn from a generator seeded by seeds[i].
 

@@ -15,6 +15,7 @@ from ssl_lib.methods._common import (
     require_vit,
     sample_seeds,
     to_uint8,
+    weighted_patch_mse,
 )
 from ssl_lib.methods.base import SSLMethod, register
 from ssl_lib.methods.mae import patchify, unpatchify
@@ -48,12 +49,7 @@ def next_patch_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     t is patch l's pixels, per-patch normalized when ``norm_pix`` (as in MAE/AIM); w_{b,l} = 1 for
     patches after sample b's bidirectional prefix (all patches without a prefix).
     """
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = (pred - target).pow(2).mean(dim=-1)
-    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
+    return weighted_patch_mse(pred, target, weight, norm_pix)
 
 
 @register

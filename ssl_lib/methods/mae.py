@@ -15,6 +15,7 @@ from ssl_lib.methods._common import (
     require_vit,
     sample_seeds,
     to_uint8,
+    weighted_patch_mse,
 )
 from ssl_lib.methods.base import SSLMethod, register
 from ssl_lib.models.vit import Block, sincos_pos_embed
@@ -69,12 +70,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
     x_l is patch l's flattened pixels, m_l = 1 for removed patches.
     """
-    if norm_pix:
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
-    per_patch = (pred - target).pow(2).mean(dim=-1)
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+    return weighted_patch_mse(pred, target, mask, norm_pix)
 
 
 @register
