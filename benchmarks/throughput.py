@@ -1,0 +1,612 @@
+"""Pretraining throughput, ours against lightly's implementation of the same method, side by side in one run.
+
+For every (model, method) pair it trains both implementations on the same Fashion-MNIST images (the first
+``--images`` training images, 28x28 grayscale), with the same backbone (``build_backbone``, initialised from
+the same seed), the same batch size, the same optimizer (AdamW) and the same ``torch.set_num_threads``:
+
+* ours: the step of ``ssl_lib.pretrain`` - the images live on the device as one uint8 tensor, a batch is an
+  index gather plus ``.float().div_(255)``, ``model.loss`` augments the two views batched on the device,
+  channels_last model, AdamW with the decay/no-decay groups, LR schedule, ``model.after_step`` (BYOL's EMA).
+* lightly: as in lightly's examples (examples/pytorch/simclr.py, byol.py) - a torch DataLoader over PIL
+  grayscale images with ``SimCLRTransform`` / ``BYOLTransform`` (per-sample torchvision transforms),
+  ``SimCLRProjectionHead`` + ``NTXentLoss``, or BYOL's heads, ``NegativeCosineSimilarity``,
+  ``update_momentum`` on a ``cosine_schedule``; one forward per view, default memory format. Its view
+  settings and head sizes are set to ours (crop scale, jitter strengths, no hue/blur/solarize, temperature,
+  512-wide hidden layers, 128-d output); normalisation is its transform's ``normalize`` with our mean/std.
+
+How it is measured. Each side first runs ``--warmup`` untimed steps, then ``--steps`` timed steps, split into
+``--rounds`` blocks that alternate between the sides (ABBA order) so that background load hits both alike.
+Every step is timed wall-clock from fetching the batch to the end of the step (on CUDA after a synchronize):
+the optimizer step, and for ours also ``after_step`` (BYOL's EMA) and the LR schedule; lightly's BYOL does its
+EMA update before the forward, as in its example, so it is inside the step as well. Its "data+aug" part is, for lightly, the time spent waiting on the DataLoader iterator (PIL
+decode, per-sample transforms, collate; with workers only what the workers did not hide) plus the copy to
+the device; for ours, the index gather and uint8->float conversion plus the time inside every
+``augment_views`` call the step makes (each call is wrapped with a clock, and a CUDA synchronize, for the
+step's duration). "fwd+bwd+opt" is the rest of the step. With DataLoader workers, every block starts with a
+fresh iterator and one untimed priming step; the workers' start-up is not timed, and the batches they
+prefetch during that step slightly favour lightly.
+Images/s is the batch size over the median step time; the other columns are medians over the timed steps.
+Peak memory on CPU is the process's peak resident set during that side's timed steps (the peak is reset with
+/proc/self/clear_refs before each block, after a malloc_trim); it includes what both sides share (the
+interpreter, torch, the data, both models), so "step MB" - the peak minus the resident set at the start of
+the block - is the part the training step itself needs. DataLoader worker processes are not counted. On CUDA
+both are torch's allocated tensor memory instead.
+
+    .venv/bin/python benchmarks/throughput.py                                   # convnet and resnet18, batch 256
+    .venv/bin/python benchmarks/throughput.py --models convnet --warmup 2 --steps 5 --lightly-workers 0
+    .venv/bin/python benchmarks/throughput.py --quick                           # smoke run, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ssl_lib.augment import nhwc_to_tensor  # noqa: E402
+from ssl_lib.data.idx import read_idx  # noqa: E402
+from ssl_lib.data.sources import DEBIAN_FASHION_MNIST_DIR  # noqa: E402
+from ssl_lib.device import select_device  # noqa: E402
+from ssl_lib.io import atomic_path  # noqa: E402
+from ssl_lib.methods import get_method  # noqa: E402
+from ssl_lib.models.backbones import NormalizedEncoder, build_backbone  # noqa: E402
+from ssl_lib.pretrain import warmup_cosine  # noqa: E402
+
+# (warm-up, timed) steps per side when --warmup/--steps are not given; ResNet-18 takes ~20 s a step on 2 cores.
+DEFAULT_STEPS: dict[str, tuple[int, int]] = {"convnet": (3, 10), "resnet18": (1, 3)}
+FALLBACK_STEPS = (2, 5)
+LR, WEIGHT_DECAY = 3e-3, 1e-4  # params.yaml's pretrain values; they do not change the cost of a step
+METHODS = ("simclr", "byol")
+
+
+class Clock:
+    """perf_counter that first waits for queued CUDA work, so a reading covers what was launched before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+@dataclass
+class StepTime:
+    total: float
+    data_aug: float | None  # None: nothing was instrumented (e.g. augmentation moved out of augment_views)
+
+
+class Runner(Protocol):
+    """One implementation's training loop, stepped from outside so that the sides can take turns."""
+
+    label: str
+
+    def start_block(self) -> None: ...
+
+    def step(self) -> StepTime: ...
+
+    def end_block(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_images(data_dir: Path, count: int) -> np.ndarray:
+    """The first ``count`` Fashion-MNIST training images, uint8 NHWC (N, 28, 28, 1)."""
+    for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"):
+        if (data_dir / name).exists():
+            return read_idx(data_dir / name, expected_ndim=3)[:count, :, :, None]
+    raise SystemExit(f"no train-images-idx3-ubyte(.gz) in {data_dir}; install dataset-fashion-mnist or pass --data-dir")
+
+
+def mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on the [0, 1] scale, for both sides' normalisation."""
+    x = images.astype(np.float64) / 255.0
+    return x.mean(axis=(0, 1, 2)).tolist(), x.std(axis=(0, 1, 2)).tolist()
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """uint8 NHWC grayscale images served as PIL "L" images through ``transform``, as a torchvision dataset does."""
+
+    def __init__(self, images: np.ndarray, transform: Callable[[Any], Any]) -> None:
+        self.images = images[..., 0]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(Image.fromarray(self.images[index])), 0  # 2-D uint8 -> mode "L"
+
+
+# --------------------------------------------------------------------------- ours
+
+
+class AugmentTimer:
+    """Adds the duration of every ``augment_views`` call of ours to a list, while ``active``.
+
+    The methods import ``augment_views`` by name, so the name is swapped in each ``ssl_lib`` module that
+    holds it (found once, after the methods are imported) and put back afterwards.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        import ssl_lib.augment as augment
+
+        self.clock = clock
+        self.original = augment.augment_views
+        self.modules = [mod for name, mod in list(sys.modules.items())
+                        if name.startswith("ssl_lib") and getattr(mod, "augment_views", None) is self.original]
+
+    @contextlib.contextmanager
+    def active(self, spent: list[float]) -> Iterator[None]:
+        original, clock = self.original, self.clock
+
+        def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            start = clock()
+            out = original(*args, **kwargs)
+            spent.append(clock() - start)
+            return out
+
+        for mod in self.modules:
+            mod.augment_views = timed
+        try:
+            yield
+        finally:
+            for mod in self.modules:
+                mod.augment_views = original
+
+
+def _adamw_like_pretrain(model: nn.Module) -> torch.optim.Optimizer:
+    # Mirrors ssl_lib.pretrain: no weight decay on BatchNorm and bias parameters.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+
+
+class OursRunner:
+    """Our training step, as ``ssl_lib.pretrain`` does it."""
+
+    def __init__(self, method: str, backbone: str, images: np.ndarray, mean: list[float], std: list[float],
+                 batch_size: int, device: torch.device, seed: int, total_steps: int) -> None:
+        self.label = "ours"
+        self.device, self.batch_size, self.total_steps = device, batch_size, total_steps
+        self.clock = Clock(device)
+        self.data = nhwc_to_tensor(images, device)
+        channels, size = int(self.data.shape[1]), int(self.data.shape[2])
+        method_cls = get_method(method)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder, feature_dim = build_backbone(backbone, channels, size)
+            self.model = method_cls(NormalizedEncoder(encoder, mean, std), feature_dim, channels, size,
+                                    **method_cls.resolve_options({}))
+        self.model.to(device=device, memory_format=torch.channels_last).train()
+        self.optimizer = _adamw_like_pretrain(self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, 0.05))
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(self.data), generator=self.generator)
+        self.position, self.steps_done = 0, 0
+        self.augment_timer = AugmentTimer(self.clock)
+
+    def _next_indices(self) -> torch.Tensor:
+        if self.position + self.batch_size > len(self.order):  # a new epoch, as pretrain drops the ragged batch
+            self.order, self.position = torch.randperm(len(self.data), generator=self.generator), 0
+        idx = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return idx
+
+    def start_block(self) -> None:
+        pass
+
+    def end_block(self) -> None:
+        pass
+
+    def step(self) -> StepTime:
+        spent: list[float] = []
+        start = self.clock()
+        idx = self._next_indices()
+        batch = self.data[idx.to(self.device)].float().div_(255.0)
+        gathered = self.clock()
+        with self.augment_timer.active(spent):
+            loss = self.model.loss(batch, {}, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.model.after_step(self.steps_done, self.total_steps)
+        self.scheduler.step()
+        end = self.clock()
+        self.steps_done += 1
+        return StepTime(end - start, (gathered - start) + sum(spent) if spent else None)
+
+
+# --------------------------------------------------------------------------- lightly
+
+
+class LightlySimCLR(nn.Module):
+    """lightly's examples/pytorch/simclr.py model, on our backbone and our head sizes."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, hidden: int, out: int) -> None:
+        from lightly.models.modules.heads import SimCLRProjectionHead
+
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(feature_dim, hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+
+class LightlyBYOL(nn.Module):
+    """lightly's examples/pytorch/byol.py model, on our backbone and our head sizes."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, hidden: int, out: int, pred_hidden: int) -> None:
+        import copy
+
+        from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
+        from lightly.models.utils import deactivate_requires_grad
+
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(feature_dim, hidden, out)
+        self.prediction_head = BYOLPredictionHead(out, pred_hidden, out)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1)))
+
+    def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+
+def lightly_transform(method: str, options: dict[str, Any], size: int, mean: list[float], std: list[float]) -> Any:
+    """lightly's per-sample two-view transform with our view settings.
+
+    Grayscale PIL images go through as they are (hue and saturation jitter and RandomGrayscale leave "L"
+    images alone); only ``normalize`` needs our one-channel mean/std, ImageNet's three would not broadcast.
+    """
+    strength = float(options["jitter_strength"])
+    view = dict(input_size=size, cj_prob=float(options["jitter_p"]), cj_strength=1.0, cj_bright=strength,
+                cj_contrast=strength, cj_sat=strength, cj_hue=0.0, min_scale=float(options["crop_scale_min"]),
+                random_gray_scale=float(options["grayscale_p"]), gaussian_blur=float(options["blur_p"]),
+                normalize={"mean": mean, "std": std})
+    if method == "simclr":
+        from lightly.transforms import SimCLRTransform
+
+        return SimCLRTransform(**view)
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    solarize = float(options["solarize_p"])
+    return BYOLTransform(BYOLView1Transform(**view, solarization_prob=solarize),
+                         BYOLView2Transform(**view, solarization_prob=solarize))
+
+
+class LightlyRunner:
+    """lightly's training step: DataLoader with per-sample transforms, one forward per view."""
+
+    def __init__(self, method: str, backbone: str, images: np.ndarray, mean: list[float], std: list[float],
+                 batch_size: int, device: torch.device, seed: int, total_steps: int, workers: int) -> None:
+        from lightly.loss import NegativeCosineSimilarity, NTXentLoss
+
+        self.label = f"lightly (workers={workers})"
+        self.method, self.device, self.workers, self.total_steps = method, device, workers, total_steps
+        self.clock = Clock(device)
+        options = get_method(method).resolve_options({})
+        channels, size = images.shape[3], images.shape[1]
+        dataset = PILDataset(images, lightly_transform(method, options, size, mean, std))
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                                  num_workers=workers,
+                                                  generator=torch.Generator().manual_seed(seed))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same encoder weights as ours: the encoder is built first on both sides
+            encoder, feature_dim = build_backbone(backbone, channels, size)
+            hidden, out = int(options["proj_hidden"]), int(options["proj_dim"])
+            if method == "simclr":
+                self.model: nn.Module = LightlySimCLR(encoder, feature_dim, hidden, out)
+                self.criterion: nn.Module = NTXentLoss(temperature=float(options["temperature"]))
+            else:
+                self.model = LightlyBYOL(encoder, feature_dim, hidden, out, int(options["pred_hidden"]))
+                self.criterion = NegativeCosineSimilarity()
+        self.momentum = float(options.get("momentum", 0.99))
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        self.iterator: Iterator[Any] | None = None
+        self.steps_done = 0
+
+    def start_block(self) -> None:
+        if self.workers > 0:
+            # Fresh workers per block, so that they do not prefetch while the other side is being timed.
+            self.iterator = iter(self.loader)
+            self.step()  # untimed: absorbs the workers' start-up
+        elif self.iterator is None:
+            self.iterator = iter(self.loader)
+
+    def end_block(self) -> None:
+        if self.workers > 0:
+            self.iterator = None  # shuts the workers down
+
+    def _next_batch(self) -> Any:
+        assert self.iterator is not None, "start_block() first"
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.iterator = iter(self.loader)
+            return next(self.iterator)
+
+    def _loss(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        if self.method == "simclr":
+            return self.criterion(self.model(x0), self.model(x1))
+        from lightly.models.utils import update_momentum
+        from lightly.utils.scheduler import cosine_schedule
+
+        m = cosine_schedule(self.steps_done, self.total_steps, self.momentum, 1.0)
+        update_momentum(self.model.backbone, self.model.backbone_momentum, m=m)
+        update_momentum(self.model.projection_head, self.model.projection_head_momentum, m=m)
+        p0, z0 = self.model(x0), self.model.forward_momentum(x0)
+        p1, z1 = self.model(x1), self.model.forward_momentum(x1)
+        return 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
+
+    def step(self) -> StepTime:
+        start = self.clock()
+        (x0, x1), _ = self._next_batch()
+        x0, x1 = x0.to(self.device), x1.to(self.device)
+        loaded = self.clock()
+        loss = self._loss(x0, x1)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        end = self.clock()
+        self.steps_done += 1
+        return StepTime(end - start, loaded - start)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one block: RSS high-water mark on CPU, allocated tensor memory on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.resettable = self.cuda or self._reset_rss_peak()
+        self.start_mb = 0.0
+
+    @staticmethod
+    def _reset_rss_peak() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+            return _vm_hwm_mb() is not None
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
+            return
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            # Hand memory the other side freed back to the OS, or its cached pages would count as our peak.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.start_mb = _rss_mb()
+        if self.resettable:
+            self._reset_rss_peak()
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.resettable:
+            return _vm_hwm_mb() or 0.0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # cumulative: see the note it adds
+
+
+def gpu_utilization(device: torch.device) -> float | None:
+    """Current GPU utilization in %, or None (CPU run, or no pynvml)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # torch raises ModuleNotFoundError / RuntimeError variants without pynvml
+        return None
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class SideResult:
+    label: str
+    steps: list[StepTime] = field(default_factory=list)
+    peaks_mb: list[float] = field(default_factory=list)
+    step_mb: list[float] = field(default_factory=list)
+    gpu_util: list[float] = field(default_factory=list)
+
+
+def split_steps(steps: int, rounds: int) -> list[int]:
+    """``steps`` spread over ``rounds`` blocks as evenly as possible (no empty blocks)."""
+    rounds = max(1, min(rounds, steps))
+    return [steps // rounds + (1 if i < steps % rounds else 0) for i in range(rounds)]
+
+
+def measure(runners: list[Runner], warmup: int, steps: int, rounds: int, device: torch.device,
+            log: Callable[[str], None]) -> list[SideResult]:
+    """Warm every side up, then time ``steps`` steps each in blocks that alternate the order of the sides."""
+    results = [SideResult(r.label) for r in runners]
+    for runner in runners:
+        runner.start_block()
+        for _ in range(warmup):
+            runner.step()
+        runner.end_block()
+    memory = PeakMemory(device)
+    for k, block in enumerate(split_steps(steps, rounds)):
+        order = list(zip(runners, results))
+        for runner, result in (order if k % 2 == 0 else order[::-1]):
+            runner.start_block()
+            memory.start()
+            for _ in range(block):
+                result.steps.append(runner.step())
+            result.peaks_mb.append(memory.peak_mb())
+            result.step_mb.append(result.peaks_mb[-1] - memory.start_mb)
+            util = gpu_utilization(device)
+            if util is not None:
+                result.gpu_util.append(util)
+            runner.end_block()
+            median = statistics.median(s.total for s in result.steps)
+            log(f"  {runner.label}: block {k + 1}, {block} steps, median so far {median:.2f} s/step")
+    return results
+
+
+def summarize(model: str, method: str, result: SideResult, batch_size: int) -> dict[str, Any]:
+    totals = [s.total for s in result.steps]
+    step_s = statistics.median(totals)
+    row: dict[str, Any] = {"model": model, "method": method, "implementation": result.label,
+                           "images_per_s": batch_size / step_s, "step_s": step_s,
+                           "peak_mb": max(result.peaks_mb), "step_mb": max(result.step_mb),
+                           "gpu_util": statistics.median(result.gpu_util) if result.gpu_util else None}
+    if all(s.data_aug is not None for s in result.steps):
+        data_aug = [s.data_aug for s in result.steps]
+        row["data_aug_s"] = statistics.median(data_aug)
+        row["compute_s"] = statistics.median(t - a for t, a in zip(totals, data_aug))
+        row["aug_share"] = sum(data_aug) / sum(totals)
+    return row
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """On each lightly row: ours images/s over that row's, for the same model and method."""
+    ours = {(r["model"], r["method"]): r["images_per_s"] for r in rows if r["implementation"] == "ours"}
+    for row in rows:
+        if row["implementation"] != "ours" and (row["model"], row["method"]) in ours:
+            row["ratio"] = ours[(row["model"], row["method"])] / row["images_per_s"]
+
+
+COLUMNS = [("model", "model", "{}"), ("method", "method", "{}"), ("implementation", "implementation", "{}"),
+           ("images_per_s", "images/s (median)", "{:.1f}"), ("step_s", "s/step", "{:.3f}"),
+           ("data_aug_s", "s/step data+aug", "{:.3f}"), ("compute_s", "s/step fwd+bwd+opt", "{:.3f}"),
+           ("aug_share", "aug share", "{:.0%}"), ("peak_mb", "peak MB", "{:.0f}"), ("step_mb", "step MB", "{:.0f}"),
+           ("gpu_util", "GPU util %", "{:.0f}"), ("ratio", "ours / this", "{:.2f}x")]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="convnet,resnet18", help="backbones, comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS), help="simclr and/or byol")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for both sides")
+    parser.add_argument("--warmup", type=int, default=None, help=f"untimed steps per side (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
+    parser.add_argument("--rounds", type=int, default=2, help="blocks the timed steps are split into, alternating sides")
+    parser.add_argument("--lightly-workers", default="0,2", help="DataLoader num_workers for lightly; one row each")
+    parser.add_argument("--images", type=int, default=10000, help="first N Fashion-MNIST training images")
+    parser.add_argument("--data-dir", default=str(DEBIAN_FASHION_MNIST_DIR))
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: convnet, batch 16, 1 warm-up + 1 timed step, 256 images, workers 0")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.batch_size, args.images, args.rounds = "convnet", 16, 256, 1
+        args.warmup, args.steps, args.lightly_workers = 1, 1, "0"
+    unknown = sorted(set(_csv(args.methods)) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; lightly counterparts exist here for {', '.join(METHODS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        import lightly
+    except ImportError:
+        raise SystemExit("lightly is not installed: .venv/bin/pip install -e '.[bench]'") from None
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # lightly's transforms draw from the global RNG
+    device = select_device(args.device)
+    images = load_images(Path(args.data_dir), args.images)
+    mean, std = mean_std(images)
+    workers = [int(w) for w in _csv(args.lightly_workers)]
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for model in _csv(args.models):
+        warmup, steps = DEFAULT_STEPS.get(model, FALLBACK_STEPS)
+        warmup = args.warmup if args.warmup is not None else warmup
+        steps = args.steps if args.steps is not None else steps
+        total = warmup + steps + args.rounds  # schedules' length, the workers' priming steps included
+        for method in _csv(args.methods):
+            log(f"{model} / {method}: {warmup} warm-up + {steps} timed steps per side, batch {args.batch_size}")
+            common = dict(method=method, backbone=model, images=images, mean=mean, std=std,
+                          batch_size=args.batch_size, device=device, seed=args.seed, total_steps=total)
+            runners: list[Runner] = [OursRunner(**common)]
+            runners += [LightlyRunner(**common, workers=w) for w in workers]
+            for result in measure(runners, warmup, steps, args.rounds, device, log):
+                rows.append(summarize(model, method, result, args.batch_size))
+            del runners
+    add_ratios(rows)
+
+    memory_note = ("peak MB: process RSS high-water mark during the side's timed steps (shared baseline included); "
+                   "step MB: that peak minus the RSS at the block's start; DataLoader workers not counted"
+                   if device.type != "cuda" else "peak MB / step MB: torch.cuda.max_memory_allocated, absolute / "
+                   "above the block's start")
+    if device.type != "cuda" and not PeakMemory(device).resettable:
+        memory_note = "peak MB: ru_maxrss, cumulative over the whole process (could not reset the peak here)"
+    header = (f"device {device}, torch {torch.__version__}, lightly {lightly.__version__}, threads {args.threads}, "
+              f"batch {args.batch_size}, {len(images)} Fashion-MNIST images; medians over the timed steps.\n"
+              f"data+aug: lightly = DataLoader wait + copy to device, ours = index gather + uint8->float + "
+              f"augment_views calls; {memory_note}; ours / this: ours' images/s over that row's.")
+    table = markdown_table(rows)
+    print(header + "\n\n" + table)
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            Path(tmp).write_text(header + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
