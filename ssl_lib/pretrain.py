@@ -1,15 +1,21 @@
 """Self-supervised pretraining loop.
 
-The (sub)set lives on the device as one uint8 tensor; batches are gathered from it by index and
-augmented there, batched (as in airbench), so no DataLoader workers compete for the CPU.
-All randomness derives from ``settings.seed``: model init directly, data order and augmentation
-through the per-epoch seeds in the pseudo labels. Two CPU runs give the identical loss sequence.
+The (sub)set lives on the device as one uint8 tensor (or streams from host memory when it does not fit,
+see ``ssl_lib.batches``); batches are gathered by index and augmented there, batched (as in airbench),
+so no DataLoader workers compete for the CPU. All randomness derives from ``settings.seed``: model init
+directly, data order and augmentation through the per-epoch seeds in the pseudo labels. Two CPU runs give
+the identical loss sequence, and so does a run killed and resumed from its checkpoint.
+
+Under ``torchrun`` (a process group is initialized) the loop is data-parallel: every rank takes an equal
+slice of each global batch, BatchNorm and batch-level losses see the global batch (``ssl_lib.distributed``),
+and DDP averages the gradients. Each rank draws its own augmentations.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,11 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_lib.augment import nhwc_to_tensor
+from ssl_lib.acceleration import Acceleration, resolve_acceleration
+from ssl_lib.batches import ImageRows, IndexedRows, make_batch_source
+from ssl_lib.checkpoint import TrainingState, load_state, run_fingerprint, save_state
 from ssl_lib.device import select_device
+from ssl_lib.distributed import RankInfo, all_gather_objects, convert_batchnorm, mean_across_ranks, rank_info
 from ssl_lib.io import atomic_path
 from ssl_lib.methods import get_method
+from ssl_lib.methods.base import SSLMethod
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
+
+log = logging.getLogger("ssl_lib.pretrain")
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,18 @@ class PretrainSettings:
     options: dict = field(default_factory=dict)  # method options, checked against default_options
     optimizer: str = "adamw"  # "adamw" or "sgd" (nesterov, momentum 0.9)
     warmup_fraction: float = 0.05  # of all steps: linear warm-up, then cosine decay to 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see ssl_lib.acceleration)
+    channels_last: bool | None = None  # None = decide per device
+    compile: bool | None = None  # torch.compile the encoder; None = decide per device
+    data_placement: str = "auto"  # auto | device | stream (see ssl_lib.batches)
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = none
+
+    def trajectory(self) -> dict[str, Any]:
+        """The settings that determine the weights (not where data live or how often they are saved)."""
+        values = asdict(self)
+        for key in ("device", "data_placement", "checkpoint_every"):
+            values.pop(key)
+        return values
 
 
 @dataclass
@@ -128,13 +152,97 @@ def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], f
     return factor
 
 
-def pretrain(images: np.ndarray, mean: list[float], std: list[float], pseudo: dict[str, np.ndarray],
+
+def _augmentation_seed(epoch_seed: int, rank: int) -> int:
+    """Rank 0 keeps the epoch generator (so one process is unchanged); other ranks get their own stream."""
+    return int(np.random.SeedSequence([int(epoch_seed), rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _check_images(images: ImageRows) -> None:
+    if np.dtype(images.dtype) != np.uint8 or len(images.shape) != 4:
+        raise ValueError(f"images must be uint8 NHWC, got {images.dtype} with shape {tuple(images.shape)}")
+
+
+def _build_model(settings: PretrainSettings, options: dict[str, Any], mean: list[float], std: list[float],
+                 channels: int, size: int, ranks: RankInfo) -> tuple[SSLMethod, nn.Module, int]:
+    method_cls = get_method(settings.method)
+    # Seed model init without leaving the global RNG changed for the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        encoder, feature_dim = build_backbone(settings.backbone, channels, size)
+        model = method_cls(NormalizedEncoder(encoder, mean, std), feature_dim, channels, size, **options)
+    if ranks.world_size > 1:
+        convert_batchnorm(model)  # same state-dict keys; statistics over the global batch
+    return model, encoder, feature_dim
+
+
+def _rank_device(settings: PretrainSettings, ranks: RankInfo) -> torch.device:
+    device = select_device(settings.device)
+    if ranks.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+class _Trainer:
+    """The optimization state of one run, and how it is checkpointed and restored."""
+
+    def __init__(self, model: SSLMethod, settings: PretrainSettings, total_steps: int, accel: Acceleration,
+                 device: torch.device, ranks: RankInfo) -> None:
+        self.model, self.device, self.ranks, self.accel = model, device, ranks, accel
+        self.optimizer = _optimizer(model, settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(total_steps, settings.warmup_fraction))
+        self.scaler = accel.grad_scaler(device)
+        self.history: list[dict[str, Any]] = []
+        self.step_losses: list[float] = []
+
+    def restore(self, state: TrainingState) -> None:
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.scaler.load_state_dict(state.scaler)
+        self.history, self.step_losses = list(state.history), list(state.step_losses)
+        torch.set_rng_state(state.torch_rng_states[self.ranks.rank])
+        if self.device.type == "cuda" and state.cuda_rng_states:
+            torch.cuda.set_rng_state(state.cuda_rng_states[self.ranks.rank], self.device)
+
+    def save(self, path: Path, fingerprint: str, step: int, generator: torch.Generator,
+             epoch_losses: list[torch.Tensor], epoch_stats: dict[str, list[torch.Tensor]]) -> None:
+        # Every rank contributes its RNG streams and partial-epoch losses; rank 0 writes the file.
+        local = {
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "losses": [float(v) for v in epoch_losses],
+            "stats": {k: [float(v) for v in vs] for k, vs in epoch_stats.items()},
+        }
+        parts = all_gather_objects(local)
+        if not self.ranks.is_main:
+            return
+        state = TrainingState(
+            fingerprint=fingerprint, step=step,
+            model={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(), history=self.history, step_losses=self.step_losses,
+            epoch_losses=[p["losses"] for p in parts], epoch_stats=[p["stats"] for p in parts],
+            generator_states=[p["generator"] for p in parts], torch_rng_states=[p["torch_rng"] for p in parts],
+            cuda_rng_states=[p["cuda_rng"] for p in parts if p["cuda_rng"] is not None])
+        save_state(state, path)
+
+
+def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dict[str, np.ndarray],
              settings: PretrainSettings, on_epoch: Callable[[dict[str, Any]], None] | None = None,
-             progress: bool = True) -> PretrainResult:
+             progress: bool = True, checkpoint_path: str | Path | None = None,
+             on_step: Callable[[int], None] | None = None) -> PretrainResult:
     """Pretrain ``settings.backbone`` with ``settings.method`` on uint8 NHWC ``images``.
 
-    ``mean``/``std`` (per channel, on the [0, 1] scale) normalize inside the model. ``pseudo``
-    comes from ``make_pseudo_labels(settings, len(images))``. Returns the bare encoder's weights.
+    ``images`` may be a numpy array or a memory map (rows are read by index). ``mean``/``std`` (per
+    channel, on the [0, 1] scale) normalize inside the model. ``pseudo`` comes from
+    ``make_pseudo_labels(settings, len(images))``. With ``checkpoint_path`` and
+    ``settings.checkpoint_every``, the state is saved there every that many steps, and a checkpoint
+    already there from the same run is resumed. ``on_step(steps_done)`` runs after each optimizer step.
+    Returns the bare encoder's weights.
     """
     from tqdm.auto import tqdm
 
@@ -142,78 +250,123 @@ def pretrain(images: np.ndarray, mean: list[float], std: list[float], pseudo: di
     options = method_cls.resolve_options(settings.options)  # fail on a bad option before any work
     if settings.epochs < 1 or settings.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"images must be uint8 NHWC, got {images.dtype} with shape {images.shape}")
+    if settings.checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0 steps (0 = off), got {settings.checkpoint_every}")
+    _check_images(images)
     subset = subset_indices(len(images), settings)
     n = len(subset)
     _check_pseudo(pseudo, settings.epochs, n)
-    device = select_device(settings.device)
+    ranks = rank_info()
+    device = _rank_device(settings, ranks)
+    accel = resolve_acceleration(device, settings.precision, settings.channels_last, settings.compile)
 
-    data = nhwc_to_tensor(images[subset], device)
-    channels, size = int(data.shape[1]), int(data.shape[2])
-    # Seed model init without leaving the global RNG changed for the caller.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        encoder, feature_dim = build_backbone(settings.backbone, channels, size)
-        model = method_cls(NormalizedEncoder(encoder, mean, std), feature_dim, channels, size, **options)
-    model.to(device=device, memory_format=torch.channels_last)
+    rows = images if n == len(images) else IndexedRows(images, subset)
+    source = make_batch_source(rows, device, settings.data_placement)
+    size, channels = int(images.shape[1]), int(images.shape[3])
+    model, encoder, feature_dim = _build_model(settings, options, mean, std, channels, size, ranks)
+    model.to(device=device, memory_format=torch.channels_last if accel.channels_last else torch.preserve_format)
 
-    batch_size = min(settings.batch_size, n)
+    global_batch = min(settings.batch_size, n)
+    if global_batch % ranks.world_size:
+        raise ValueError(f"batch_size {global_batch} must be divisible by the number of processes "
+                         f"({ranks.world_size}): each takes an equal share of the global batch")
+    local_batch = global_batch // ranks.world_size
+    rank_slice = slice(ranks.rank * local_batch, (ranks.rank + 1) * local_batch)
     # Drop the ragged last batch: a tiny batch gives BatchNorm and contrastive losses noisy statistics.
-    steps_per_epoch = max(1, n // batch_size)
+    steps_per_epoch = max(1, n // global_batch)
     total_steps = steps_per_epoch * settings.epochs
-    optimizer = _optimizer(model, settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, settings.warmup_fraction))
+    trainer = _Trainer(model, settings, total_steps, accel, device, ranks)
+
+    state, fingerprint = None, ""
+    if checkpoint_path is not None and settings.checkpoint_every:
+        fingerprint = run_fingerprint(settings.trajectory(), pseudo, images, ranks.world_size)
+        state, why = load_state(checkpoint_path, fingerprint)
+        if state is not None:
+            trainer.restore(state)
+        if ranks.is_main and why != "no checkpoint":
+            log.info("%s: %s", checkpoint_path, why)
+    start_step = state.step if state is not None else 0
+
+    train_model: nn.Module = model
+    if accel.compile:
+        model.encoder.compile()
+    if ranks.world_size > 1:
+        import warnings
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (BatchNorm statistics, queues, centers) are kept equal across ranks by construction, so
+        # no per-step broadcast. torch 2.14 deprecates the flag in favour of one that cannot yet express this.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     per_sample = {k: torch.as_tensor(np.asarray(v)) for k, v in pseudo.items() if k != "epoch_seed"}
-    history: list[dict[str, Any]] = []
-    step_losses: list[float] = []
-    bar = tqdm(total=total_steps, disable=not progress, desc=f"pretrain {settings.method}", unit="step")
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and ranks.is_main),
+               desc=f"pretrain {settings.method}", unit="step")
     model.train()
     try:
-        for epoch in range(settings.epochs):
-            generator = torch.Generator().manual_seed(int(pseudo["epoch_seed"][epoch]))
-            order = torch.randperm(n, generator=generator)
+        for epoch in range(start_step // steps_per_epoch, settings.epochs):
+            epoch_seed = int(pseudo["epoch_seed"][epoch])
+            generator = torch.Generator().manual_seed(epoch_seed)
+            order = torch.randperm(n, generator=generator)  # the same global order on every rank
+            if ranks.rank > 0:
+                generator = torch.Generator().manual_seed(_augmentation_seed(epoch_seed, ranks.rank))
+            first_step = start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
             epoch_losses: list[torch.Tensor] = []
             epoch_stats: dict[str, list[torch.Tensor]] = {}
+            if first_step > 0 and state is not None:  # resumed mid-epoch
+                generator.set_state(state.generator_states[ranks.rank])
+                epoch_losses = [torch.tensor(v) for v in state.epoch_losses[ranks.rank]]
+                epoch_stats = {k: [torch.tensor(v) for v in vs] for k, vs in state.epoch_stats[ranks.rank].items()}
             start = time.perf_counter()
-            for step in range(steps_per_epoch):
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                batch = data[idx.to(device)].float().div_(255.0)
+            for step, idx, batch in source.batches(order, global_batch, rank_slice, first_step, steps_per_epoch):
+                images_01 = batch.float().div_(255.0)
                 targets = {k: v[epoch, idx].to(device) for k, v in per_sample.items()}
-                loss = model.loss(batch, targets, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                model.after_step(epoch * steps_per_epoch + step, total_steps)
-                scheduler.step()
-                epoch_losses.append(loss.detach())
+                with accel.autocast(device):
+                    loss = train_model(images_01, targets, generator)
+                trainer.optimizer.zero_grad(set_to_none=True)
+                trainer.scaler.scale(loss).backward()
+                trainer.scaler.step(trainer.optimizer)
+                trainer.scaler.update()
+                done = epoch * steps_per_epoch + step + 1
+                model.after_step(done - 1, total_steps)
+                trainer.scheduler.step()
+                epoch_losses.append(loss.detach().float())
                 for key, value in model.last_stats.items():
-                    epoch_stats.setdefault(key, []).append(value.detach())
+                    epoch_stats.setdefault(key, []).append(value.detach().float())
                 bar.update(1)
-                if progress and (step % 10 == 0 or step == steps_per_epoch - 1):
+                if progress and ranks.is_main and (step % 10 == 0 or step == steps_per_epoch - 1):
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}",
-                                    img_s=f"{(step + 1) * batch_size / max(elapsed, 1e-9):.0f}")
-            losses = torch.stack(epoch_losses).float().cpu()
+                                    img_s=f"{(step + 1 - first_step) * global_batch / max(elapsed, 1e-9):.0f}")
+                # A checkpoint at an epoch's last step is written once that epoch's record is in the history.
+                if fingerprint and done % settings.checkpoint_every == 0 and step < steps_per_epoch - 1:
+                    trainer.save(Path(checkpoint_path), fingerprint, done, generator, epoch_losses, epoch_stats)
+                if on_step is not None:
+                    on_step(done)
             seconds = time.perf_counter() - start
-            step_losses += losses.tolist()
+            losses = mean_across_ranks(torch.stack([v.cpu() for v in epoch_losses]))
+            trainer.step_losses += losses.tolist()
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "loss": float(losses.mean()),
-                "images_per_sec": steps_per_epoch * batch_size / max(seconds, 1e-9),
+                "images_per_sec": (steps_per_epoch - first_step) * global_batch / max(seconds, 1e-9),
                 "seconds": seconds,
-                "lr": float(scheduler.get_last_lr()[0]),
+                "lr": float(trainer.scheduler.get_last_lr()[0]),
             }
             for key, values in epoch_stats.items():
-                record[key] = float(torch.stack(values).float().mean())
-            history.append(record)
+                record[key] = float(mean_across_ranks(torch.stack([v.cpu() for v in values])).mean())
+            trainer.history.append(record)
+            done = (epoch + 1) * steps_per_epoch
+            if fingerprint and done % settings.checkpoint_every == 0 and done < total_steps:
+                trainer.save(Path(checkpoint_path), fingerprint, done, generator, [], {})
             if on_epoch is not None:
                 on_epoch(record)
     finally:
         bar.close()
 
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
-    return PretrainResult(encoder_state=state, feature_dim=feature_dim, history=history,
-                          step_losses=step_losses, subset=subset)
+    state_dict = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
+    return PretrainResult(encoder_state=state_dict, feature_dim=feature_dim, history=trainer.history,
+                          step_losses=trainer.step_losses, subset=subset)

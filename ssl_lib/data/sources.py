@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 
 from .errors import DataError

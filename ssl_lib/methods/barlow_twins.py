@@ -6,6 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.simclr import normalized_embedding_std
 from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
@@ -64,4 +65,5 @@ class BarlowTwins(TwoViewMethod):
         z1, z2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
         with torch.no_grad():
             self.last_stats = {"embedding_std": normalized_embedding_std(z1.detach())}
-        return barlow_twins_loss(z1, z2, float(self.options["lambd"]))
+        # The cross-correlation is over the global batch under data parallelism.
+        return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), float(self.options["lambd"]))

@@ -73,6 +73,11 @@ class SSLMethod(nn.Module):
         """Scalar loss of a batch. ``images``: float (B, C, H, W) in [0, 1], un-normalized."""
         raise NotImplementedError
 
+    def forward(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
+                generator: torch.Generator) -> torch.Tensor:
+        """``loss``: calling the module is what DistributedDataParallel hooks its gradient sync into."""
+        return self.loss(images, targets, generator)
+
     def after_step(self, step: int, total_steps: int) -> None:
         """Called by ``ssl_lib.pretrain`` right after each optimizer step; ``step`` counts from 0 over the
         whole run (``total_steps`` steps). Momentum/EMA methods update their target networks here. No-op."""

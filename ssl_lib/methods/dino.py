@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lib.distributed import mean_across_ranks
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
@@ -98,7 +99,7 @@ class DINO(TwoViewMethod):
         loss = dino_loss((s1, s2), (t1, t2), self.center.clone(), float(o["student_temp"]), float(o["teacher_temp"]))
         with torch.no_grad():
             m = float(o["center_momentum"])
-            self.center.mul_(m).add_(t.float().mean(0), alpha=1 - m)
+            self.center.mul_(m).add_(mean_across_ranks(t.float().mean(0)), alpha=1 - m)
             teacher_probs = F.softmax((t1.float() - self.center) / float(o["teacher_temp"]), dim=1)
             self.last_stats = {
                 "embedding_std": normalized_embedding_std(embedding.chunk(2)[0].detach()),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lib.distributed import gather_no_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
@@ -86,10 +87,10 @@ class MoCo(TwoViewMethod):
         queue = self.queue.clone()  # enqueueing below must not change what backward needs
         if self.options["symmetric"]:
             loss = (info_nce_loss(q1, k2, queue, t) + info_nce_loss(q2, k1, queue, t)) / 2
-            self._enqueue(torch.cat([k2, k1]))
+            self._enqueue(torch.cat([gather_no_grad(k2), gather_no_grad(k1)]))
         else:
             loss = info_nce_loss(q1, k2, queue, t)
-            self._enqueue(k2)
+            self._enqueue(gather_no_grad(k2))
         with torch.no_grad():
             self.last_stats = {"embedding_std": normalized_embedding_std(q1.detach())}
         return loss

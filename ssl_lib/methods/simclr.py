@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_lib.augment import AugmentSettings, augment_views, nhwc_to_tensor, tensor_to_nhwc_uint8
+from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import SSLMethod, register
 
 
@@ -88,7 +89,8 @@ class SimCLR(SSLMethod):
         z1, z2 = z.chunk(2)
         with torch.no_grad():
             self.last_stats = {"embedding_std": normalized_embedding_std(z1.detach())}
-        return nt_xent_loss(z1, z2, float(self.options["temperature"]))
+        # Under data parallelism the negatives are the whole global batch.
+        return nt_xent_loss(gather_with_grad(z1), gather_with_grad(z2), float(self.options["temperature"]))
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],

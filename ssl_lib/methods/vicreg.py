@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.simclr import normalized_embedding_std
 from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
@@ -68,7 +69,8 @@ class VICReg(TwoViewMethod):
              generator: torch.Generator) -> torch.Tensor:
         v1, v2 = self.views(images, generator)
         z1, z2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
-        terms = vicreg_terms(z1, z2)
+        # Variance and covariance are over the global batch under data parallelism.
+        terms = vicreg_terms(gather_with_grad(z1), gather_with_grad(z2))
         o = self.options
         loss = (float(o["sim_weight"]) * terms["invariance"] + float(o["var_weight"]) * terms["variance"]
                 + float(o["cov_weight"]) * terms["covariance"])

@@ -1,7 +1,6 @@
 """Image encoders: a normalized float batch (B, C, H, W) goes in, a feature batch (B, D) comes out."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
