@@ -60,6 +60,18 @@ class PretrainParams(_Section):
     # Hyper-parameters per method, keyed by method name, so switching `method` picks that method's own
     # options (or its defaults): {simclr: {temperature: 0.3}, rotation: {...}}.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Engine (ssl_lib.acceleration, ssl_lib.batches, ssl_lib.checkpoint, ssl_lib.distributed).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
+    data_placement: Literal["auto", "device", "stream"] = "auto"
+    checkpoint_every: int = Field(default=200, ge=0)
+    devices: int = Field(default=1, ge=1)
+    nodes: int = Field(default=1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nodes
 
     def method_options(self) -> dict[str, Any]:
         """The options of the selected method."""
@@ -88,6 +100,9 @@ class PretrainParams(_Section):
         from ssl_lib.methods import get_method
 
         method = get_method(self.method)
+        if self.batch_size % self.world_size:
+            raise ValueError(f"pretrain.batch_size {self.batch_size} must be divisible by devices x nodes "
+                             f"({self.world_size}): each process takes an equal share of every batch")
         required = getattr(method, "required_backbone", None)
         if required and self.backbone != required:
             raise ValueError(f"method {self.method!r} needs pretrain.backbone={required!r} (got {self.backbone!r})")

@@ -38,7 +38,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 def run_stage_cli(stage: str, body: Callable[[PipelineParams], object]) -> None:
     """Entry point of ``python -m tasks.<stage>``: what dvc.yaml calls."""
     configure_environment()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # force: importing prefect (for the stage's task object) already put a WARNING-level handler on the root
+    # logger, which would silently swallow the stages' INFO lines (such as "resuming from step N").
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
     try:
         params = load_params("params.yaml")  # DVC runs each stage in the repository root
         body(params)

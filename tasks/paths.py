@@ -9,6 +9,9 @@ PRETRAIN = Path("artifacts/pretrain")
 ENCODER = PRETRAIN / "encoder.pt"
 ENCODER_INFO = PRETRAIN / "encoder.json"
 PRETRAIN_HISTORY = PRETRAIN / "history.csv"
+# Resumable state of an unfinished pretraining: not a DVC output (DVC would delete it before a rerun);
+# git-ignored, and removed once the stage's outputs are written.
+PRETRAIN_CHECKPOINT = Path("artifacts/checkpoints/pretrain.pt")
 FINETUNE = Path("artifacts/finetune")
 SSL_CLASSIFIER = FINETUNE / "ssl_classifier.pt"
 BASELINE_CLASSIFIER = FINETUNE / "baseline_classifier.pt"

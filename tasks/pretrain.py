@@ -1,58 +1,125 @@
-"""Stage 3, pretrain: train the encoder with the self-supervised method; the encoder's state_dict is the output."""
+"""Stage 3, pretrain: train the encoder with the self-supervised method; the encoder's state_dict is the output.
+
+With ``pretrain.devices`` (or ``nodes``) > 1 the stage re-launches itself under ``torchrun``: every process
+trains its share of each batch (NCCL on GPUs, gloo on CPUs) and rank 0 alone logs to MLflow and writes the
+outputs. A run that is killed leaves its checkpoint behind; running the stage again resumes from it.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pandas as pd
 
-from ssl_lib.config import PipelineParams
+from ssl_lib.config import ConfigError, PipelineParams
 from tasks import paths
 from tasks.common import make_stage_task, run_stage_cli
 
 log = logging.getLogger("sslpipe.pretrain")
+RDZV_ENDPOINT_ENV = "SSLPIPE_RDZV_ENDPOINT"
 
 
-def run(params: PipelineParams) -> dict:
+def run(params: PipelineParams) -> dict | None:
+    """Train (this process's share, under torchrun) and, on rank 0, log and write the outputs."""
+    from ssl_lib.distributed import rank_info
+
+    if not rank_info().is_main:
+        _train(params, on_epoch=None)
+        return None
     import mlflow
 
-    from ssl_lib.data import load_pool
     from ssl_lib.device import select_device
-    from ssl_lib.io import atomic_path, save_torch, write_json
-    from ssl_lib.pretrain import pretrain
-    from tasks.pseudo_labels import load_pseudo_labels
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
     settings = pretrain_settings(params)
     section = {"seed": params.seed, "pretrain": params.pretrain.model_dump()}
     with stage_run("pretrain", params, section=section):
-        pool, meta = load_pool(paths.PREPARED)
         mlflow.set_tag("device", str(select_device(settings.device)))
+        mlflow.set_tag("processes", str(params.pretrain.world_size))
 
         def on_epoch(row: dict) -> None:
             metrics = {f"pretrain_{k}": float(v) for k, v in row.items() if k != "epoch"}
             mlflow.log_metrics(metrics, step=int(row["epoch"]))
 
-        result = pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), settings,
-                          on_epoch=on_epoch)
-        save_torch(result.encoder_state, paths.ENCODER)
-        height, width, channels = meta["shape"]
-        info = {"method": settings.method, "backbone": settings.backbone, "feature_dim": result.feature_dim,
-                "in_channels": channels, "image_size": height, "mean": meta["mean"],
-                "std": meta["std"], "epochs": settings.epochs}
-        write_json(paths.ENCODER_INFO, info)
-        history = pd.DataFrame(result.history)
-        with atomic_path(paths.PRETRAIN_HISTORY) as tmp:
-            history.to_csv(tmp, index=False)
+        result, meta = _train(params, on_epoch)
+        info = _write_outputs(result, meta, settings)
         last = result.history[-1]
         mlflow.log_metrics({"final_loss": float(last["loss"]),
                             "total_seconds": float(sum(r.get("seconds", 0.0) for r in result.history))})
         log.info("pretrained %s/%s for %d epochs: final loss %.4f", settings.method, settings.backbone,
                  settings.epochs, last["loss"])
+    # The outputs are complete: the resumable state has served its purpose.
+    paths.PRETRAIN_CHECKPOINT.unlink(missing_ok=True)
     return info
+
+
+def _train(params: PipelineParams, on_epoch):
+    from ssl_lib.data import load_pool
+    from ssl_lib.pretrain import pretrain
+    from tasks.pseudo_labels import load_pseudo_labels
+    from tasks.settings import pretrain_settings
+
+    # Memory-mapped: the engine copies the pool onto the device when it fits, or streams it.
+    pool, meta = load_pool(paths.PREPARED, in_memory=False)
+    result = pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), pretrain_settings(params),
+                      on_epoch=on_epoch, checkpoint_path=paths.PRETRAIN_CHECKPOINT)
+    return result, meta
+
+
+def _write_outputs(result, meta: dict, settings) -> dict:
+    from ssl_lib.io import atomic_path, save_torch, write_json
+
+    save_torch(result.encoder_state, paths.ENCODER)
+    height, width, channels = meta["shape"]
+    info = {"method": settings.method, "backbone": settings.backbone, "feature_dim": result.feature_dim,
+            "in_channels": channels, "image_size": height, "mean": meta["mean"],
+            "std": meta["std"], "epochs": settings.epochs}
+    write_json(paths.ENCODER_INFO, info)
+    with atomic_path(paths.PRETRAIN_HISTORY) as tmp:
+        pd.DataFrame(result.history).to_csv(tmp, index=False)
+    return info
+
+
+def torchrun_command(params: PipelineParams) -> list[str]:
+    """The ``torchrun`` command that runs this stage with ``devices`` processes on each of ``nodes`` nodes."""
+    p = params.pretrain
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={p.devices}", f"--nnodes={p.nodes}"]
+    if p.nodes == 1:
+        command.append("--standalone")
+    else:
+        endpoint = os.environ.get(RDZV_ENDPOINT_ENV)
+        if not endpoint:
+            raise ConfigError(f"pretrain.nodes={p.nodes} needs {RDZV_ENDPOINT_ENV}=HOST:PORT, an address every node "
+                              "reaches, and the pretrain stage started on each node (`dvc repro -s pretrain`)")
+        command += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                    f"--rdzv-id={os.environ.get('SSLPIPE_RDZV_ID', 'sslpipe-pretrain')}"]
+    return command + ["-m", "tasks.pretrain"]
+
+
+def main(params: PipelineParams) -> None:
+    from ssl_lib.device import select_device
+    from ssl_lib.distributed import init_from_env, launched_by_torchrun, shutdown
+
+    if launched_by_torchrun():
+        init_from_env(select_device(params.pretrain.device).type)
+        try:
+            run(params)
+        finally:
+            shutdown()
+    elif params.pretrain.world_size > 1:
+        command = torchrun_command(params)
+        log.info("launching %d processes: %s", params.pretrain.world_size, " ".join(command))
+        returncode = subprocess.call(command)
+        if returncode != 0:
+            raise SystemExit(returncode)
+    else:
+        run(params)
 
 
 pretrain_task = make_stage_task("pretrain")
 
 if __name__ == "__main__":
-    run_stage_cli("pretrain", run)
+    run_stage_cli("pretrain", main)

@@ -10,7 +10,10 @@ def pretrain_settings(params: PipelineParams) -> PretrainSettings:
     p = params.pretrain
     return PretrainSettings(method=p.method, backbone=p.backbone, epochs=p.epochs, batch_size=p.batch_size,
                             lr=p.lr, weight_decay=p.weight_decay, seed=params.seed, max_images=p.max_images,
-                            device=p.device, options=p.method_options())
+                            device=p.device, options=p.method_options(), precision=p.precision,
+                            channels_last=None if p.channels_last == "auto" else p.channels_last,
+                            compile=None if p.compile == "auto" else p.compile,
+                            data_placement=p.data_placement, checkpoint_every=p.checkpoint_every)
 
 
 def finetune_settings(params: PipelineParams, baseline: bool = False) -> FinetuneSettings:

@@ -187,10 +187,11 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     return PreparedDataset(images=images, manifest=manifest, meta=meta)
 
 
-def load_pool(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The pretraining pool (non-test images, uint8 NHWC in memory) and meta.json.
+def load_pool(path: str | os.PathLike[str], in_memory: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The pretraining pool (non-test images, uint8 NHWC) and meta.json.
 
-    Reads only the files that do not depend on the label budget (see the module docstring).
+    Reads only the files that do not depend on the label budget (see the module docstring). With
+    ``in_memory=False`` the images stay memory-mapped and rows are read on demand (``IndexedRows``).
     """
     root = Path(path)
     missing = [f for f in (IMAGES_FILE, POOL_FILE, META_FILE) if not (root / f).is_file()]
@@ -200,6 +201,12 @@ def load_pool(path: str | os.PathLike[str]) -> tuple[np.ndarray, dict[str, Any]]
         meta = json.loads((root / META_FILE).read_text())
         images = np.load(root / IMAGES_FILE, mmap_mode="r", allow_pickle=False)
         indices = np.load(root / POOL_FILE, allow_pickle=False)
+        if not in_memory:
+            from ssl_lib.batches import IndexedRows
+
+            if len(indices) and (indices.min() < 0 or indices.max() >= len(images)):
+                raise IndexError(f"pool indices outside the {len(images)} images")
+            return IndexedRows(images, indices), meta
         return np.asarray(images[indices]), meta
     except (OSError, ValueError, IndexError) as exc:
         raise DataError(f"prepared dataset {root} is corrupt ({type(exc).__name__}: {exc}); {_FIX}") from exc
