@@ -1,10 +1,12 @@
 """Every registered SSL method on Fashion-MNIST under one fixed budget: a side-by-side table.
 
-Each method pretrains on the same images for the same number of images seen (default 60000, i.e. one
-pass over the training set), then its frozen features are probed (kNN and a linear probe, both fit on
-5000 labeled training images) and it is fine-tuned on 10 labels per class (+10 for validation). The
-supervised-only baseline is trained once on the same labels. Each method is one MLflow run in the
-experiment `ssl-methods-benchmark`, so the UI compares them.
+Each method pretrains on the same images for the same number of images seen (default 120000, two passes
+over the 60000-image pool), with the pipeline's own settings from params.yaml (backbone, batch size,
+learning rate, the method's options there; the masked and autoregressive methods get the ViT). Its frozen
+features are then probed (kNN and a linear probe, both fit on 5000 training images that are not in the
+labeled set) and it is fine-tuned on 10 labels per class (+10 for validation) exactly as the finetune stage
+does. The supervised-only baseline is trained once, as the finetune stage trains it, on the same labels.
+Each method is one MLflow run in the experiment `ssl-methods-benchmark`, so the UI compares them.
 
     .venv/bin/python benchmarks/methods.py                        # every method
     .venv/bin/python benchmarks/methods.py --methods rotation,simclr --images-seen 20000
@@ -24,11 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier  # noqa: E402
+from ssl_lib.classifier import build_classifier, train_classifier  # noqa: E402
+from ssl_lib.config import load_params  # noqa: E402
 from ssl_lib.data import ingest, load_prepared  # noqa: E402
 from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba  # noqa: E402
+from ssl_lib.io import atomic_path  # noqa: E402
 from ssl_lib.methods import METHODS  # noqa: E402
 from ssl_lib.pretrain import PretrainSettings, make_pseudo_labels, pretrain  # noqa: E402
+from tasks.settings import finetune_settings, pretrain_settings  # noqa: E402
 
 # Methods that need a token-based encoder get the small ViT; the rest the CPU-default ConvNet.
 VIT_METHODS = {"mae", "autoregressive"}
@@ -50,17 +55,24 @@ def test_accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(sorted(METHODS)))
-    parser.add_argument("--images-seen", type=int, default=60000, help="pretraining budget per method")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--images-seen", type=int, default=120000, help="pretraining budget per method")
     parser.add_argument("--probe-images", type=int, default=5000)
-    parser.add_argument("--finetune-epochs", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", default="params.yaml", help="pipeline params: pretrain and finetune settings")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="override finetune.epochs (quick checks)")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the table (markdown) here")
+    parser.add_argument("--speed-only", type=int, default=0, metavar="STEPS",
+                        help="only measure pretraining speed: median over STEPS steps (after 3 warm-up steps)")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    params = load_params(args.params)
+    seed = params.seed
+    torch.manual_seed(seed)
+    if args.speed_only:
+        measure_speed(params, [m.strip() for m in args.methods.split(",") if m.strip()], args.speed_only, args.out)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
-        ingest("fashion-mnist", None, args.seed, labels_per_class=10, label_fraction=None, val_per_class=10,
+        ingest("fashion-mnist", None, seed, labels_per_class=10, label_fraction=None, val_per_class=10,
                test_fraction=0.2, out_dir=Path(tmp) / "prepared")
         data = load_prepared(Path(tmp) / "prepared")
         pool = data.pretrain_pool()
@@ -72,21 +84,23 @@ def main() -> None:
         probe_y = data.manifest["label"].to_numpy()[unlabeled_idx]
     mean, std = data.meta["mean"], data.meta["std"]
     channels, size = data.meta["shape"][2], data.meta["shape"][0]
-    finetune = FinetuneSettings(mode="full", epochs=args.finetune_epochs, batch_size=64, lr=2e-3, weight_decay=5e-4,
-                                seed=args.seed, augment=True, device="auto")
+    finetune, baseline_finetune = finetune_settings(params), finetune_settings(params, baseline=True)
+    if args.finetune_epochs is not None:
+        finetune = replace(finetune, epochs=args.finetune_epochs, lp_epochs=min(finetune.lp_epochs, args.finetune_epochs))
+        baseline_finetune = replace(baseline_finetune, epochs=args.finetune_epochs)
 
-    baseline = build_classifier("convnet", channels, size, 10, mean, std, seed=args.seed)
-    baseline, _ = train_classifier(baseline, train_x, train_y, val_x, val_y,
-                                   replace(finetune, encoder_lr_mult=1.0), progress=False)
+    conv_backbone = params.pretrain.backbone if params.pretrain.backbone != "vit_tiny" else "convnet_small"
+    baseline = build_classifier(conv_backbone, channels, size, 10, mean, std, seed=seed)
+    baseline, _ = train_classifier(baseline, train_x, train_y, val_x, val_y, baseline_finetune, progress=False)
     baseline_acc = test_accuracy(baseline, test_x, test_y)
 
     rows = []
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        backbone = "vit_tiny" if name in VIT_METHODS else "convnet"
+        backbone = "vit_tiny" if name in VIT_METHODS else conv_backbone
         epochs = max(1, round(args.images_seen / len(pool)))
         max_images = min(len(pool), args.images_seen)
-        settings = PretrainSettings(method=name, backbone=backbone, epochs=epochs, batch_size=args.batch_size,
-                                    lr=2e-3, weight_decay=1e-4, seed=args.seed, max_images=max_images)
+        settings = replace(pretrain_settings(params), method=name, backbone=backbone, epochs=epochs,
+                           max_images=max_images, options=dict(params.pretrain.options.get(name) or {}))
         try:
             start = time.perf_counter()
             result = pretrain(pool, mean, std, make_pseudo_labels(settings, len(pool)), settings, progress=False)
@@ -94,10 +108,11 @@ def main() -> None:
         except ValueError as err:  # e.g. colorization on grayscale data: reported, not fatal
             rows.append({"method": name, "family": METHODS[name].family, "note": str(err).splitlines()[0]})
             continue
-        encoder = build_classifier(backbone, channels, size, 10, mean, std, encoder_state=result.encoder_state)
+        encoder = build_classifier(backbone, channels, size, 10, mean, std, encoder_state=result.encoder_state,
+                                   seed=seed)
         feats_probe, feats_test = extract_features(encoder, probe_x), extract_features(encoder, test_x)
         model, _ = train_classifier(encoder, train_x, train_y, val_x, val_y, finetune, progress=False)
-        row = {"method": name, "family": METHODS[name].family, "pretrain_s": round(seconds, 1),
+        row = {"method": name, "family": METHODS[name].family, "backbone": backbone, "pretrain_s": round(seconds, 1),
                "images_per_s": round(epochs * max_images / seconds, 1),
                "knn": round(knn_accuracy(feats_probe, probe_y, feats_test, test_y, k=20), 4),
                "linear_probe": round(probe_linear(feats_probe, probe_y, feats_test, test_y), 4),
@@ -108,12 +123,45 @@ def main() -> None:
         if not args.no_mlflow:
             log_to_mlflow(row, settings)
 
-    columns = ["method", "family", "pretrain_s", "images_per_s", "knn", "linear_probe", "finetune_10", "baseline_10",
+    columns = ["method", "family", "backbone", "pretrain_s", "images_per_s", "knn", "linear_probe", "finetune_10", "baseline_10",
                "note"]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, "")) for c in columns) + " |")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    print("\n".join(lines))
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            Path(tmp).write_text("\n".join(lines) + "\n")
+
+
+def measure_speed(params, methods: list[str], steps: int, out: str | None) -> None:
+    """Images/s of each method's pretraining step (the engine's own loop), median over ``steps`` timed steps."""
+    import statistics
+
+    from ssl_lib.data.sources import load_source
+
+    raw = load_source("fashion-mnist", None)
+    images = raw.images[~raw.predefined_test]
+    lines = ["| method | backbone | batch | images/s (median) | ms/step (median) |", "|---|---|---|---|---|"]
+    for name in methods:
+        backbone = "vit_tiny" if name in VIT_METHODS else params.pretrain.backbone
+        settings = replace(pretrain_settings(params), method=name, backbone=backbone, epochs=1,
+                           max_images=(steps + 3) * params.pretrain.batch_size,
+                           options=dict(params.pretrain.options.get(name) or {}))
+        stamps: list[float] = []
+        try:
+            pretrain(images, [0.286], [0.353], make_pseudo_labels(settings, len(images)), settings, progress=False,
+                     on_step=lambda done: stamps.append(time.perf_counter()))
+        except ValueError as err:
+            lines.append(f"| {name} | {backbone} | | {str(err).splitlines()[0][:60]}... | |")
+            continue
+        step_s = statistics.median(b - a for a, b in zip(stamps[3:], stamps[4:]))
+        lines.append(f"| {name} | {backbone} | {settings.batch_size} | {settings.batch_size / step_s:.0f} | "
+                     f"{step_s * 1000:.0f} |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    if out:
+        with atomic_path(out) as tmp:
+            Path(tmp).write_text("\n".join(lines) + "\n")
 
 
 def log_to_mlflow(row: dict, settings: PretrainSettings) -> None:
