@@ -13,7 +13,8 @@
 
 Cost: every stage is a fresh process that imports torch, MLflow and Prefect (about 10 CPU-seconds each
 before any work; finetune also exports and registers a model), so a full 4-stage run per method costs
-about a minute even with a single epoch: 13 of them made this module 30 minutes on 2 busy cores.
+about a minute even with a single epoch: 13 of them made this module 30 minutes on 2 busy cores;
+this layout takes 12 (about 30 s per method, 45 s per flow run).
 finetune and evaluate see a method only through encoder.pt / encoder.json, a state_dict of the bare
 backbone, so they run per family and backbone here; SSLPIPE_FULL_METHOD_RUNS=1 runs the whole pipeline
 (`dvc exp run -S pretrain.method=NAME`, no target) for every method. Training is the minimum that still
@@ -185,9 +186,11 @@ def test_sslpipe_run(project: Path, method: str, prefect_server):
     runs = _flow_runs(project, method)
     assert len(runs) == 1, runs
     parent, stages = runs[0]
-    assert parent.info.status == "FINISHED" and "test_accuracy_ssl" in parent.data.metrics
+    assert parent.info.status == "FINISHED"
     if not FULL_RUNS:  # this method's encoder was never fine-tuned before: the flow did it
         assert {"finetune", "evaluate"} <= stages, stages
+        assert "test_accuracy_ssl" in parent.data.metrics
+    # (With SSLPIPE_FULL_METHOD_RUNS the `dvc exp run` above left nothing stale: the flow runs no stage.)
 
 
 def test_flow_runs_are_dvc_experiments_with_metrics(project: Path):
