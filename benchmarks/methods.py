@@ -94,8 +94,18 @@ def main() -> None:
     baseline, _ = train_classifier(baseline, train_x, train_y, val_x, val_y, baseline_finetune, progress=False)
     baseline_acc = test_accuracy(baseline, test_x, test_y)
 
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    # The reference every probe must beat: the same architecture at random init, probed the same way.
+    for backbone in [conv_backbone] + (["vit_tiny"] if VIT_METHODS & set(names) else []):
+        encoder = build_classifier(backbone, channels, size, 10, mean, std, seed=seed)
+        feats_probe, feats_test = extract_features(encoder, probe_x), extract_features(encoder, test_x)
+        rows.append({"method": "random init", "family": "-", "backbone": backbone,
+                     "knn": round(knn_accuracy(feats_probe, probe_y, feats_test, test_y, k=20), 4),
+                     "linear_probe": round(probe_linear(feats_probe, probe_y, feats_test, test_y), 4),
+                     "baseline_10": round(baseline_acc, 4), "note": "no pretraining"})
+        print(rows[-1], flush=True)
+    for name in names:
         backbone = "vit_tiny" if name in VIT_METHODS else conv_backbone
         epochs = max(1, round(args.images_seen / len(pool)))
         max_images = min(len(pool), args.images_seen)
