@@ -17,6 +17,7 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
 
     from ssl_lib.data import load_pool
     from ssl_lib.io import atomic_path
+    from ssl_lib.methods import get_method
     from ssl_lib.pretrain import make_pseudo_labels, save_preview, subset_indices
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
@@ -27,6 +28,8 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
                "pretrain.max_images": settings.max_images}
     with stage_run("pseudo_labels", params, section=section):
         pool, _ = load_pool(paths.PREPARED)
+        # A method that cannot use these images (colorization on grayscale) stops here, before any work.
+        get_method(settings.method).check_data(int(pool.shape[3]), int(pool.shape[1]))
         pseudo = make_pseudo_labels(settings, len(pool))
         with atomic_path(paths.PSEUDO_TARGETS) as tmp:
             with open(tmp, "wb") as fh:

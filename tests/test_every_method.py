@@ -209,7 +209,8 @@ def test_colorization_on_digits_fails_clearly_through_dvc(project: Path):
     out = dvc_exp_run(project, "colorization")
     output = out.stdout + out.stderr
     assert out.returncode != 0, output
-    assert "failed to reproduce 'pretrain'" in output and "exited with 2" in output, output
+    # Rejected by the first stage that sees the images, before any pseudo label or training step.
+    assert "failed to reproduce 'pseudo_labels'" in output and "exited with 2" in output, output
     assert all(fragment in output for fragment in COLOUR_ERROR), output
     assert "folder" in output  # ... and the source that fits
     assert "Traceback" not in output

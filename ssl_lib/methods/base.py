@@ -73,6 +73,10 @@ class SSLMethod(nn.Module):
         """Scalar loss of a batch. ``images``: float (B, C, H, W) in [0, 1], un-normalized."""
         raise NotImplementedError
 
+    @classmethod
+    def check_data(cls, in_channels: int, image_size: int | None = None) -> None:
+        """Raise ValueError (naming the data that fit) if the method cannot train on such images. No-op."""
+
     def forward(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
                 generator: torch.Generator) -> torch.Tensor:
         """``loss``: calling the module is what DistributedDataParallel hooks its gradient sync into."""
