@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks import paths
 from tasks.common import STAGES, StageOutcome, dvc_command, subprocess_env
 from tasks.environment import configure_environment, project_root
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, headline_metrics
 from tasks.finetune import finetune_task
 from tasks.ingest import check_label_budget, ingest_task
 from tasks.params_file import apply_param_overrides
@@ -90,6 +90,14 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         for stage_task in STAGE_TASKS:
             rerun = force or (reingest and stage_task is ingest_task)
             outcomes.append(stage_task(str(root_path), env, force=rerun))
+        if not outcomes[-1].executed:
+            # Nothing was re-evaluated: the parent run still carries the results it stands for.
+            from mlflow import MlflowClient
+
+            metrics = json.loads((root_path / paths.METRICS).read_text())
+            client = MlflowClient()
+            for key, value in headline_metrics(metrics).items():
+                client.log_metric(parent_id, key, float(value))
         exp_name = None
         if save_experiment:
             exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name))

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from tasks.environment import configure_environment, project_root
+from tasks.evaluate import headline_metrics
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,7 @@ def _metric_entities(metrics: dict) -> list:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    flat = {"test_accuracy_ssl": metrics["ssl"]["accuracy"], "test_accuracy_baseline": metrics["baseline"]["accuracy"],
-            "knn_accuracy_ssl": metrics["ssl"]["knn_accuracy"], "ssl_gain": metrics["ssl_gain"],
-            "knn_accuracy_pretrained_encoder": metrics["pretrained_encoder_knn_accuracy"]}
-    return [Metric(k, float(v), now, 0) for k, v in flat.items()]
+    return [Metric(k, float(v), now, 0) for k, v in headline_metrics(metrics).items()]
 
 
 def sweep_flow(dask_address: str | None = None):
