@@ -52,5 +52,3 @@ def resolve_acceleration(device: torch.device, precision: str = "auto", channels
     return Acceleration(dtype=dtype,
                         channels_last=True if channels_last is None else bool(channels_last),
                         compile=cuda if compile is None else bool(compile))
-
-

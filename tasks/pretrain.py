@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -56,7 +57,7 @@ def run(params: PipelineParams) -> dict | None:
     return info
 
 
-def _train(params: PipelineParams, on_epoch):
+def _train(params: PipelineParams, on_epoch: Callable[[dict], None] | None) -> tuple[Any, dict]:
     from ssl_lib.data import load_pool
     from ssl_lib.pretrain import pretrain
     from tasks.pseudo_labels import load_pseudo_labels
@@ -69,7 +70,7 @@ def _train(params: PipelineParams, on_epoch):
     return result, meta
 
 
-def _write_outputs(result, meta: dict, settings) -> dict:
+def _write_outputs(result: Any, meta: dict, settings: Any) -> dict:
     from ssl_lib.io import atomic_path, save_torch, write_json
 
     save_torch(result.encoder_state, paths.ENCODER)
