@@ -57,8 +57,6 @@ class IndexedRows:
 
 
 class BatchSource(Protocol):
-    placement: str
-
     def batches(self, order: torch.Tensor, batch_size: int, rank_slice: slice,
                 start_step: int, steps: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield (step, local indices, uint8 NCHW batch on the device) for ``steps`` steps of ``order``."""
@@ -70,8 +68,6 @@ def _step_indices(order: torch.Tensor, step: int, batch_size: int, rank_slice: s
 
 
 class DeviceBatches:
-    placement = "device"
-
     def __init__(self, images: ImageRows, device: torch.device) -> None:
         self.data = nhwc_to_tensor(images[np.arange(len(images))], device)
         self.device = device
@@ -84,8 +80,6 @@ class DeviceBatches:
 
 
 class StreamingBatches:
-    placement = "stream"
-
     def __init__(self, images: ImageRows, device: torch.device) -> None:
         self.images, self.device = images, device
         self.pin = device.type == "cuda"

@@ -108,11 +108,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """``gather_with_grad`` for tensors that need no gradient (momentum-encoder keys, teacher outputs)."""
-    if not _distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+    return gather_with_grad(x)
 
 
 @torch.no_grad()

@@ -318,8 +318,9 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
             epoch_stats: dict[str, list[torch.Tensor]] = {}
             if first_step > 0 and state is not None:  # resumed mid-epoch
                 generator.set_state(state.generator_states[ranks.rank])
-                epoch_losses = [torch.tensor(v) for v in state.epoch_losses[ranks.rank]]
-                epoch_stats = {k: [torch.tensor(v) for v in vs] for k, vs in state.epoch_stats[ranks.rank].items()}
+                epoch_losses = [torch.tensor(v, device=device) for v in state.epoch_losses[ranks.rank]]
+                epoch_stats = {k: [torch.tensor(v, device=device) for v in vs]
+                               for k, vs in state.epoch_stats[ranks.rank].items()}
             start = time.perf_counter()
             for step, idx, batch in source.batches(order, global_batch, rank_slice, first_step, steps_per_epoch):
                 images_01 = batch.float().div_(255.0)
@@ -347,7 +348,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                 if on_step is not None:
                     on_step(done)
             seconds = time.perf_counter() - start
-            losses = mean_across_ranks(torch.stack([v.cpu() for v in epoch_losses]))
+            losses = mean_across_ranks(torch.stack(epoch_losses).cpu())
             trainer.step_losses += losses.tolist()
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -357,7 +358,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                 "lr": float(trainer.scheduler.get_last_lr()[0]),
             }
             for key, values in epoch_stats.items():
-                record[key] = float(mean_across_ranks(torch.stack([v.cpu() for v in values])).mean())
+                record[key] = float(mean_across_ranks(torch.stack(values).cpu()).mean())
             trainer.history.append(record)
             done = (epoch + 1) * steps_per_epoch
             if fingerprint and done % settings.checkpoint_every == 0 and done < total_steps:
