@@ -48,8 +48,8 @@ class TrainingState:
     scaler: dict[str, Any]
     history: list[dict[str, Any]]
     step_losses: list[float]
-    epoch_losses: list[float]  # losses of the current, unfinished epoch
-    epoch_stats: dict[str, list[float]]
+    epoch_losses: list[list[float]]  # per rank, the losses of the current, unfinished epoch
+    epoch_stats: list[dict[str, list[float]]]  # per rank, the method's stats of that epoch
     generator_states: list[torch.Tensor]  # per rank, the epoch generator after ``step`` steps
     torch_rng_states: list[torch.Tensor]  # per rank
     cuda_rng_states: list[Any] = field(default_factory=list)  # per rank; empty without CUDA
