@@ -36,24 +36,20 @@ FAMILIES = {"moco": "contrastive", "byol": "non-contrastive", "simsiam": "non-co
 NAMES = sorted(FAMILIES)
 
 # Small heads keep the single-threaded runs short; MoCo's queue must stay well below 1797 images.
-# A momentum of 0.9 lets the EMA targets move within these ~56-step runs (0.99 is for real runs).
+# BYOL's target momentum of 0.9 lets its EMA target move within these short runs; DINO keeps its default
+# 0.99, as with 0.9 its teacher collapses to a near-uniform output after ~30 steps and the loss climbs.
 OPTIONS: dict[str, dict[str, Any]] = {
     "moco": {"proj_hidden": 128, "proj_dim": 64, "queue_size": 512},
     "byol": {"proj_hidden": 128, "proj_dim": 64, "pred_hidden": 128, "momentum": 0.9},
     "simsiam": {"proj_hidden": 128, "proj_dim": 128, "pred_hidden": 32},
     "barlow_twins": {"proj_hidden": 128, "proj_dim": 128, "lambd": 0.01},
     "vicreg": {"proj_hidden": 128, "proj_dim": 128},
-    "dino": {"head_hidden": 128, "bottleneck_dim": 64, "out_dim": 256, "momentum": 0.9},
+    "dino": {"head_hidden": 128, "bottleneck_dim": 64, "out_dim": 256},
 }
-EPOCHS = {name: 4 for name in NAMES}
+# BYOL and DINO learn from a moving target, which takes more steps to pull away from random init.
+EPOCHS = {name: 8 if name in ("byol", "dino") else 4 for name in NAMES}
 LR = {"moco": 3e-3, "byol": 1e-3, "simsiam": 1e-3, "barlow_twins": 3e-3, "vicreg": 3e-3, "dino": 3e-3}
 EMBED_DIM = {"moco": 64, "byol": 64, "simsiam": 128, "barlow_twins": 128, "vicreg": 128, "dino": 64}
-
-
-def _names(xfail: dict[str, str]) -> list:
-    """NAMES for parametrize, with the listed methods marked as known failures (non-strict)."""
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=xfail[n], strict=False)) if n in xfail else n
-            for n in NAMES]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -264,9 +260,7 @@ def test_pretrain_calls_after_step_once_per_step(digits, monkeypatch):
 
 # --- pretraining on digits ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", _names({
-    "dino": "open: DINO's loss falls for ~30 steps (5.2 -> 2.7), then climbs to 6.3 as the head's embeddings "
-            "contract (embedding_std 0.066 -> 0.042) and centering makes the targets uniform"}))
+@pytest.mark.parametrize("name", NAMES)
 def test_loss_falls(pretrained, name):
     history = pretrained(name).history
     losses = [h["loss"] for h in history]
@@ -275,9 +269,7 @@ def test_loss_falls(pretrained, name):
     assert losses[-1] < losses[0] - 0.05 * abs(losses[0]), losses
 
 
-@pytest.mark.parametrize("name", _names({
-    "byol": "open: after 56 steps BYOL's backbone features are worse than random ones (kNN clean 0.77, "
-            "augmented 0.23 vs random 0.91, 0.44), for lr 1e-3..1e-2 and momentum 0..0.99"}))
+@pytest.mark.parametrize("name", NAMES)
 def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits, random_knn, name):
     # Random conv features are strong on clean digits (kNN ~0.91) and these ~56-step runs do not
     # beat them there yet (that takes far more steps than a unit test can afford on one thread).

@@ -178,13 +178,12 @@ RUNS = {
     "jigsaw": (6, 2e-3, {"tile_jitter": 0}, 0.6, 0.03),
     "inpainting": (8, 2e-3, {"decoder_width": 32}, 0.85, 0.03),
     "autoencoder": (6, 2e-3, {"decoder_width": 32}, 0.7, 0.03),
-    "mae": (6, 2e-3, {}, 0.85, 0.03),
+    "mae": (30, 2e-3, {}, 0.85, 0.05),
     "autoregressive": (6, 2e-3, {}, 0.7, 0.03),
 }
-# Short MAE runs lower mean-pooled kNN (0.35-0.42 vs 0.47 random, for mask ratios 0.25-0.75, with and
-# without norm_pix): its objective is local, and MAE features are known to need fine-tuning rather than
-# kNN/linear probing. Kept as a non-strict xfail so an improvement shows up as XPASS.
-KNN_XFAIL = {"mae": "short MAE pretraining does not beat random-init ViT features on kNN (see comment)"}
+# MAE first lowers mean-pooled kNN (0.40 after 6 epochs vs 0.47 random), as its objective is local and the
+# encoder sees only a quarter of the tokens while training; it overtakes random init after ~20 epochs
+# (measured: 0.53 at 20, 0.58 at 30), so it gets the longest run here (~30 s).
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))
@@ -197,8 +196,6 @@ def test_loss_falls_and_features_beat_random_init(digits, method):  # noqa: F811
     random_encoder, _ = _encoder("vit", 1, 16, seed=0)
     ssl, random = _knn(encoder, images, labels, mean, std), _knn(random_encoder, images, labels, mean, std)
     print(f"{method}: loss {np.mean(losses[:8]):.3f} -> {np.mean(losses[-8:]):.3f}, kNN {ssl:.3f} vs random {random:.3f}")
-    if method in KNN_XFAIL and not ssl > random + margin:
-        pytest.xfail(f"{KNN_XFAIL[method]}: ssl {ssl:.3f}, random {random:.3f}")
     assert ssl > random + margin, (ssl, random)
 
 

@@ -29,6 +29,8 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 class BYOL(TwoViewMethod):
     """BYOL: online = predictor(projector(encoder)), target = EMA of projector(encoder).
 
+    The projector ends in an affine-free BN unless ``proj_last_bn`` is false (the paper's head).
+
     loss = (byol(q(g(f(v1))), g'(f'(v2))) + byol(q(g(f(v2))), g'(f'(v1)))) / 2; the target's
     momentum rises from ``momentum`` to 1 on a cosine over the run.
     """
@@ -41,13 +43,16 @@ class BYOL(TwoViewMethod):
         "proj_hidden": 512,
         "pred_hidden": 512,
         "momentum": 0.99,
+        # An affine-free BN on the projection, as SimSiam has (the BYOL paper has none). Without it, short
+        # runs on small data (tests/test_methods_joint.py) learn backbone features worse than random init.
+        "proj_last_bn": True,
     }
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
         hidden, out = int(self.options["proj_hidden"]), int(self.options["proj_dim"])
-        self.projector = mlp(feature_dim, hidden, out)
+        self.projector = mlp(feature_dim, hidden, out, last_bn=bool(self.options["proj_last_bn"]))
         self.predictor = mlp(out, int(self.options["pred_hidden"]), out)
         self.target_encoder = make_target(self.encoder)
         self.target_projector = make_target(self.projector)
