@@ -32,7 +32,7 @@ from ssl_lib.data import ingest, load_prepared  # noqa: E402
 from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba  # noqa: E402
 from ssl_lib.io import atomic_path  # noqa: E402
 from ssl_lib.methods import METHODS  # noqa: E402
-from ssl_lib.pretrain import PretrainSettings, make_pseudo_labels, pretrain  # noqa: E402
+from ssl_lib.pretrain import make_pseudo_labels, pretrain  # noqa: E402
 from tasks.settings import finetune_settings, pretrain_settings  # noqa: E402
 
 # Methods that need a token-based encoder get the small ViT; the rest the CPU-default ConvNet.
@@ -105,6 +105,8 @@ def main() -> None:
                      "linear_probe": round(probe_linear(feats_probe, probe_y, feats_test, test_y), 4),
                      "baseline_10": round(baseline_acc, 4), "note": "no pretraining"})
         print(rows[-1], flush=True)
+        if not args.no_mlflow:
+            log_to_mlflow(rows[-1], {"method": "random init", "backbone": backbone, "epochs": 0})
     for name in names:
         backbone = "vit_tiny" if name in VIT_METHODS else conv_backbone
         epochs = max(1, round(args.images_seen / len(pool)))
@@ -131,7 +133,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         if not args.no_mlflow:
-            log_to_mlflow(row, settings)
+            log_to_mlflow(row, {"method": settings.method, "backbone": settings.backbone, "epochs": settings.epochs,
+                                "max_images": settings.max_images, "batch_size": settings.batch_size})
 
     columns = ["method", "family", "backbone", "pretrain_s", "images_per_s", "knn", "linear_probe", "finetune_10", "baseline_10",
                "note"]
@@ -174,7 +177,7 @@ def measure_speed(params, methods: list[str], steps: int, out: str | None) -> No
             Path(tmp).write_text("\n".join(lines) + "\n")
 
 
-def log_to_mlflow(row: dict, settings: PretrainSettings) -> None:
+def log_to_mlflow(row: dict, run_params: dict) -> None:
     import mlflow
 
     from tasks.environment import configure_environment
@@ -182,12 +185,11 @@ def log_to_mlflow(row: dict, settings: PretrainSettings) -> None:
     configure_environment()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.set_experiment("ssl-methods-benchmark")
-    with mlflow.start_run(run_name=row["method"]):
-        mlflow.log_params({"method": settings.method, "backbone": settings.backbone, "epochs": settings.epochs,
-                           "max_images": settings.max_images, "batch_size": settings.batch_size})
+    with mlflow.start_run(run_name=f"{row['method']} ({row['backbone']})"):
+        mlflow.log_params(run_params)
         mlflow.set_tag("family", row["family"])
         mlflow.log_metrics({k: float(row[k]) for k in ("pretrain_s", "images_per_s", "knn", "linear_probe",
-                                                       "finetune_10", "baseline_10")})
+                                                       "finetune_10", "baseline_10") if k in row})
 
 
 if __name__ == "__main__":
