@@ -72,7 +72,7 @@ class FinetuneSettings:
     seed: int
     augment: bool = True  # random shift + horizontal flip, batched
     device: str = "auto"
-    encoder_lr_mult: float = 0.1  # full mode: a pretrained encoder moves slower than a fresh head
+    encoder_lr_mult: float = 1.0  # full mode: < 1 moves a pretrained encoder slower than the head
     max_shift_px: int = 2
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.05

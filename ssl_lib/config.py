@@ -128,7 +128,7 @@ class FinetuneParams(_Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     augment: bool = True
-    encoder_lr_mult: float = Field(default=0.1, gt=0)
+    encoder_lr_mult: float = Field(default=1.0, gt=0)
     head_init: Literal["random", "prototype"] = "prototype"
     lp_epochs: int = Field(default=50, ge=0)
     lp_lr: float = Field(default=1e-2, gt=0)
