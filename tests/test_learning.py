@@ -47,7 +47,9 @@ def _settings(method: str, epochs: int, **kw) -> PretrainSettings:
     return PretrainSettings(**base)
 
 
-PRETRAIN_EPOCHS = {"rotation": 20, "simclr": 8}
+# Rotation's kNN gain over random init (~0.906) grows slowly: +0.001 to +0.007 after 20 epochs, depending on
+# the CPU model and thread count (it failed the +0.01 margin on one machine), +0.034 after 40.
+PRETRAIN_EPOCHS = {"rotation": 40, "simclr": 8}
 PRETRAIN_LR = {"rotation": 1e-3, "simclr": 3e-3}
 SIMCLR_OPTIONS = {"temperature": 0.2, "proj_hidden": 128, "proj_dim": 64}
 
