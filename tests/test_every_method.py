@@ -14,7 +14,7 @@
 
 Cost: every stage is a fresh process that imports torch, MLflow and Prefect (about 10 CPU-seconds each
 before any work; finetune also exports and registers a model), so a full 4-stage run per method costs
-about a minute even with a single epoch; the module takes about 25 minutes on 2 cores.
+about a minute even with a single epoch: this is the suite's longest module.
 SSLPIPE_FULL_METHOD_RUNS=1 makes the `dvc exp run`s whole pipelines too (no target). Training is the
 minimum that still takes real optimisation steps: what is tested is the wiring, not the accuracy.
 """
