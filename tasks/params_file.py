@@ -23,6 +23,8 @@ def apply_param_overrides(path: Path, overrides: dict[str, Any]) -> PipelinePara
 
     yaml = YAML()  # round-trip mode keeps the documenting comments in params.yaml
     yaml.preserve_quotes = True
+    # Keep `key: null` as written (ruamel would write an empty value): only overridden lines change.
+    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     document = yaml.load(path.read_text())
     for dotted, value in overrides.items():
         node = document

@@ -107,6 +107,9 @@ def test_overrides_keep_params_comments_and_validate_first(tmp_path: Path):
     assert params.pretrain.method == "rotation"
     text = path.read_text()
     assert "# fashion-mnist | digits | folder" in text  # comments survive
+    before, after = (REPO / "params.yaml").read_text().splitlines(), text.splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 2, changed  # only the overridden lines, nulls kept
     assert load_params(path).finetune.epochs == 7
     with pytest.raises(ConfigError, match="pretrain.method"):
         apply_param_overrides(path, {"pretrain.method": "nope"})
