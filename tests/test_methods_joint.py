@@ -271,7 +271,7 @@ def test_loss_falls(pretrained, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits, random_knn, name):
-    # Random conv features are strong on clean digits (kNN ~0.91) and these ~56-step runs do not
+    # Random conv features are strong on clean digits (kNN ~0.91) and these short runs do not
     # beat them there yet (that takes far more steps than a unit test can afford on one thread).
     # What a few steps do teach is invariance to the views: kNN of augmented queries (random ~0.44).
     clean, augmented = _knn_clean_and_augmented(pretrained(name).encoder_state, digits)
