@@ -74,20 +74,24 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     table.add_column("test accuracy", justify="right")
     table.add_column("kNN accuracy", justify="right")
     table.add_column("macro F1", justify="right")
-    for kind, label in (("ssl", f"SSL ({params.pretrain.method} + {params.finetune.mode} fine-tune)"),
-                        ("baseline", "supervised-only baseline")):
-        table.add_row(label, f"{m[kind]['accuracy']:.4f}", f"{m[kind]['knn_accuracy']:.4f}",
-                      f"{m[kind]['macro_f1']:.4f}")
+    rows = [("baseline", "supervised-only baseline"),
+            ("ssl", f"SSL ({params.pretrain.method} + {params.finetune.mode} fine-tune)"),
+            ("self_train", f"SSL + semi-supervised ({'+'.join(params.self_train.steps)}, final model)")]
+    for kind, label in rows:
+        if kind in m:
+            table.add_row(label, f"{m[kind]['accuracy']:.4f}", f"{m[kind]['knn_accuracy']:.4f}",
+                          f"{m[kind]['macro_f1']:.4f}")
     console = Console()
     console.print(table)
     ran = ", ".join(s["stage"] for s in summary["stages"] if s["executed"]) or "nothing (all up to date)"
-    console.print(f"SSL gain over the baseline: {m['ssl_gain']:+.4f}   stages run: {ran}   total {seconds:.0f} s")
+    gain = m.get("self_train_gain", m["ssl_gain"])
+    console.print(f"final model's gain over the baseline: {gain:+.4f}   stages run: {ran}   total {seconds:.0f} s")
     console.print(f"metrics: {root / 'results/metrics.json'}   MLflow parent run: {summary['mlflow_run_id']} "
                   f"(make ui)   DVC experiment: {summary['dvc_experiment']}")
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain, finetune or evaluate"),
+def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain, finetune, self_train or evaluate"),
           force: bool = typer.Option(False, help="Rerun even if DVC finds it up to date."),
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Run one stage through DVC (`dvc repro --single-item NAME`)."""

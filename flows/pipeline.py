@@ -25,10 +25,12 @@ from tasks.ingest import check_label_budget, ingest_task
 from tasks.params_file import apply_param_overrides
 from tasks.pretrain import pretrain_task
 from tasks.pseudo_labels import pseudo_labels_task
+from tasks.self_train import self_train_task
 from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
 
-UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values())
-STAGE_TASKS = (ingest_task, pseudo_labels_task, pretrain_task, finetune_task, evaluate_task)
+UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values(),
+                    paths.SELF_TRAIN_HISTORY)
+STAGE_TASKS = (ingest_task, pseudo_labels_task, pretrain_task, finetune_task, self_train_task, evaluate_task)
 assert tuple(t.name for t in STAGE_TASKS) == STAGES
 
 
@@ -111,10 +113,13 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
                "stages": [{"stage": o.stage, "executed": o.executed, "seconds": round(o.seconds, 1)}
                           for o in outcomes]}
     create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
+    semi = (f", SSL + {'+'.join(params.self_train.steps)} **{metrics['self_train']['accuracy']:.4f}** (final model)"
+            if "self_train" in metrics else "")
     create_markdown_artifact(key="pipeline-result", markdown=(
-        f"SSL test accuracy **{metrics['ssl']['accuracy']:.4f}** vs supervised baseline "
-        f"**{metrics['baseline']['accuracy']:.4f}** ({params.pretrain.method}, "
+        f"Test accuracy: supervised baseline **{metrics['baseline']['accuracy']:.4f}**, SSL fine-tune "
+        f"**{metrics['ssl']['accuracy']:.4f}**{semi} ({params.pretrain.method}, "
         f"{params.data.labels_per_class or params.data.label_fraction} labels/class). "
         f"MLflow run `{parent_id}`, DVC experiment `{exp_name}`."))
-    logger.info("SSL %.4f vs baseline %.4f", metrics["ssl"]["accuracy"], metrics["baseline"]["accuracy"])
+    logger.info("baseline %.4f, SSL %.4f%s", metrics["baseline"]["accuracy"], metrics["ssl"]["accuracy"],
+                f", SSL + self-training {metrics['self_train']['accuracy']:.4f}" if "self_train" in metrics else "")
     return summary

@@ -92,9 +92,9 @@ def retrain(margin: float = 0.005, overrides: dict[str, Any] | None = None, root
     summary = ssl_pipeline(overrides=overrides, root=root_path, force=False, save_experiment=True,
                            reingest=changed)
 
-    version = str(json.loads((Path(root_path) / paths.CLASSIFIER_INFO).read_text())["registered_model"]["version"])
+    version = str(json.loads((Path(root_path) / paths.FINAL_INFO).read_text())["registered_model"]["version"])
     new_accuracy = test_accuracy(root_path, f"models:/{name}/{version}")
-    retrained = any(s["executed"] for s in summary["stages"] if s["stage"] == "finetune")
+    retrained = any(s["executed"] for s in summary["stages"] if s["stage"] == "self_train")
     if not retrained and champion is not None:
         champion_accuracy, promoted = None, False
         decision = f"unchanged: source and params unchanged, DVC reran nothing; champion stays v{champion.version}"

@@ -196,6 +196,53 @@ def augment_views(x: torch.Tensor, generator: torch.Generator, settings: Augment
     return out.clamp(0.0, 1.0)
 
 
+def random_affine(x: torch.Tensor, generator: torch.Generator, degrees: float = 15.0, shear: float = 0.15,
+                  scale: tuple[float, float] = (0.85, 1.1), max_shift: float = 0.125, flip_p: float = 0.5,
+                  padding_mode: str = "zeros") -> torch.Tensor:
+    """Rotate, shear, scale, translate (``max_shift`` of the side) and flip each sample: one resampling."""
+    x = to_float(x)
+    n = x.shape[0]
+    angle = _uniform(generator, n, -degrees, degrees) * (math.pi / 180.0)
+    sh = _uniform(generator, n, -shear, shear)
+    zoom = _uniform(generator, n, *scale)
+    sign = torch.where(_coin(generator, n, flip_p), -1.0, 1.0)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.zeros(n, 2, 3, device=generator.device)
+    theta[:, 0, 0] = cos * sign
+    theta[:, 0, 1] = -sin + sh * cos
+    theta[:, 1, 0] = sin * sign
+    theta[:, 1, 1] = cos + sh * sin
+    theta[:, 0, 2] = (2 * _rand(generator, n) - 1) * 2 * max_shift
+    theta[:, 1, 2] = (2 * _rand(generator, n) - 1) * 2 * max_shift
+    return _apply_affine(x, theta, "bilinear", padding_mode)
+
+
+def cutout(x: torch.Tensor, generator: torch.Generator, max_size: float = 0.5, p: float = 1.0,
+           fill: float = 0.5) -> torch.Tensor:
+    """Fill one random square per sample (side up to ``max_size`` of the image) with ``fill`` (DeVries, 2017)."""
+    x = to_float(x)
+    n, _, height, width = x.shape
+    apply = _coin(generator, n, p)
+    side = _uniform(generator, n, 0.0, max_size)
+    cy, cx = _rand(generator, n), _rand(generator, n)
+    ys = (torch.arange(height, dtype=torch.float32, device=generator.device) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32, device=generator.device) + 0.5) / width
+    inside_y = (ys.view(1, -1) - cy.view(-1, 1)).abs() <= side.view(-1, 1) / 2
+    inside_x = (xs.view(1, -1) - cx.view(-1, 1)).abs() <= side.view(-1, 1) / 2
+    mask = (inside_y.unsqueeze(2) & inside_x.unsqueeze(1) & apply.view(-1, 1, 1)).unsqueeze(1).to(x.device)
+    return torch.where(mask, torch.full_like(x, fill), x)
+
+
+def strong_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """FixMatch's strong view, batched: affine + flip, brightness/contrast, sometimes solarize or blur,
+    then cutout. Output float in [0, 1]."""
+    out = random_affine(x, generator)
+    out = color_jitter(out, generator, p=0.8, brightness=0.5, contrast=0.5, saturation=0.5)
+    out = solarize(out, generator, p=0.1)
+    out = gaussian_blur(out, generator, p=0.2, sigma=(0.1, 1.0))
+    return cutout(out, generator, max_size=0.5).clamp_(0.0, 1.0)
+
+
 def nhwc_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 NHWC numpy array -> uint8 NCHW tensor on ``device`` (no copy to float)."""
     images = np.asarray(images)

@@ -254,7 +254,7 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
             record["seconds"] = time.perf_counter() - start
             history.append(record)
             if progress:
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False,
                                 val_acc=f"{record.get('val_acc', float('nan')):.3f}")
             if on_epoch is not None:
                 on_epoch(record)

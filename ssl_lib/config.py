@@ -138,6 +138,46 @@ class FinetuneParams(_Section):
     registered_model_name: str = Field(default="ssl-pipeline-classifier", min_length=1)
 
 
+SELF_TRAIN_METHODS = ("none", "label_propagation", "distill", "fixmatch")
+
+
+class SelfTrainParams(_Section):
+    # One method, or a list applied in order within each round (propagated labels seeding a FixMatch student).
+    method: str | list[str] = "label_propagation"
+    rounds: int = Field(default=2, ge=0)
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=256, ge=2)
+    labeled_batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    unlabeled_weight: float = Field(default=1.0, ge=0)
+    ema_decay: float = Field(default=0.99, ge=0, lt=1)
+    threshold: float = Field(default=0.95, gt=0, le=1)
+    distribution_alignment: bool = True
+    temperature: float = Field(default=1.0, gt=0)
+    knn_k: int = Field(default=20, ge=1)
+    alpha: float = Field(default=0.99, gt=0, lt=1)
+    device: str = "auto"
+
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, value: str | list[str]) -> str | list[str]:
+        steps = [value] if isinstance(value, str) else list(value)
+        unknown = [m for m in steps if m not in SELF_TRAIN_METHODS]
+        if unknown or not steps:
+            raise ValueError(f"unknown self_train method {unknown or value!r}; use one of "
+                             f"{', '.join(SELF_TRAIN_METHODS)} or a list of them (except none)")
+        if "none" in steps and len(steps) > 1:
+            raise ValueError("self_train.method 'none' cannot be combined with other methods")
+        return value
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The methods applied in each round; empty for none."""
+        steps = (self.method,) if isinstance(self.method, str) else tuple(self.method)
+        return () if steps == ("none",) else steps
+
+
 class EvaluateParams(_Section):
     knn_k: int = Field(default=20, ge=1)
 
@@ -148,6 +188,7 @@ class PipelineParams(_Section):
     pseudo_labels: PseudoLabelParams = PseudoLabelParams()
     pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
+    self_train: SelfTrainParams = SelfTrainParams()
     evaluate: EvaluateParams = EvaluateParams()
 
 

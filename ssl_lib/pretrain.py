@@ -32,6 +32,7 @@ from ssl_lib.io import atomic_path
 from ssl_lib.methods import get_method
 from ssl_lib.methods.base import SSLMethod
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
+from ssl_lib.optim import decay_groups, warmup_cosine
 
 log = logging.getLogger("ssl_lib.pretrain")
 
@@ -128,29 +129,12 @@ def _check_pseudo(pseudo: dict[str, np.ndarray], epochs: int, n: int) -> None:
 
 
 def _optimizer(model: nn.Module, settings: PretrainSettings) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm and bias parameters: decaying them only fights the normalization.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = decay_groups(model.parameters(), settings.lr, settings.weight_decay)
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=settings.lr)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; use 'adamw' or 'sgd'")
-
-
-def warmup_cosine(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over the first ``warmup_fraction`` of steps, then cosine to 0."""
-    warmup = max(1, int(round(total_steps * warmup_fraction)))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
 
 
 def _augmentation_seed(epoch_seed: int, rank: int) -> int:
@@ -340,7 +324,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                 bar.update(1)
                 if progress and ranks.is_main and (step % 10 == 0 or step == steps_per_epoch - 1):
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}",
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False,
                                     img_s=f"{(step + 1 - first_step) * global_batch / max(elapsed, 1e-9):.0f}")
                 # A checkpoint at an epoch's last step is written once that epoch's record is in the history.
                 if fingerprint and done % settings.checkpoint_every == 0 and step < steps_per_epoch - 1:

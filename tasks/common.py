@@ -14,7 +14,7 @@ from ssl_lib.config import ConfigError, PipelineParams, load_params
 from tasks.environment import configure_environment
 
 USER_ERROR_EXIT = 2
-STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "evaluate")
+STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "evaluate")
 
 log = logging.getLogger("sslpipe")
 

@@ -1,9 +1,11 @@
-"""Stage 5, evaluate: both classifiers on the test split — accuracy, kNN on frozen features, per-class
-table, confusion matrices, metrics.json for `dvc metrics` and plot data for `dvc plots`."""
+"""Stage 6, evaluate: every classifier (supervised baseline, SSL fine-tune, SSL + self-training) on the test
+split: accuracy, kNN on frozen features, per-class table, confusion matrices, metrics.json for `dvc metrics`
+and plot data for `dvc plots`."""
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -13,17 +15,23 @@ from tasks import paths
 from tasks.common import make_stage_task, run_stage_cli
 
 log = logging.getLogger("sslpipe.evaluate")
+CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
+                  "self_train": paths.CONFUSION_FINAL}
 
 
-def _load_classifiers(spec: dict) -> dict:
+def _load_classifiers(spec: dict, self_trained: bool) -> dict:
+    """The rows evaluated: the baseline, the fine-tuned SSL classifier and, when self_train ran, its student."""
     import torch
 
     from ssl_lib.classifier import build_classifier
 
     models = {}
-    for kind, path in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
+    sources = [("ssl", paths.SSL_CLASSIFIER, "finetune"), ("baseline", paths.BASELINE_CLASSIFIER, "finetune")]
+    if self_trained:
+        sources.append(("self_train", paths.FINAL_CLASSIFIER, "self_train"))
+    for kind, path, stage in sources:
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run the stage first: dvc repro finetune")
+            raise FileNotFoundError(f"{path} is missing; run the stage first: dvc repro {stage}")
         model = build_classifier(**spec)
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         models[kind] = model.eval()
@@ -47,10 +55,12 @@ def run(params: PipelineParams) -> dict:
         data = load_prepared(paths.PREPARED)
         test_x, test_y = data.split("test")
         known_x, known_y = (np.concatenate(pair) for pair in zip(data.split("labeled"), data.split("val")))
-        classifier_info = json.loads(paths.CLASSIFIER_INFO.read_text())
-        class_names = classifier_info["class_names"]
-        spec = {k: classifier_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
-        models = _load_classifiers(spec)
+        if not paths.FINAL_INFO.is_file():
+            raise FileNotFoundError(f"{paths.FINAL_INFO} is missing; run the stage first: dvc repro self_train")
+        final_info = json.loads(paths.FINAL_INFO.read_text())
+        class_names = final_info["class_names"]
+        spec = {k: final_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
+        models = _load_classifiers(spec, self_trained=final_info["method"] != ["none"])
         k = min(params.evaluate.knn_k, len(known_y))
 
         def knn(model) -> float:
@@ -66,8 +76,7 @@ def run(params: PipelineParams) -> dict:
             metrics[kind] = {"accuracy": float((predicted == test_y).mean()), "knn_accuracy": knn(model),
                              "macro_f1": float(table["f1"].iloc[:len(class_names)].mean())}
             predictions[kind] = [class_names[i] for i in predicted]
-            save_confusion_png(test_y, predicted, class_names,
-                               paths.CONFUSION_SSL if kind == "ssl" else paths.CONFUSION_BASELINE)
+            save_confusion_png(test_y, predicted, class_names, CONFUSION_PNGS[kind])
 
         # Frozen features before any label was seen: what pretraining alone bought over random weights.
         _, encoder_state = load_encoder_info()
@@ -76,6 +85,8 @@ def run(params: PipelineParams) -> dict:
         torch.manual_seed(params.seed)
         metrics["random_encoder_knn_accuracy"] = knn(build_classifier(**spec).eval())
         metrics["ssl_gain"] = metrics["ssl"]["accuracy"] - metrics["baseline"]["accuracy"]
+        if "self_train" in metrics:
+            metrics["self_train_gain"] = metrics["self_train"]["accuracy"] - metrics["baseline"]["accuracy"]
         metrics["num_test"] = int(len(test_y))
 
         write_json(paths.METRICS, metrics)
@@ -91,17 +102,22 @@ def run(params: PipelineParams) -> dict:
         if parent_id:
             for key, value in flat.items():
                 client.log_metric(parent_id, key, value)
-        for artifact in (paths.CONFUSION_SSL, paths.CONFUSION_BASELINE, paths.PER_CLASS, paths.METRICS):
+        final = "self_train" if "self_train" in metrics else "ssl"
+        if final == "ssl":
+            shutil.copyfile(paths.CONFUSION_SSL, paths.CONFUSION_FINAL)
+        for artifact in (paths.CONFUSION_BASELINE, paths.CONFUSION_SSL, paths.CONFUSION_FINAL, paths.PER_CLASS,
+                         paths.METRICS):
             mlflow.log_artifact(str(artifact))
 
-        registered = classifier_info.get("registered_model") or {}
+        registered = final_info.get("registered_model") or {}
         if registered.get("version"):
             record_metrics(registered["name"], registered["version"],
-                           {"test_accuracy": flat["test_accuracy_ssl"],
+                           {"test_accuracy": metrics[final]["accuracy"],
                             "baseline_test_accuracy": flat["test_accuracy_baseline"]})
             crown_if_no_champion(registered["name"], registered["version"])
-        log.info("test accuracy: SSL %.4f, supervised baseline %.4f (gain %+.4f)", flat["test_accuracy_ssl"],
-                 flat["test_accuracy_baseline"], flat["ssl_gain"])
+        log.info("test accuracy: supervised baseline %.4f, SSL fine-tune %.4f%s", flat["test_accuracy_baseline"],
+                 flat["test_accuracy_ssl"], f", SSL + {'+'.join(final_info['method'])} "
+                 f"{metrics['self_train']['accuracy']:.4f}" if final == "self_train" else "")
     return metrics
 
 
@@ -114,7 +130,11 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
             "macro_f1_ssl": metrics["ssl"]["macro_f1"], "macro_f1_baseline": metrics["baseline"]["macro_f1"],
             "knn_accuracy_pretrained_encoder": metrics["pretrained_encoder_knn_accuracy"],
             "knn_accuracy_random_encoder": metrics["random_encoder_knn_accuracy"],
-            "ssl_gain": metrics["ssl_gain"]}
+            "ssl_gain": metrics["ssl_gain"],
+            **({"test_accuracy_self_train": metrics["self_train"]["accuracy"],
+                "knn_accuracy_self_train": metrics["self_train"]["knn_accuracy"],
+                "macro_f1_self_train": metrics["self_train"]["macro_f1"],
+                "self_train_gain": metrics["self_train_gain"]} if "self_train" in metrics else {})}
 
 
 evaluate_task = make_stage_task("evaluate")

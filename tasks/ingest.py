@@ -45,9 +45,14 @@ def check_label_budget(params: PipelineParams) -> None:
 
     data = params.data
     raw = load_source(data.source, data.path)
-    assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class, data.label_fraction,
-                  data.val_per_class, data.test_fraction, class_names=raw.class_names)
+    splits = assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class,
+                           data.label_fraction, data.val_per_class, data.test_fraction, class_names=raw.class_names)
     from ssl_lib.config import ConfigError
+
+    pool_size = int(((splits == "unlabeled") | (splits == "labeled")).sum())
+    if "label_propagation" in params.self_train.steps and params.self_train.knn_k >= pool_size:
+        raise ConfigError(f"self_train.knn_k {params.self_train.knn_k} must be below the self-training pool size "
+                          f"({pool_size} unlabeled + labeled images): lower self_train.knn_k")
     from ssl_lib.methods import get_method
 
     needed = getattr(get_method(params.pretrain.method), "required_channels", None)

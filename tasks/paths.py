@@ -17,9 +17,19 @@ SSL_CLASSIFIER = FINETUNE / "ssl_classifier.pt"
 BASELINE_CLASSIFIER = FINETUNE / "baseline_classifier.pt"
 CLASSIFIER_INFO = FINETUNE / "classifiers.json"
 FINETUNE_HISTORY = {"ssl": FINETUNE / "history_ssl.csv", "baseline": FINETUNE / "history_baseline.csv"}
+SELF_TRAIN = Path("artifacts/self_train")
+# The model that is registered, evaluated as the final row and predicted with: the self-trained student,
+# or the fine-tuned SSL classifier when self_train.method is none.
+FINAL_CLASSIFIER = SELF_TRAIN / "classifier.pt"
+FINAL_INFO = SELF_TRAIN / "final.json"
+POOL_PSEUDO_LABELS = SELF_TRAIN / "pseudo_labels.csv"
+POOL_PSEUDO_PREVIEW = SELF_TRAIN / "pseudo_labels.png"
+SELF_TRAIN_HISTORY = SELF_TRAIN / "history.csv"
 RESULTS = Path("results")
 METRICS = RESULTS / "metrics.json"
 PER_CLASS = RESULTS / "per_class.csv"
 PREDICTIONS = RESULTS / "predictions.csv"
 CONFUSION_SSL = RESULTS / "confusion_ssl.png"
 CONFUSION_BASELINE = RESULTS / "confusion_baseline.png"
+# The registered model's: the self-trained student, or the SSL fine-tune when self_train.method is none.
+CONFUSION_FINAL = RESULTS / "confusion_final.png"

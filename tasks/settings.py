@@ -4,6 +4,7 @@ from __future__ import annotations
 from ssl_lib.classifier import FinetuneSettings
 from ssl_lib.config import PipelineParams
 from ssl_lib.pretrain import PretrainSettings
+from ssl_lib.self_train import SelfTrainSettings
 
 
 def pretrain_settings(params: PipelineParams) -> PretrainSettings:
@@ -32,3 +33,12 @@ def finetune_settings(params: PipelineParams, baseline: bool = False) -> Finetun
                                 **common)
     return FinetuneSettings(mode=f.mode, epochs=f.epochs, lr=f.lr, encoder_lr_mult=f.encoder_lr_mult,
                             head_init=f.head_init, lp_epochs=f.lp_epochs, lp_lr=f.lp_lr, **common)
+
+
+def self_train_settings(params: PipelineParams) -> SelfTrainSettings:
+    s = params.self_train
+    return SelfTrainSettings(steps=s.steps, rounds=s.rounds, epochs=s.epochs, batch_size=s.batch_size,
+                             labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                             unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
+                             distribution_alignment=s.distribution_alignment, temperature=s.temperature,
+                             knn_k=s.knn_k, alpha=s.alpha, seed=params.seed, device=s.device)

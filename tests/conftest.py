@@ -19,6 +19,7 @@ TINY_PARAMS = {
     "pretrain": {"epochs": 2, "batch_size": 128, "max_images": None, "backbone": "convnet_small",
                  "options": {}},
     "finetune": {"epochs": 4, "lp_epochs": 2, "batch_size": 32, "registered_model_name": "test-classifier"},
+    "self_train": {"method": "label_propagation", "rounds": 2, "epochs": 1, "batch_size": 128, "knn_k": 10},
     "evaluate": {"knn_k": 5},
 }
 

@@ -14,7 +14,7 @@ from tests.conftest import make_project, run_cmd, use_project
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "evaluate")
+STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,13 @@ def test_flow_runs_every_stage_and_writes_outputs(flow_run):
     assert all(s["executed"] for s in summary["stages"])
     for rel in ("data/prepared/images.npy", "data/prepared/manifest.csv", "data/prepared/meta.json",
                 "artifacts/pseudo_labels/targets.npz", "artifacts/pseudo_labels/preview.png",
-                "artifacts/pretrain/encoder.pt", "results/per_class.csv", "results/confusion_ssl.png",
-                "results/confusion_baseline.png", "results/predictions.csv"):
+                "artifacts/pretrain/encoder.pt", "artifacts/self_train/classifier.pt",
+                "artifacts/self_train/pseudo_labels.csv", "artifacts/self_train/pseudo_labels.png",
+                "results/per_class.csv", "results/confusion_ssl.png", "results/confusion_baseline.png",
+                "results/confusion_final.png", "results/predictions.csv"):
         assert (project / rel).is_file(), rel
     metrics = json.loads((project / "results/metrics.json").read_text())
-    for kind in ("ssl", "baseline"):
+    for kind in ("ssl", "baseline", "self_train"):
         assert 0.0 <= metrics[kind]["accuracy"] <= 1.0
         assert 0.0 <= metrics[kind]["knn_accuracy"] <= 1.0
     # Digits has 10 classes: anything at chance level would mean the stages are not wired to real learning.
@@ -147,19 +149,67 @@ def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
     client = _client()
     before = {r.info.run_id for r in client.search_runs([_experiment_id(client)])}
     out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
-    assert _stages_run_by(out) == {"finetune", "evaluate"}, out
+    assert _stages_run_by(out) == {"finetune", "self_train", "evaluate"}, out
 
     # A plain `dvc repro` also gets one parent run with a nested run per executed stage.
     new_runs = [r for r in client.search_runs([_experiment_id(client)]) if r.info.run_id not in before]
     parents = [r for r in new_runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["sslpipe.parent_owner"] == "dvc"
     children = [r for r in new_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.data.tags["sslpipe.stage"] for r in children) == ["evaluate", "finetune"]
+    assert sorted(r.data.tags["sslpipe.stage"] for r in children) == ["evaluate", "finetune", "self_train"]
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     # A second registered version exists, with its metrics; only retraining moves the champion alias.
     versions = client.search_model_versions("name = 'test-classifier'")
     assert len(versions) == 2 and all("test_accuracy" in v.tags for v in versions)
     assert str(client.get_model_version_by_alias("test-classifier", "champion").version) == "1"
+
+
+def test_pseudo_labels_cover_the_pool_and_never_val_or_test(flow_run):
+    import pandas as pd
+
+    project, _ = flow_run
+    manifest = pd.read_csv(project / "data/prepared/manifest.csv")
+    table = pd.read_csv(project / "artifacts/self_train/pseudo_labels.csv")
+    pool = set(manifest.loc[manifest["split"].isin(["unlabeled", "labeled"]), "index"])
+    assert set(table["index"]) == pool
+    held_out = set(manifest.loc[manifest["split"].isin(["val", "test"]), "index"])
+    assert not set(table["index"]) & held_out
+    assert table["confidence"].between(0, 1).all() and table["used"].any()
+    assert set(table.columns) >= {"index", "source_id", "label", "class", "confidence", "weight", "used"}
+
+
+def test_changing_a_self_train_param_reruns_self_train_and_evaluate_only(flow_run):
+    project, _ = flow_run
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["self_train"]["knn_k"] += 1
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert _stages_run_by(out) == {"self_train", "evaluate"}, out
+    assert "Running stage" not in run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+    # The stage's run logs the pseudo-labels' accuracy on val per round.
+    client = _client()
+    run = client.search_runs([_experiment_id(client)], filter_string="tags.`sslpipe.stage` = 'self_train'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    history = client.get_metric_history(run.info.run_id, "label_propagation_pseudo_label_val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+
+
+def test_method_none_makes_the_fine_tuned_model_final(flow_run):
+    import torch
+
+    project, _ = flow_run
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["self_train"]["method"] = "none"
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert _stages_run_by(out) == {"self_train", "evaluate"}, out
+    final = torch.load(project / "artifacts/self_train/classifier.pt", weights_only=True)
+    ssl = torch.load(project / "artifacts/finetune/ssl_classifier.pt", weights_only=True)
+    assert all(torch.equal(final[k], ssl[k]) for k in ssl)
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert "self_train" not in metrics and {"ssl", "baseline"} <= set(metrics)
 
 
 def test_rerunning_pretrain_reproduces_the_encoder_bit_for_bit(flow_run):
@@ -220,4 +270,4 @@ def test_a_new_label_budget_reuses_the_pretrained_encoder(flow_run):
     project, _ = flow_run
     _bump_param(project, "data", "labels_per_class", 2)
     out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
-    assert _stages_run_by(out) == {"ingest", "finetune", "evaluate"}, out
+    assert _stages_run_by(out) == {"ingest", "finetune", "self_train", "evaluate"}, out

@@ -1,0 +1,332 @@
+"""Semi-supervised training after fine-tuning: the unlabeled pool teaches the classifier.
+
+A round turns a teacher into a student through one or more steps, each of which trains the model
+further on the pool (unlabeled + labeled images; never val or test) plus the labeled set:
+
+- ``label_propagation`` (Iscen et al., 2019): a kNN graph of the teacher's features spreads the few
+  labels over the pool by diffusion; each pool image gets the propagated class, weighted by its
+  certainty (1 - entropy / log C) and by the inverse frequency of that class.
+- ``distill`` (SimCLRv2): the teacher's soft predictions on the pool (at ``temperature``) are the targets.
+- ``fixmatch`` (Sohn et al., 2020): the EMA model's prediction on a weak view (shift + flip) becomes a
+  hard pseudo-label where its confidence reaches ``threshold``; the student learns it on a strong view
+  (affine, jitter, cutout), optionally with distribution alignment (ReMixMatch).
+
+The static targets of the first two are computed once per step; fixmatch's are computed per batch. In every
+step the loss is CE(labeled, weak view) + unlabeled_weight * mean_i(w_i * CE(pool_i, strong view, target_i)),
+and the weights kept are an exponential moving average of the student's, which becomes the next teacher.
+All randomness comes from ``settings.seed``: two CPU runs with the same thread count are identical.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
+from ssl_lib.classifier import Classifier
+from ssl_lib.device import select_device
+from ssl_lib.optim import decay_groups, warmup_cosine
+
+log = logging.getLogger("ssl_lib.self_train")
+
+METHODS = ("none", "label_propagation", "distill", "fixmatch")
+
+
+@dataclass(frozen=True)
+class SelfTrainSettings:
+    steps: tuple[str, ...]  # methods applied in order within each round, e.g. ("label_propagation", "fixmatch")
+    rounds: int = 2
+    epochs: float = 2.0  # passes over the pool per step
+    batch_size: int = 256  # pool images per step
+    labeled_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    unlabeled_weight: float = 1.0
+    ema_decay: float = 0.99
+    threshold: float = 0.95  # fixmatch
+    distribution_alignment: bool = True  # fixmatch
+    temperature: float = 1.0  # distill
+    knn_k: int = 20  # label_propagation
+    alpha: float = 0.99  # label_propagation: diffusion strength
+    seed: int = 0
+    device: str = "auto"
+    warmup_fraction: float = 0.05
+
+
+@dataclass
+class PseudoLabels:
+    """The teacher's labels for the pool: class, confidence and the weight each got in training."""
+
+    label: np.ndarray  # (N,) int
+    confidence: np.ndarray  # (N,) float, the target's top probability
+    weight: np.ndarray  # (N,) float; 0 = not used
+
+
+@dataclass
+class SelfTrainResult:
+    model: Classifier
+    history: list[dict[str, Any]] = field(default_factory=list)  # per epoch of every step
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # per step: pseudo-label quality
+    pseudo_labels: PseudoLabels | None = None  # of the last step's teacher
+
+
+def validate_settings(settings: SelfTrainSettings, pool_size: int) -> None:
+    """Raise ValueError naming the setting for anything that cannot run."""
+    unknown = [m for m in settings.steps if m not in METHODS or m == "none"]
+    if unknown:
+        raise ValueError(f"unknown self_train method {unknown}; use {', '.join(METHODS)}")
+    if settings.rounds < 0:
+        raise ValueError(f"self_train.rounds must be >= 0, got {settings.rounds}")
+    if not 0.0 < settings.threshold <= 1.0:
+        raise ValueError(f"self_train.threshold must be in (0, 1], got {settings.threshold}")
+    if "label_propagation" in settings.steps and not 1 <= settings.knn_k < pool_size:
+        raise ValueError(f"self_train.knn_k must be in [1, pool size - 1] = [1, {pool_size - 1}], "
+                         f"got {settings.knn_k}")
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+def propagate_labels(features: torch.Tensor, labeled_rows: np.ndarray, labels: np.ndarray, num_classes: int,
+                     k: int = 20, alpha: float = 0.99, gamma: float = 3.0, iterations: int = 20
+                     ) -> torch.Tensor:
+    """Label propagation over a kNN graph (Zhou et al., 2004; Iscen et al., 2019). Returns (N, C) class scores.
+
+    W_ij = max(0, cos(f_i, f_j))^gamma for j among i's k nearest neighbours, symmetrised; S = D^-1/2 W D^-1/2;
+    Z solves (I - alpha S) Z = Y by conjugate gradient, with Y_ic = 1/|L_c| for labeled row i of class c.
+    """
+    import scipy.sparse
+    import scipy.sparse.linalg
+
+    feats = F.normalize(features.float(), dim=1)
+    n = len(feats)
+    k = min(k, n - 1)
+    rows, cols, vals = [], [], []
+    for start in range(0, n, 1024):  # chunks keep the similarity block small
+        sims, idx = (feats[start:start + 1024] @ feats.t()).topk(k + 1, dim=1)
+        rows.append(np.repeat(np.arange(start, start + len(sims)), k))
+        # Drop each row's best match, itself (a duplicate image may come first: same result).
+        cols.append(idx[:, 1:].reshape(-1).numpy())
+        vals.append(sims[:, 1:].clamp_min(0).pow(gamma).reshape(-1).numpy())
+    w = scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    w = w + w.T
+    degree = np.asarray(w.sum(axis=1)).ravel()
+    d = scipy.sparse.diags(1.0 / np.sqrt(np.maximum(degree, 1e-12)))
+    system = scipy.sparse.eye(n) - alpha * (d @ w @ d)
+    z = np.zeros((n, num_classes))
+    labels = np.asarray(labels)
+    for c in range(num_classes):
+        members = np.asarray(labeled_rows)[labels == c]
+        y = np.zeros(n)
+        if len(members):
+            y[members] = 1.0 / len(members)
+        z[:, c], _ = scipy.sparse.linalg.cg(system, y, rtol=1e-6, maxiter=iterations)
+    return torch.from_numpy(z).float()
+
+
+def propagation_targets(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard targets and weights from propagated scores: certainty x inverse class frequency (Iscen et al.)."""
+    probs = scores.clamp_min(0)
+    probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+    num_classes = probs.shape[1]
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+    certainty = 1.0 - entropy / math.log(num_classes)
+    label = probs.argmax(1)
+    counts = torch.bincount(label, minlength=num_classes).float().clamp_min(1)
+    balance = (len(label) / num_classes) / counts[label]
+    return F.one_hot(label, num_classes).float(), certainty * balance
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _features_and_probs(model: Classifier, images: torch.Tensor, temperature: float = 1.0,
+                        batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    feats, probs = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            f = model.features(images[i:i + batch_size].float().div_(255.0))
+            feats.append(f.cpu())
+            probs.append(torch.softmax(model.head(f) / temperature, dim=1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    _, probs = _features_and_probs(model, images)
+    return float((probs.argmax(1) == labels.cpu()).float().mean())
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1)
+
+
+class _Alignment:
+    """ReMixMatch distribution alignment: scale pseudo-label probabilities by prior / running mean prediction."""
+
+    def __init__(self, num_classes: int, device: torch.device, momentum: float = 0.999) -> None:
+        self.prior = torch.full((num_classes,), 1.0 / num_classes, device=device)
+        self.running = self.prior.clone()
+        self.momentum = momentum
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        self.running.mul_(self.momentum).add_(probs.mean(0), alpha=1 - self.momentum)
+        aligned = probs * (self.prior / self.running.clamp_min(1e-6))
+        return aligned / aligned.sum(1, keepdim=True)
+
+
+def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, labeled_x: torch.Tensor,
+                       labeled_y: torch.Tensor, static: tuple[torch.Tensor, torch.Tensor] | None,
+                       settings: SelfTrainSettings, generator: torch.Generator, tag: dict[str, Any],
+                       val: tuple[torch.Tensor, torch.Tensor], on_epoch: Callable[[dict[str, Any]], None] | None,
+                       progress: bool) -> Classifier:
+    """Train ``model`` (in place) for ``settings.epochs`` passes over the pool; return its EMA copy."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from tqdm.auto import tqdm
+
+    device = pool.device
+    n = len(pool)
+    batch = min(settings.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
+    total = max(1, int(round(settings.epochs * steps_per_epoch)))
+    optimizer = torch.optim.AdamW(decay_groups(model.parameters(), settings.lr, settings.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, settings.warmup_fraction))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+    align = _Alignment(model.num_classes, device) if settings.distribution_alignment else None
+    targets, weights = (t.to(device) for t in static) if static is not None else (None, None)
+
+    step, epoch = 0, 0
+    bar = tqdm(total=total, disable=not progress, desc=f"self_train {method} r{tag['round']}", unit="step")
+    try:
+        while step < total:
+            start = time.perf_counter()
+            order = torch.randperm(n, generator=generator).to(device)
+            sums = {"loss": 0.0, "mask": 0.0}
+            done = 0
+            for s in range(min(steps_per_epoch, total - step)):
+                u_idx = order[s * batch:(s + 1) * batch]
+                l_idx = torch.randint(len(labeled_x), (settings.labeled_batch_size,), generator=generator).to(device)
+                x_l = shift_flip(labeled_x[l_idx], generator)
+                u_raw = pool[u_idx]
+                x_s = strong_augment(u_raw, generator)
+                if method == "fixmatch":
+                    with torch.no_grad():
+                        ema.eval()
+                        probs = torch.softmax(ema(shift_flip(u_raw, generator)), dim=1)
+                        if align is not None:
+                            probs = align(probs)
+                        confidence, label = probs.max(1)
+                        target = F.one_hot(label, model.num_classes).float()
+                        weight = (confidence >= settings.threshold).float()
+                else:
+                    target, weight = targets[u_idx], weights[u_idx]
+                model.train()
+                logits = model(torch.cat([x_l, x_s]))
+                loss_l = F.cross_entropy(logits[:len(x_l)], labeled_y[l_idx])
+                loss_u = (weight * _soft_cross_entropy(logits[len(x_l):], target)).mean()
+                loss = loss_l + settings.unlabeled_weight * loss_u
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                ema.update_parameters(model)
+                sums["loss"] += float(loss.detach())
+                sums["mask"] += float((weight > 0).float().mean())
+                done += 1
+                step += 1
+                bar.update(1)
+            epoch += 1
+            record = {**tag, "epoch": epoch, "loss": sums["loss"] / done, "mask_rate": sums["mask"] / done,
+                      "val_acc": accuracy(ema.module, *val), "seconds": time.perf_counter() - start}
+            if on_epoch is not None:
+                on_epoch(record)
+    finally:
+        bar.close()
+    return ema.module
+
+
+def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndarray, labeled_labels: np.ndarray,
+               val_images: np.ndarray, val_labels: np.ndarray, settings: SelfTrainSettings,
+               on_epoch: Callable[[dict[str, Any]], None] | None = None,
+               on_round: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> SelfTrainResult:
+    """Improve a fine-tuned ``model`` with the unlabeled pool; return the final EMA model.
+
+    ``pool_images`` (uint8 NHWC) are every image the model may train on: unlabeled and labeled, never val
+    or test. ``labeled_rows`` are the positions of the labeled images within the pool and ``labeled_labels``
+    their classes. ``val_images``/``val_labels`` only measure: the pseudo-labels' accuracy and each epoch's
+    model, both logged, never trained on.
+    """
+    validate_settings(settings, len(pool_images))
+    device = select_device(settings.device)
+    model = copy.deepcopy(model).to(device=device, memory_format=torch.channels_last)
+    pool = nhwc_to_tensor(np.asarray(pool_images), device)
+    labeled_rows = np.asarray(labeled_rows, dtype=np.int64)
+    labeled_y = torch.as_tensor(np.asarray(labeled_labels), dtype=torch.long, device=device)
+    labeled_x = pool[torch.as_tensor(labeled_rows, device=device)]
+    val = (nhwc_to_tensor(np.asarray(val_images), device),
+           torch.as_tensor(np.asarray(val_labels), dtype=torch.long, device=device))
+    generator = torch.Generator().manual_seed(settings.seed)
+    result = SelfTrainResult(model=model)
+
+    for round_index in range(settings.rounds):
+        for method in settings.steps:
+            tag = {"round": round_index + 1, "method": method}
+            start = time.perf_counter()
+            feats, probs = _features_and_probs(model, pool, settings.temperature if method == "distill" else 1.0)
+            static = None
+            if method == "label_propagation":
+                scores = propagate_labels(feats, labeled_rows, labeled_y.cpu().numpy(), model.num_classes,
+                                          k=settings.knn_k, alpha=settings.alpha)
+                static = propagation_targets(scores)
+                pseudo = _pseudo_labels(scores.clamp_min(0) / scores.clamp_min(0).sum(1, keepdim=True)
+                                        .clamp_min(1e-12), static[1])
+                val_acc = _propagated_val_accuracy(model, feats, scores, val, settings.knn_k)
+            else:
+                if method == "distill":
+                    static = (probs, torch.ones(len(probs)))
+                weight = static[1] if static is not None else (probs.max(1).values >= settings.threshold).float()
+                pseudo = _pseudo_labels(probs, weight)
+                val_acc = accuracy(model, *val)
+            summary = {**tag, "pseudo_label_val_accuracy": val_acc,
+                       "pseudo_label_used_fraction": float((pseudo.weight > 0).mean()),
+                       "targets_seconds": time.perf_counter() - start}
+            log.info("round %d %s: pseudo-labels %.4f on val, %.1f%% of the pool used", tag["round"], method,
+                     val_acc, 100 * summary["pseudo_label_used_fraction"])
+            result.rounds.append(summary)
+            result.pseudo_labels = pseudo
+            if on_round is not None:
+                on_round(summary)
+            model = _train_step_method(method, model, pool, labeled_x, labeled_y, static, settings, generator, tag,
+                                       val, lambda r: (result.history.append(r), on_epoch and on_epoch(r)),
+                                       progress)
+    model.eval()
+    result.model = model
+    return result
+
+
+def _pseudo_labels(probs: torch.Tensor, weight: torch.Tensor) -> PseudoLabels:
+    confidence, label = probs.max(1)
+    return PseudoLabels(label=label.numpy().astype(np.int64), confidence=confidence.numpy().astype(np.float32),
+                        weight=weight.cpu().numpy().astype(np.float32))
+
+
+def _propagated_val_accuracy(model: Classifier, pool_feats: torch.Tensor, scores: torch.Tensor,
+                             val: tuple[torch.Tensor, torch.Tensor], k: int) -> float:
+    """Accuracy of propagated labels carried to val images by their k nearest pool neighbours.
+
+    Val images stay out of the graph: each one takes the similarity-weighted mean of its neighbours' scores.
+    """
+    if len(val[1]) == 0:
+        return float("nan")
+    val_feats, _ = _features_and_probs(model, val[0])
+    sims, idx = (F.normalize(val_feats, dim=1) @ F.normalize(pool_feats, dim=1).t()).topk(k, dim=1)
+    votes = (sims.clamp_min(0).unsqueeze(2) * scores[idx]).sum(1)
+    return float((votes.argmax(1) == val[1].cpu()).float().mean())

@@ -1,0 +1,134 @@
+"""Stage 5, self_train: the unlabeled pool teaches the fine-tuned classifier (label propagation, distillation,
+FixMatch), and the final model is registered in MLflow. With ``self_train.method: none`` the fine-tuned SSL
+classifier is the final model, unchanged."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from ssl_lib.config import PipelineParams
+from tasks import paths
+from tasks.common import make_stage_task, run_stage_cli
+
+log = logging.getLogger("sslpipe.self_train")
+
+
+def pool_rows(splits: np.ndarray) -> np.ndarray:
+    """Dataset rows self-training may train on: unlabeled and labeled, never val or test."""
+    return np.flatnonzero((splits == "unlabeled") | (splits == "labeled"))
+
+
+def run(params: PipelineParams) -> dict:
+    import json
+
+    import mlflow
+    import torch
+
+    from ssl_lib.classifier import build_classifier
+    from ssl_lib.data import load_prepared
+    from ssl_lib.io import atomic_path, save_torch, write_json
+    from ssl_lib.self_train import self_train
+    from tasks.finetune import log_classifier
+    from tasks.settings import self_train_settings
+    from tasks.tracking import stage_run
+
+    section = {"seed": params.seed, "self_train": params.self_train.model_dump()}
+    with stage_run("self_train", params, section=section):
+        data = load_prepared(paths.PREPARED)
+        if not paths.SSL_CLASSIFIER.is_file() or not paths.CLASSIFIER_INFO.is_file():
+            raise FileNotFoundError(f"{paths.SSL_CLASSIFIER} is missing; run the stage first: dvc repro finetune")
+        info = json.loads(paths.CLASSIFIER_INFO.read_text())
+        spec = {k: info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
+        model = build_classifier(**spec)
+        model.load_state_dict(torch.load(paths.SSL_CLASSIFIER, weights_only=True, map_location="cpu"))
+        settings = self_train_settings(params)
+        splits = data.manifest["split"].to_numpy()
+        rows = pool_rows(splits)
+        history: list[dict] = []
+        table = pd.DataFrame(columns=["index", "source_id", "label", "class", "confidence", "weight", "used"])
+        if settings.steps and settings.rounds > 0:
+            labels = data.manifest["label"].to_numpy(dtype=np.int64)
+            pool = np.asarray(data.images[rows])
+            labeled_rows = np.flatnonzero(splits[rows] == "labeled")
+            val_x, val_y = data.split("val")
+
+            def on_epoch(row: dict) -> None:
+                step = len(history)
+                mlflow.log_metrics({f"{row['method']}_{k}": float(v) for k, v in row.items()
+                                    if k not in ("method", "round", "epoch")}, step=step)
+
+            def on_round(row: dict) -> None:
+                mlflow.log_metrics({f"{row['method']}_{k}": float(v) for k, v in row.items()
+                                    if k not in ("method", "round")}, step=int(row["round"]))
+
+            log.info("self-training on a pool of %d images (%d labeled), steps %s x %d rounds", len(rows),
+                     len(labeled_rows), "+".join(settings.steps), settings.rounds)
+            result = self_train(model, pool, labeled_rows, labels[rows][labeled_rows], val_x, val_y, settings,
+                                on_epoch=lambda r: (history.append(r), on_epoch(r)), on_round=on_round)
+            model = result.model.cpu().eval()
+            pseudo = result.pseudo_labels
+            table = pd.DataFrame({"index": rows, "source_id": data.manifest["source_id"].to_numpy()[rows],
+                                  "label": pseudo.label, "class": [data.class_names[i] for i in pseudo.label],
+                                  "confidence": pseudo.confidence.round(5), "weight": pseudo.weight.round(5),
+                                  "used": pseudo.weight > 0})
+            save_pseudo_label_preview(pool, pseudo.label, pseudo.confidence, data.class_names,
+                                      paths.POOL_PSEUDO_PREVIEW)
+            mlflow.log_artifact(str(paths.POOL_PSEUDO_PREVIEW))
+        else:
+            log.info("self_train.method is none: the fine-tuned SSL classifier is the final model")
+            save_pseudo_label_preview(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0),
+                                      data.class_names, paths.POOL_PSEUDO_PREVIEW)
+        with atomic_path(paths.POOL_PSEUDO_LABELS) as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(paths.SELF_TRAIN_HISTORY) as tmp:
+            pd.DataFrame(history, columns=None if history else ["round", "method", "epoch", "val_acc"]).to_csv(
+                tmp, index=False)
+        save_torch(model.state_dict(), paths.FINAL_CLASSIFIER)
+        train_x, _ = data.split("labeled")
+        registered = log_classifier(model, train_x[:4], params.finetune.registered_model_name,
+                                    class_names=data.class_names)
+        write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": list(settings.steps)
+                                      or ["none"], "rounds": settings.rounds, "registered_model": registered})
+    return registered
+
+
+def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: np.ndarray, class_names: list[str],
+                              path, per_side: int = 4) -> None:
+    """A PNG, one row per class: its ``per_side`` most confident pool images, then its least confident ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # here, not at import: importing this module must not change global state
+    import matplotlib.pyplot as plt
+
+    from ssl_lib.io import atomic_path
+
+    k = len(class_names)
+    fig, axes = plt.subplots(k, 2 * per_side, figsize=(2 * per_side * 1.1, k * 1.2 + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for c in range(k):
+        members = np.flatnonzero(label == c)
+        ranked = members[np.argsort(-confidence[members], kind="stable")]
+        picks = list(ranked[:per_side]) + [None] * (per_side - min(per_side, len(ranked)))
+        picks += list(ranked[-per_side:][::-1]) if len(ranked) > per_side else [None] * per_side
+        for j, i in enumerate(picks):
+            if i is None:
+                continue
+            image = pool[i]
+            axes[c, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            axes[c, j].set_title(f"{confidence[i]:.2f}", fontsize=7)
+        axes[c, 0].text(-0.1, 0.5, class_names[c], transform=axes[c, 0].transAxes, ha="right", va="center",
+                        fontsize=8)
+    fig.suptitle("pseudo-labels per class: most confident (left) and least confident (right)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+self_train_task = make_stage_task("self_train")
+
+if __name__ == "__main__":
+    run_stage_cli("self_train", run)
