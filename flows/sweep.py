@@ -96,6 +96,8 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
     MlflowClient().log_batch(run_id, metrics=_metric_entities(metrics))
     return {"method": point.method, "labels_per_class": point.labels_per_class, "seed": point.seed,
             "ssl_accuracy": metrics["ssl"]["accuracy"], "baseline_accuracy": metrics["baseline"]["accuracy"],
+            # the final model's, when the self_train stage ran (self_train.method other than none)
+            "self_train_accuracy": metrics.get("self_train", {}).get("accuracy"),
             "ssl_gain": metrics["ssl_gain"], "ssl_knn_accuracy": metrics["ssl"]["knn_accuracy"],
             "pretrained_encoder_knn_accuracy": metrics["pretrained_encoder_knn_accuracy"],
             "dvc_experiment": name, "mlflow_run_id": run_id}
@@ -135,9 +137,12 @@ def label_efficiency_plot(table: pd.DataFrame, path: Path) -> None:
     baseline_drawn = set()
     for method, group in table.groupby("method"):
         for column, label, style in (("ssl_accuracy", f"SSL: {method}", "-o"),
+                                     ("self_train_accuracy", f"SSL + semi-supervised: {method}", "-^"),
                                      ("baseline_accuracy", "supervised only", "--s")):
             if column == "baseline_accuracy" and tuple(group["labels_per_class"]) in baseline_drawn:
                 continue  # the baseline does not depend on the method: draw it once
+            if group[column].isna().all():
+                continue  # self_train.method none: no such row
             stats = group.groupby("labels_per_class")[column].agg(["mean", "min", "max"])
             line, = ax.plot(stats.index, stats["mean"], style, label=label)
             ax.fill_between(stats.index, stats["min"], stats["max"], alpha=0.2, color=line.get_color())

@@ -81,8 +81,9 @@ def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
 
 
 def save_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
-                       path: str | Path) -> None:
-    """Write the confusion matrix (rows: true class, columns: predicted) as a PNG, atomically."""
+                       path: str | Path, model_name: str | None = None) -> None:
+    """Write the confusion matrix (rows: true class, columns: predicted) as a PNG, atomically; the title names
+    ``model_name`` and its accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")  # here, not at import: importing this module must not change global state
@@ -103,7 +104,8 @@ def save_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequ
         for j in range(k):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > threshold else "black")
-    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(1, cm.sum()):.3f})")
+    accuracy = f"accuracy {np.trace(cm) / max(1, cm.sum()):.3f}"
+    ax.set_title(f"{model_name}: {accuracy}" if model_name else f"confusion matrix ({accuracy})", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

@@ -76,7 +76,9 @@ def run(params: PipelineParams) -> dict:
             metrics[kind] = {"accuracy": float((predicted == test_y).mean()), "knn_accuracy": knn(model),
                              "macro_f1": float(table["f1"].iloc[:len(class_names)].mean())}
             predictions[kind] = [class_names[i] for i in predicted]
-            save_confusion_png(test_y, predicted, class_names, CONFUSION_PNGS[kind])
+            title = {"baseline": "supervised-only baseline", "ssl": f"SSL fine-tune ({params.pretrain.method})",
+                     "self_train": f"SSL + {'+'.join(final_info['method'])} (final model)"}[kind]
+            save_confusion_png(test_y, predicted, class_names, CONFUSION_PNGS[kind], model_name=title)
 
         # Frozen features before any label was seen: what pretraining alone bought over random weights.
         _, encoder_state = load_encoder_info()
@@ -110,7 +112,13 @@ def run(params: PipelineParams) -> dict:
             mlflow.log_artifact(str(artifact))
 
         registered = final_info.get("registered_model") or {}
-        if registered.get("version"):
+        if registered.get("version") and not _in_registry(registered):
+            # The final model was registered in another tracking store (outputs pulled with `dvc pull`, or a copied
+            # workspace): the metrics stay in metrics.json and on this run.
+            log.warning("model %s version %s is not in this tracking store (%s); run `dvc repro --force self_train` "
+                        "to register the final model here", registered["name"], registered["version"],
+                        mlflow.get_tracking_uri())
+        elif registered.get("version"):
             record_metrics(registered["name"], registered["version"],
                            {"test_accuracy": metrics[final]["accuracy"],
                             "baseline_test_accuracy": flat["test_accuracy_baseline"]})
@@ -119,6 +127,17 @@ def run(params: PipelineParams) -> dict:
                  flat["test_accuracy_ssl"], f", SSL + {'+'.join(final_info['method'])} "
                  f"{metrics['self_train']['accuracy']:.4f}" if final == "self_train" else "")
     return metrics
+
+
+def _in_registry(registered: dict) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_model_version(registered["name"], registered["version"])
+    except MlflowException:
+        return False
+    return True
 
 
 def headline_metrics(metrics: dict) -> dict[str, float]:

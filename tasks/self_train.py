@@ -89,8 +89,9 @@ def run(params: PipelineParams) -> dict:
         train_x, _ = data.split("labeled")
         registered = log_classifier(model, train_x[:4], params.finetune.registered_model_name,
                                     class_names=data.class_names)
-        write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": list(settings.steps)
-                                      or ["none"], "rounds": settings.rounds, "registered_model": registered})
+        ran = list(settings.steps) if settings.steps and settings.rounds > 0 else ["none"]
+        write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": ran,
+                                      "rounds": settings.rounds, "registered_model": registered})
     return registered
 
 

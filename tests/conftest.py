@@ -47,10 +47,13 @@ def make_project(path: Path, params: dict | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, path / name)
+    # The stages list their code as deps (and run the project's own copy, as in a clone).
+    for package in ("ssl_lib", "tasks"):
+        shutil.copytree(REPO / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw = _deep_update(_deep_update(raw, TINY_PARAMS), params or {})
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (path / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect/\n")
+    (path / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect/\n__pycache__/\n")
     run_cmd(["git", "init", "-q", "-b", "main"], path)
     run_cmd([sys.executable, "-m", "dvc", "init", "-q"], path)
     run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], path)

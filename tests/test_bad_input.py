@@ -39,6 +39,11 @@ def project(tmp_path: Path) -> Path:
     ("data.source=folder", ["data.path"]),
     ("pretrain.method=mae", ["pretrain.backbone", "vit_tiny"]),
     ("pretrain.method=colorization", ["3-channel", "digits"]),
+    ("self_train.threshold=1.5", ["self_train.threshold", "less than or equal to 1"]),
+    ("self_train.threshold=0", ["self_train.threshold", "greater than 0"]),
+    ("self_train.rounds=-1", ["self_train.rounds"]),
+    ("self_train.method=mixmatch", ["self_train.method", "label_propagation", "fixmatch"]),
+    ("self_train.knn_k=100000", ["self_train.knn_k", "pool size"]),
 ])
 def test_run_rejects_bad_params_before_any_compute(project: Path, override: str, expected: list[str]):
     params_before = (project / "params.yaml").read_text()

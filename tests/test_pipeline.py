@@ -129,6 +129,37 @@ def test_repro_right_after_a_run_executes_nothing(flow_run):
     assert "up to date" in out
 
 
+def _stale_after_editing(project: Path, rel: str) -> set[str]:
+    """The stages `dvc status` finds changed once ``rel`` (a code file of the project) gets one more line."""
+    path = project / rel
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        return set(json.loads(run_cmd([sys.executable, "-m", "dvc", "status", "--json"], project).stdout))
+    finally:
+        path.write_text(original)
+
+
+def test_code_edits_make_exactly_the_stages_that_run_that_code_stale(flow_run):
+    project, _ = flow_run
+    assert _stale_after_editing(project, "ssl_lib/evaluation.py") == {"evaluate"}
+    assert _stale_after_editing(project, "ssl_lib/self_train.py") == {"self_train"}
+    assert _stale_after_editing(project, "ssl_lib/classifier.py") == {"finetune", "self_train", "evaluate"}
+    # pseudo_labels and pretrain run the method; the stages after them rerun when the encoder changes.
+    assert _stale_after_editing(project, "ssl_lib/methods/rotation.py") == {"pseudo_labels", "pretrain"}
+    assert _stale_after_editing(project, "ssl_lib/data/splits.py") == {"ingest"}
+    assert json.loads(run_cmd([sys.executable, "-m", "dvc", "status", "--json"], project).stdout) == {}
+    path = project / "ssl_lib/evaluation.py"
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        out = run_cmd([sys.executable, "-m", "dvc", "repro"], project).stdout
+        assert _stages_run_by(out) == {"evaluate"}, out
+    finally:
+        path.write_text(original)
+    run_cmd([sys.executable, "-m", "dvc", "commit", "--force", "evaluate"], project)
+
+
 def _bump_param(project: Path, section: str, key: str, delta: int) -> None:
     params_path = project / "params.yaml"
     params = yaml.safe_load(params_path.read_text())

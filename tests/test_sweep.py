@@ -23,6 +23,7 @@ def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
     table = pd.read_csv(result["table"])
     assert list(table["labels_per_class"]) == [2, 4]
     assert table["ssl_accuracy"].between(0, 1).all() and table["baseline_accuracy"].between(0, 1).all()
+    assert table["self_train_accuracy"].between(0, 1).all()  # the tests' params self-train with label propagation
     with open(result["plot"], "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 
