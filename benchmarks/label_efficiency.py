@@ -18,6 +18,7 @@ MLflow run in the experiment `ssl-label-efficiency`; the table (markdown) and th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -163,6 +164,10 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="use this encoder state_dict (seed 0's) instead of pretraining")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--out", default="benchmarks/results", help="folder for label_efficiency.md/.png")
+    parser.add_argument("--points", default=None,
+                        help="JSON-lines file of grid points: each new point is appended, and the table and plot are "
+                             "built from every point in it (so a grid can be run in parts); default: none kept")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table and plot from --points")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("SSLPIPE_THREADS", torch.get_num_threads())))
     params = load_params(args.params)
@@ -180,10 +185,11 @@ def main() -> None:
         configure_environment()
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
-    results: list[dict] = []
+    results: list[dict] = _read_points(args.points) if args.points else []
     encoders: dict[int, dict] = {}
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.table_only:
+            seeds = []
         work = Path(tmp)
         for seed in seeds:
             encoder_seed = seed if args.pretrain_per_seed else 0
@@ -201,23 +207,38 @@ def main() -> None:
                     print(f"pretrained seed {encoder_seed} in {time.perf_counter() - start:.0f} s", flush=True)
             for n in labels:
                 result = run_point(params, encoders[encoder_seed], seed, n, n in scratch, work)
-                results.append(result)
+                results = [r for r in results if (r["seed"], r["labels_per_class"]) != (seed, n)] + [result]
                 print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}, flush=True)
+                if args.points:
+                    with open(args.points, "a") as fh:
+                        fh.write(json.dumps(result) + "\n")
                 if not args.no_mlflow:
                     log_point(result, params)
     table, means = summarize(results, labels)
+    seeds = sorted({r["seed"] for r in results})
     header = (f"Fashion-MNIST test accuracy (10 000 images), mean ± std over seeds {seeds}; pretraining "
               f"{params.pretrain.method} {params.pretrain.epochs} epochs ({params.pretrain.backbone}), self-training "
               f"{'+'.join(params.self_train.steps) or 'none'} x {params.self_train.rounds} rounds x "
               f"{params.self_train.epochs} epochs; encoder: "
-              f"{'one per seed' if args.pretrain_per_seed else 'seed 0, shared'}; "
-              f"{time.perf_counter() - started:.0f} s in all.\n\n")
+              f"{'one per seed' if args.pretrain_per_seed else 'seed 0, shared'}.\n\n")
     print(header + table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "label_efficiency.md") as tmp_path:
         Path(tmp_path).write_text(header + table + "\n")
     plot(means, labels, out / "label_efficiency.png")
+
+
+def _read_points(path: str) -> list[dict]:
+    """Grid points from a JSON-lines file; a point measured again replaces the earlier one."""
+    if not Path(path).is_file():
+        return []
+    points: dict[tuple[int, int], dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            point = json.loads(line)
+            points[(point["seed"], point["labels_per_class"])] = point
+    return list(points.values())
 
 
 def _ingest_any(params, seed: int, work: Path) -> Path:
