@@ -28,7 +28,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
 from ssl_lib.classifier import Classifier
