@@ -13,11 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ssl_lib.errors import ConfigError
+
 SOURCES = ("fashion-mnist", "digits", "folder")
-
-
-class ConfigError(ValueError):
-    """A user mistake in params.yaml or in an override; the message names the key and the fix."""
 
 
 class _Section(BaseModel):

@@ -1,6 +1,6 @@
-"""The one exception type for data problems the user can fix."""
+"""Data problems the user can fix: ``DataError`` (defined with the rest of the family in ``ssl_lib.errors``)."""
 from __future__ import annotations
 
+from ssl_lib.errors import DataError, LabelBudgetError
 
-class DataError(ValueError):
-    """A data source, split budget or prepared dataset is unusable; the message says how to fix it."""
+__all__ = ["DataError", "LabelBudgetError"]
