@@ -8,11 +8,14 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 # from downloading a newer multi-GB CUDA build. Override for another platform: make TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
-export DO_NOT_TRACK := 1
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+# The offline switches, read from their one source, tasks/environment.py's OFFLINE_SWITCHES. Every Python
+# process of the project sets them itself (configure_environment), but this Makefile also starts tools that
+# never run that code: `mlflow ui`, `prefect server start` and `dvc repro`. Those need them exported here.
+OFFLINE_SWITCHES := $(shell $(PYTHON) -B tasks/environment.py)
+ifeq ($(OFFLINE_SWITCHES),)
+$(error could not read the offline switches: $(PYTHON) -B tasks/environment.py printed nothing)
+endif
+$(foreach switch,$(OFFLINE_SWITCHES),$(eval export $(switch)))
 
 .PHONY: install run test test-fast ui serve data repro clean
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ssl_lib.errors import ConfigError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -37,7 +39,7 @@ class Acceleration:
 def resolve_acceleration(device: torch.device, precision: str = "auto", channels_last: bool | None = None,
                          compile: bool | None = None) -> Acceleration:
     """Turn the user's choices (``auto``/None = decide for this device) into concrete ones."""
-    if precision not in PRECISIONS:
+    if precision not in PRECISIONS:  # params.yaml only allows these: another value is a caller's bug
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     cuda = device.type == "cuda"
     if precision == "auto":
@@ -46,8 +48,8 @@ def resolve_acceleration(device: torch.device, precision: str = "auto", channels
         else:
             precision = "fp32"
     if precision == "fp16" and not cuda:
-        raise ValueError("precision fp16 needs a CUDA GPU (loss-scaled fp16 autocast); use fp32 or auto on "
-                         f"{device.type}")
+        raise ConfigError("precision fp16 needs a CUDA GPU (loss-scaled fp16 autocast); set pretrain.precision "
+                          f"to fp32 or auto on {device.type}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Acceleration(dtype=dtype,
                         channels_last=True if channels_last is None else bool(channels_last),

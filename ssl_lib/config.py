@@ -122,7 +122,8 @@ class PretrainParams(_Section):
 class FinetuneParams(_Section):
     mode: Literal["full", "linear"] = "full"
     epochs: int = Field(default=100, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    # >= 2 as train_classifier demands (BatchNorm needs two images a batch): caught here, before any compute.
+    batch_size: int = Field(default=64, ge=2)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     augment: bool = True

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
 from ssl_lib.classifier import Classifier
 from ssl_lib.device import select_device
+from ssl_lib.errors import ConfigError
 from ssl_lib.optim import decay_groups, warmup_cosine
 
 log = logging.getLogger("ssl_lib.self_train")
@@ -78,17 +79,21 @@ class SelfTrainResult:
 
 
 def validate_settings(settings: SelfTrainSettings, pool_size: int) -> None:
-    """Raise ValueError naming the setting for anything that cannot run."""
+    """Raise ConfigError naming the setting for anything that cannot run.
+
+    params.yaml's validation catches most of these first; knn_k against the pool size can only be checked
+    once the prepared data are known.
+    """
     unknown = [m for m in settings.steps if m not in METHODS or m == "none"]
     if unknown:
-        raise ValueError(f"unknown self_train method {unknown}; use {', '.join(METHODS)}")
+        raise ConfigError(f"unknown self_train method {unknown}; use {', '.join(METHODS)}")
     if settings.rounds < 0:
-        raise ValueError(f"self_train.rounds must be >= 0, got {settings.rounds}")
+        raise ConfigError(f"self_train.rounds must be >= 0, got {settings.rounds}")
     if not 0.0 < settings.threshold <= 1.0:
-        raise ValueError(f"self_train.threshold must be in (0, 1], got {settings.threshold}")
+        raise ConfigError(f"self_train.threshold must be in (0, 1], got {settings.threshold}")
     if "label_propagation" in settings.steps and not 1 <= settings.knn_k < pool_size:
-        raise ValueError(f"self_train.knn_k must be in [1, pool size - 1] = [1, {pool_size - 1}], "
-                         f"got {settings.knn_k}")
+        raise ConfigError(f"self_train.knn_k must be in [1, pool size - 1] = [1, {pool_size - 1}], "
+                          f"got {settings.knn_k}: lower self_train.knn_k")
 
 
 # ---------------------------------------------------------------------------------------------- targets

@@ -1,4 +1,9 @@
-"""Where the project lives and how its tools are configured, decided once per process."""
+"""Where the project lives and how its tools are configured, decided once per process.
+
+``OFFLINE_SWITCHES`` is the one list of the telemetry/offline switches: every Python process sets them through
+``configure_environment()``, the tests through conftest, and the Makefile exports them (for the tools it starts
+directly) by running this file, which is why it imports nothing outside the standard library.
+"""
 from __future__ import annotations
 
 import os
@@ -40,3 +45,7 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+if __name__ == "__main__":  # `python tasks/environment.py`: KEY=value per switch, for the Makefile
+    print(" ".join(f"{key}={value}" for key, value in OFFLINE_SWITCHES.items()))

@@ -24,6 +24,7 @@ def _load_classifiers(spec: dict, self_trained: bool) -> dict:
     import torch
 
     from ssl_lib.classifier import build_classifier
+    from ssl_lib.data import DataError
 
     models = {}
     sources = [("ssl", paths.SSL_CLASSIFIER, "finetune"), ("baseline", paths.BASELINE_CLASSIFIER, "finetune")]
@@ -31,7 +32,7 @@ def _load_classifiers(spec: dict, self_trained: bool) -> dict:
         sources.append(("self_train", paths.FINAL_CLASSIFIER, "self_train"))
     for kind, path, stage in sources:
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run the stage first: dvc repro {stage}")
+            raise DataError(f"{path} is missing; run the stage first: dvc repro {stage}")
         model = build_classifier(**spec)
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         models[kind] = model.eval()
@@ -44,7 +45,7 @@ def run(params: PipelineParams) -> dict:
     from mlflow import MlflowClient
 
     from ssl_lib.classifier import build_classifier
-    from ssl_lib.data import load_prepared
+    from ssl_lib.data import DataError, load_prepared
     from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
     from ssl_lib.io import atomic_path, write_json
     from tasks.finetune import load_encoder_info
@@ -56,7 +57,7 @@ def run(params: PipelineParams) -> dict:
         test_x, test_y = data.split("test")
         known_x, known_y = (np.concatenate(pair) for pair in zip(data.split("labeled"), data.split("val")))
         if not paths.FINAL_INFO.is_file():
-            raise FileNotFoundError(f"{paths.FINAL_INFO} is missing; run the stage first: dvc repro self_train")
+            raise DataError(f"{paths.FINAL_INFO} is missing; run the stage first: dvc repro self_train")
         final_info = json.loads(paths.FINAL_INFO.read_text())
         class_names = final_info["class_names"]
         spec = {k: final_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}

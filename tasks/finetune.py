@@ -21,8 +21,10 @@ def load_encoder_info() -> tuple[dict, dict]:
 
     import torch
 
+    from ssl_lib.data import DataError
+
     if not paths.ENCODER.is_file() or not paths.ENCODER_INFO.is_file():
-        raise FileNotFoundError(f"{paths.ENCODER} is missing; run the stage first: dvc repro pretrain")
+        raise DataError(f"{paths.ENCODER} is missing; run the stage first: dvc repro pretrain")
     info = json.loads(paths.ENCODER_INFO.read_text())
     return info, torch.load(paths.ENCODER, weights_only=True, map_location="cpu")
 

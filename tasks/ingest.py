@@ -37,9 +37,11 @@ def run(params: PipelineParams) -> dict:
 
 
 def check_label_budget(params: PipelineParams) -> None:
-    """Fail before any compute when the label budget cannot be met (a DataError naming the key to lower).
+    """Fail before any compute when the data cannot serve the params, with a UserError naming the fix.
 
-    It reads the source once without writing anything, so a bad budget leaves no partial outputs.
+    A label budget the classes cannot meet raises LabelBudgetError (from assign_splits), a knn_k above the
+    self-training pool ConfigError, a method that cannot use these images MethodRequirementError. It reads
+    the source once without writing anything, so a bad budget leaves no partial outputs.
     """
     from ssl_lib.data import assign_splits, load_source
 
@@ -47,7 +49,7 @@ def check_label_budget(params: PipelineParams) -> None:
     raw = load_source(data.source, data.path)
     splits = assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class,
                            data.label_fraction, data.val_per_class, data.test_fraction, class_names=raw.class_names)
-    from ssl_lib.config import ConfigError
+    from ssl_lib.errors import ConfigError, MethodRequirementError
 
     pool_size = int(((splits == "unlabeled") | (splits == "labeled")).sum())
     if "label_propagation" in params.self_train.steps and params.self_train.knn_k >= pool_size:
@@ -57,9 +59,10 @@ def check_label_budget(params: PipelineParams) -> None:
 
     needed = getattr(get_method(params.pretrain.method), "required_channels", None)
     if needed and raw.images.shape[-1] != needed:
-        raise ConfigError(f"pretrain.method {params.pretrain.method!r} needs {needed}-channel images, but "
-                          f"data.source {data.source!r} has {raw.images.shape[-1]}: use a colour dataset "
-                          "(e.g. data.source=folder with RGB images) or another method")
+        raise MethodRequirementError(
+            f"pretrain.method {params.pretrain.method!r} needs {needed}-channel images, but data.source "
+            f"{data.source!r} has {raw.images.shape[-1]}: use a colour dataset (e.g. data.source=folder with "
+            "RGB images) or another method")
 
 
 ingest_task = make_stage_task("ingest")

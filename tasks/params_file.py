@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ssl_lib.config import ConfigError, PipelineParams, apply_overrides, parse_params, read_raw_params
+from ssl_lib.config import PipelineParams, apply_overrides, parse_params, read_raw_params
 from ssl_lib.io import atomic_path
 
 
@@ -39,5 +39,6 @@ def apply_param_overrides(path: Path, overrides: dict[str, Any]) -> PipelinePara
             yaml.dump(document, fh)
     reread = read_raw_params(path)
     if parse_params(reread) != params:
-        raise ConfigError(f"internal error: {path} did not round-trip the overrides {overrides}")
+        # The overrides were valid, so a file that reads back differently is this writer's bug, not the user's.
+        raise RuntimeError(f"internal error: {path} did not round-trip the overrides {overrides}")
     return params

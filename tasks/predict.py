@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,21 +25,46 @@ class LoadedModel:
     class_names: list[str]
 
 
+MODEL_URI_HELP = ("Use models:/NAME@champion, models:/NAME/VERSION or runs:/RUN_ID/classifier, with "
+                  "MLFLOW_TRACKING_URI pointing at the store that has it (`sslpipe run` registers one)")
+# MLflow's codes for a model that is not there or a URI it cannot parse. Anything else (a tracking
+# server that does not answer, a database error) is not the user's to fix here and keeps its traceback.
+_MISSING_MODEL_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+# models:/NAME/VERSION, models:/NAME/STAGE, models:/NAME@ALIAS, or MLflow 3's models:/MODEL_ID
+_MODEL_URI = re.compile(r"^models:/[^/@]+(/[^/]+|@[^/]+)?$")
+
+
 def load_model(model_uri: str) -> LoadedModel:
-    """Load a registry or run model and read its input layout from the logged signature."""
+    """Load a registry or run model and read its input layout from the logged signature.
+
+    A model that does not exist (or a malformed URI) raises DataError with the URI forms that work.
+    """
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
+    from ssl_lib.data import DataError
+
+    if model_uri.startswith("models:") and not _MODEL_URI.match(model_uri):
+        # MLflow reports a malformed models:/ URI as an INTERNAL_ERROR, indistinguishable from a server fault.
+        raise DataError(f"model URI {model_uri!r} is malformed. {MODEL_URI_HELP}")
     try:
         info = get_model_info(model_uri)
         # Logged as a torch.export program: already in inference mode, and .eval() is not supported on it.
         model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except (MlflowException, OSError) as err:
-        raise ValueError(f"cannot load model {model_uri!r}: {err}. Use models:/NAME@champion, "
-                         "models:/NAME/VERSION or runs:/RUN_ID/classifier, with MLFLOW_TRACKING_URI "
-                         "pointing at the store that has it") from None
-    shape = info.signature.inputs.inputs[0].shape  # (-1, C, H, W)
+    except MlflowException as err:
+        if err.error_code not in _MISSING_MODEL_CODES:
+            raise
+        raise DataError(f"cannot load model {model_uri!r}: {err}. {MODEL_URI_HELP}") from None
+    except FileNotFoundError as err:  # registered, but its files are gone from the artifact store
+        raise DataError(f"cannot load model {model_uri!r}: {err}. Its artifacts are missing; register it "
+                        f"again (sslpipe run --force) or pick another version. {MODEL_URI_HELP}") from None
+    specs = info.signature.inputs.inputs if info.signature is not None and info.signature.inputs else []
+    shape = getattr(specs[0], "shape", None) if specs else None  # (-1, C, H, W)
+    if shape is None or len(shape) != 4:
+        # The input layout is read from the signature every classifier of this pipeline is logged with.
+        raise DataError(f"model {model_uri!r} has no (N, C, H, W) input signature, so it was not logged by this "
+                        f"pipeline. {MODEL_URI_HELP}")
     class_names = list((info.metadata or {}).get("class_names") or [])
     if not class_names:
         num_classes = info.signature.outputs.inputs[0].shape[-1]
@@ -83,8 +109,12 @@ def predict(source: str, model_uri: str, output: str | Path, prepared_dir: str |
     loaded = load_model(model_uri)
     ids, images, failed = _source_images(source, loaded, Path(prepared_dir))
     if images.shape[1:] != (loaded.height, loaded.width, loaded.channels):
-        raise ValueError(f"{source}: images are {images.shape[1:]} but the model takes "
-                         f"{(loaded.height, loaded.width, loaded.channels)}")
+        # Image files are resized to the model's input, so only a prepared split of other data gets here.
+        from ssl_lib.data import DataError
+
+        raise DataError(f"{source}: images are {images.shape[1:]} but the model takes "
+                        f"{(loaded.height, loaded.width, loaded.channels)}; predict with a model trained on "
+                        "this data, or pass a folder of images instead of a split")
     probs = _probabilities(loaded.model, images, batch_size, len(loaded.class_names))
     table = pd.DataFrame({"id": ids, "predicted_class": [loaded.class_names[i] for i in probs.argmax(1)],
                           "confidence": probs.max(1) if len(probs) else [], "status": "ok", "error": ""})

@@ -46,8 +46,10 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
 
 
 def load_pseudo_labels() -> dict[str, np.ndarray]:
+    from ssl_lib.data import DataError
+
     if not paths.PSEUDO_TARGETS.is_file():
-        raise FileNotFoundError(f"{paths.PSEUDO_TARGETS} is missing; run the stage first: dvc repro pseudo_labels")
+        raise DataError(f"{paths.PSEUDO_TARGETS} is missing; run the stage first: dvc repro pseudo_labels")
     with np.load(paths.PSEUDO_TARGETS) as archive:
         return {key: archive[key] for key in archive.files}
 

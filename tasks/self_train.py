@@ -27,7 +27,7 @@ def run(params: PipelineParams) -> dict:
     import torch
 
     from ssl_lib.classifier import build_classifier
-    from ssl_lib.data import load_prepared
+    from ssl_lib.data import DataError, load_prepared
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.self_train import self_train
     from tasks.finetune import log_classifier
@@ -38,7 +38,7 @@ def run(params: PipelineParams) -> dict:
     with stage_run("self_train", params, section=section):
         data = load_prepared(paths.PREPARED)
         if not paths.SSL_CLASSIFIER.is_file() or not paths.CLASSIFIER_INFO.is_file():
-            raise FileNotFoundError(f"{paths.SSL_CLASSIFIER} is missing; run the stage first: dvc repro finetune")
+            raise DataError(f"{paths.SSL_CLASSIFIER} is missing; run the stage first: dvc repro finetune")
         info = json.loads(paths.CLASSIFIER_INFO.read_text())
         spec = {k: info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
         model = build_classifier(**spec)

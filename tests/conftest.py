@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.environment import OFFLINE_SWITCHES
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough for 2 CPU cores in seconds, large enough that every stage does real work.
@@ -69,11 +71,12 @@ def use_project(path: Path) -> None:
 
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="sslpipe-tests-"))
+# The offline switches are forced, not defaulted as configure_environment does: the tests stay offline
+# whatever the shell exports.
 os.environ.update({
     "GIT_AUTHOR_NAME": "ssl-pipeline tests", "GIT_AUTHOR_EMAIL": "tests@ssl-pipeline.local",
     "GIT_COMMITTER_NAME": "ssl-pipeline tests", "GIT_COMMITTER_EMAIL": "tests@ssl-pipeline.local",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-    "DO_NOT_TRACK": "1", "PREFECT_HOME": str(_SESSION_HOME / "prefect"), "TQDM_DISABLE": "1",
+    **OFFLINE_SWITCHES, "PREFECT_HOME": str(_SESSION_HOME / "prefect"), "TQDM_DISABLE": "1",
 })
 # Import prefect now, at collection: it binds its console log handler to the stderr of the moment of
 # its first import, and a first import inside a CliRunner.invoke would bind it to a stream that closes.

@@ -377,3 +377,63 @@ def test_label_budget_changes_only_the_manifest(digits_dirs, tmp_path):
     pool, meta = load_pool(digits_dirs[0])
     np.testing.assert_array_equal(pool, load_prepared(digits_dirs[0]).pretrain_pool())
     assert meta["num_test"] == 1797 - len(pool)
+
+
+# --------------------------------------------------------------------------- which errors are the user's
+
+def test_too_few_labels_is_a_label_budget_error():
+    from ssl_lib.errors import LabelBudgetError, UserError
+
+    labels = np.repeat(np.arange(2), 6)
+    with pytest.raises(LabelBudgetError, match="data.labels_per_class") as info:
+        assign_splits(labels, np.zeros(len(labels), bool), 0, 5, None, 3, 0.2)
+    assert isinstance(info.value, DataError) and isinstance(info.value, UserError)
+
+
+def test_no_labeled_image_is_a_label_budget_error():
+    from ssl_lib.errors import LabelBudgetError
+
+    with pytest.raises(LabelBudgetError, match="no labeled images.*sub-folder"):
+        assign_splits(np.full(10, -1), np.zeros(10, bool), 0, 1, None, 0, 0.2)
+
+
+def test_test_fraction_that_rounds_to_no_test_image_is_a_label_budget_error():
+    from ssl_lib.errors import LabelBudgetError
+
+    labels = np.repeat(np.arange(3), 2)  # 0.2 of 2 images rounds to 0 in every class
+    with pytest.raises(LabelBudgetError, match="data.test_fraction"):
+        assign_splits(labels, np.zeros(len(labels), bool), 0, 1, None, 0, 0.2)
+    # test_fraction 0 asks for no test split: not an error.
+    assert "test" not in assign_splits(labels, np.zeros(len(labels), bool), 0, 1, None, 0, 0.0)
+
+
+def test_corrupt_idx_file_is_a_user_error(tmp_path):
+    from ssl_lib.errors import UserError
+
+    (tmp_path / "bad.idx").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")  # says 9 bytes, holds 3
+    with pytest.raises(UserError, match="bad.idx is truncated"):
+        read_idx(tmp_path / "bad.idx")
+    with pytest.raises(DataError, match="does not exist; point data.path"):
+        read_idx(tmp_path / "missing.idx")
+
+
+def test_broken_internal_invariants_are_not_user_errors(tmp_path):
+    """A loader or caller bug keeps a plain ValueError (and its traceback), never a one-line user error."""
+    from ssl_lib.data import RawDataset, write_prepared
+    from ssl_lib.errors import UserError
+
+    with pytest.raises(ValueError) as info:
+        RawDataset(images=np.zeros((2, 4, 4), np.uint8), labels=np.zeros(2, np.int64), source_ids=["a", "b"],
+                   predefined_test=np.zeros(2, bool), class_names=["x"], source="test", source_version="0")
+    assert not isinstance(info.value, UserError)
+    raw = RawDataset(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.zeros(2, np.int64), source_ids=["a", "b"],
+                     predefined_test=np.zeros(2, bool), class_names=["x"], source="test", source_version="0")
+    with pytest.raises(ValueError) as info:
+        write_prepared(tmp_path / "out", raw, np.array(["labeled"]))
+    assert not isinstance(info.value, UserError)
+    with pytest.raises(ValueError) as info:
+        assign_splits(np.zeros((2, 2), np.int64), np.zeros(4, bool), 0, 1, None, 0, 0.2)
+    assert not isinstance(info.value, UserError)
+    with pytest.raises(ValueError) as info:
+        write_idx(tmp_path / "c.idx", np.zeros(3, np.complex64))
+    assert not isinstance(info.value, UserError)

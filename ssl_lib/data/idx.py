@@ -43,7 +43,7 @@ def read_idx(path: str | os.PathLike[str], expected_ndim: int | None = None) -> 
     try:
         data = _read_bytes(path)
     except FileNotFoundError as exc:
-        raise DataError(f"IDX file {path} does not exist") from exc
+        raise DataError(f"IDX file {path} does not exist; point data.path at the directory that holds it") from exc
     except OSError as exc:
         raise DataError(f"cannot read IDX file {path} ({exc}); check its permissions") from exc
 
@@ -71,9 +71,9 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Write ``array`` as IDX; gzip-compressed (reproducibly, mtime 0) if ``path`` ends in .gz."""
     array = np.asarray(array)
     key = f"{array.dtype.kind}{array.dtype.itemsize}"
-    if key not in _CODES:
-        raise DataError(f"IDX cannot store dtype {array.dtype}; use one of uint8, int8, int16, "
-                        "int32, float32, float64")
+    if key not in _CODES:  # the caller's array, not the user's data: a plain ValueError
+        raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of uint8, int8, int16, "
+                         "int32, float32, float64")
     code = _CODES[key]
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     payload = header + np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()

@@ -73,12 +73,13 @@ def write_prepared(out_dir: str | os.PathLike[str], raw: RawDataset, splits: np.
     Returns the meta dict that was written to meta.json.
     """
     splits = np.asarray(splits).astype(str)
+    # ``splits`` come from assign_splits, never from the user: a mismatch is a caller's bug.
     if splits.shape != (len(raw.images),):
-        raise DataError(f"got {splits.shape[0] if splits.ndim else 0} split names for "
-                        f"{len(raw.images)} images; compute them with assign_splits on the same data")
+        raise ValueError(f"got {splits.shape[0] if splits.ndim else 0} split names for "
+                         f"{len(raw.images)} images; compute them with assign_splits on the same data")
     unknown = sorted(set(splits.tolist()) - set(SPLITS))
     if unknown:
-        raise DataError(f"unknown split names {unknown}; use only {', '.join(SPLITS)}")
+        raise ValueError(f"unknown split names {unknown}; use only {', '.join(SPLITS)}")
 
     images = np.ascontiguousarray(raw.images, dtype=np.uint8)
     manifest = pd.DataFrame({

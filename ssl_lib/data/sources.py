@@ -52,16 +52,18 @@ class RawDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def __post_init__(self) -> None:
+        # The loaders check the user's files (with DataError) before building this: what fails here is a
+        # loader's bug, so it stays a plain ValueError with its traceback.
         n = len(self.images)
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise DataError(f"{self.source}: images must be uint8 (N, H, W, C), "
-                            f"got {self.images.dtype} {self.images.shape}")
+            raise ValueError(f"{self.source}: images must be uint8 (N, H, W, C), "
+                             f"got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (n,) or self.predefined_test.shape != (n,) or len(self.source_ids) != n:
-            raise DataError(f"{self.source}: images, labels, predefined_test and source_ids "
-                            "must all have one entry per image")
+            raise ValueError(f"{self.source}: images, labels, predefined_test and source_ids "
+                             "must all have one entry per image")
         if n and (self.labels.min() < -1 or self.labels.max() >= len(self.class_names)):
-            raise DataError(f"{self.source}: labels must be -1 (unlabeled) or a class index "
-                            f"below {len(self.class_names)}")
+            raise ValueError(f"{self.source}: labels must be -1 (unlabeled) or a class index "
+                             f"below {len(self.class_names)}")
 
 
 def load_source(name: str, path: str | os.PathLike[str] | None = None, *,

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, LabelBudgetError
 
 SPLITS: tuple[str, ...] = ("unlabeled", "labeled", "val", "test")
 
@@ -40,11 +40,12 @@ def assign_splits(labels: np.ndarray, predefined_test: np.ndarray, seed: int,
     """
     labels = np.asarray(labels)
     predefined_test = np.asarray(predefined_test)
+    # Shape and dtype are guaranteed by RawDataset: a mismatch here is a caller's bug, not the user's data.
     if labels.ndim != 1 or predefined_test.shape != labels.shape:
-        raise DataError(f"labels and predefined_test must be 1-D and the same length, got "
-                        f"{labels.shape} and {predefined_test.shape}")
+        raise ValueError(f"labels and predefined_test must be 1-D and the same length, got "
+                         f"{labels.shape} and {predefined_test.shape}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"labels must be integers (-1 = unlabeled), got dtype {labels.dtype}")
+        raise ValueError(f"labels must be integers (-1 = unlabeled), got dtype {labels.dtype}")
     labels = labels.astype(np.int64)
     predefined_test = predefined_test.astype(bool)
     seed = _check_int(seed, "seed", 0)
@@ -68,6 +69,11 @@ def assign_splits(labels: np.ndarray, predefined_test: np.ndarray, seed: int,
 
     splits = np.full(labels.shape, "unlabeled", dtype="<U9")
     classes = np.unique(labels[labels >= 0])
+    if not classes.size:
+        # Fine-tuning and evaluation need labels; without this, a folder of loose images would only fail
+        # stages later, inside training.
+        raise LabelBudgetError("the source has no labeled images: put the images of each class in their own "
+                               "sub-folder of data.path (data.path/<class>/...)")
 
     if predefined_test.any():
         is_test = predefined_test.copy()
@@ -78,6 +84,11 @@ def assign_splits(labels: np.ndarray, predefined_test: np.ndarray, seed: int,
             n_test = int(round(test_fraction * len(members)))
             rng = np.random.default_rng([seed, _TEST_STREAM, int(c)])
             is_test[rng.permutation(members)[:n_test]] = True
+        if test_fraction > 0 and not is_test.any():
+            # Every class is so small that its share rounds to 0: evaluation would have nothing to score.
+            raise LabelBudgetError(f"data.test_fraction={test_fraction} gives no test image (the classes are "
+                                   "too small); raise data.test_fraction, add labeled images, or put test "
+                                   "images in data.path/test/<class>/")
     splits[is_test] = "test"
 
     for c in classes:
@@ -90,7 +101,7 @@ def assign_splits(labels: np.ndarray, predefined_test: np.ndarray, seed: int,
         if n < val_per_class + n_labeled:
             budget = (f"labels_per_class={labels_per_class}" if labels_per_class is not None
                       else f"label_fraction={label_fraction} (at least 1 image)")
-            raise DataError(
+            raise LabelBudgetError(
                 f"{_class_label(int(c), class_names)} has only {n} non-test images, fewer than "
                 f"val_per_class={val_per_class} + {budget}; lower data.labels_per_class / "
                 "data.val_per_class (or use data.label_fraction)")
