@@ -194,7 +194,7 @@ class OursRunner:
             torch.manual_seed(seed)
             encoder, feature_dim = build_backbone(backbone, channels, size)
             self.model = method_cls(NormalizedEncoder(encoder, mean, std), feature_dim, channels, size,
-                                    **method_cls.resolve_options({}))
+                                    **method_cls.resolve_options({}).model_dump())
         self.model.to(device=device, memory_format=torch.channels_last).train()
         self.optimizer = _adamw_like_pretrain(self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, 0.05))
@@ -308,7 +308,7 @@ class LightlyRunner:
         self.label = f"lightly (workers={workers})"
         self.method, self.device, self.workers, self.total_steps = method, device, workers, total_steps
         self.clock = Clock(device)
-        options = get_method(method).resolve_options({})
+        options = get_method(method).Options().model_dump()  # the defaults, as a plain dict
         channels, size = images.shape[3], images.shape[1]
         dataset = PILDataset(images, lightly_transform(method, options, size, mean, std))
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,

@@ -56,7 +56,8 @@ class PretrainParams(_Section):
     max_images: int | None = Field(default=None, ge=2)
     device: str = "auto"
     # Hyper-parameters per method, keyed by method name, so switching `method` picks that method's own
-    # options (or its defaults): {simclr: {temperature: 0.3}, rotation: {...}}.
+    # options (or its defaults): {simclr: {temperature: 0.3}, rotation: {...}}. Each method's mapping is
+    # checked against its typed `Options` (ssl_lib.methods) and kept as the options the user set.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Engine (ssl_lib.acceleration, ssl_lib.batches, ssl_lib.checkpoint, ssl_lib.distributed).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -72,8 +73,18 @@ class PretrainParams(_Section):
         return self.devices * self.nodes
 
     def method_options(self) -> dict[str, Any]:
-        """The options of the selected method."""
+        """The options set for the selected method (validated; the method fills in its defaults)."""
         return dict(self.options.get(self.method) or {})
+
+    @field_validator("options")
+    @classmethod
+    def _valid_options(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # Validating through one model with a field per method makes pydantic report each problem at its
+        # full key (pretrain.options.simclr.temperature), next to any other bad key in the file.
+        validated = _options_by_method().model_validate(value)
+        # Only what was set, in the order given (coerced, e.g. 1 -> 1.0): settings and run fingerprints stay
+        # as before, and the defaults live in one place, the method's Options.
+        return {name: {key: getattr(getattr(validated, name), key) for key in given} for name, given in value.items()}
 
     @field_validator("method")
     @classmethod
@@ -94,29 +105,34 @@ class PretrainParams(_Section):
         return value
 
     @model_validator(mode="after")
-    def _known_options(self) -> "PretrainParams":
+    def _method_requirements(self) -> "PretrainParams":
         from ssl_lib.methods import get_method
 
         method = get_method(self.method)
         if self.batch_size % self.world_size:
             raise ValueError(f"pretrain.batch_size {self.batch_size} must be divisible by devices x nodes "
                              f"({self.world_size}): each process takes an equal share of every batch")
-        required = getattr(method, "required_backbone", None)
+        required = method.required_backbone
         if required and self.backbone != required:
             raise ValueError(f"method {self.method!r} needs pretrain.backbone={required!r} (got {self.backbone!r})")
-        from ssl_lib.methods import METHODS
-
-        unknown_methods = sorted(set(self.options) - set(METHODS))
-        if unknown_methods:
-            raise ValueError(f"pretrain.options is keyed by method name; unknown {unknown_methods}; "
-                             f"allowed: {', '.join(sorted(METHODS))}")
-        for name, options in self.options.items():
-            allowed = METHODS[name].default_options
-            unknown = sorted(set(options or {}) - set(allowed))
-            if unknown:
-                raise ValueError(f"unknown pretrain.options.{name} {unknown}; "
-                                 f"allowed: {', '.join(sorted(allowed)) or '(none)'}")
         return self
+
+
+_OPTIONS_MODELS: dict[tuple[tuple[str, type], ...], type[BaseModel]] = {}
+
+
+def _options_by_method() -> type[BaseModel]:
+    """A model with one optional field per registered method, typed as that method's ``Options``."""
+    from pydantic import create_model
+
+    from ssl_lib.methods import METHODS
+
+    # Keyed by the registry's contents: a method registered later (a plugin, a test) gets a new model.
+    key = tuple(sorted(METHODS.items()))
+    if key not in _OPTIONS_MODELS:
+        fields: dict[str, Any] = {name: (cls.Options | None, None) for name, cls in key}
+        _OPTIONS_MODELS[key] = create_model("MethodOptionsByName", __config__=ConfigDict(extra="forbid"), **fields)
+    return _OPTIONS_MODELS[key]
 
 
 class FinetuneParams(_Section):
@@ -191,17 +207,31 @@ class PipelineParams(_Section):
     evaluate: EvaluateParams = EvaluateParams()
 
 
-def _format_errors(err: ValidationError, origin: str) -> str:
+def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tuple[str, ...] = ()) -> str:
+    """One line per problem, ``key.path: message``; ``loc_prefix`` places a nested model's errors in params.yaml."""
     lines = [f"invalid parameters in {origin}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = (*loc_prefix, *e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; check its spelling against params.yaml's documented keys"
-        elif e["type"] == "literal_error":
+            msg = _unknown_key_message(loc)
+        elif e["type"] in ("literal_error", "model_type") or e["type"].endswith("_parsing"):
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  - {key}: {msg}")
     return "\n".join(lines)
+
+
+def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    if loc[:2] == ("pretrain", "options"):
+        from ssl_lib.methods import METHODS
+
+        if len(loc) == 3:
+            return f"unknown method; pretrain.options is keyed by method name, allowed: {', '.join(sorted(METHODS))}"
+        if len(loc) == 4 and loc[2] in METHODS:
+            allowed = ", ".join(sorted(METHODS[loc[2]].Options.model_fields)) or "(none)"
+            return f"unknown option of method {loc[2]!r}; allowed: {allowed}"
+    return "unknown key; check its spelling against params.yaml's documented keys"
 
 
 def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelineParams:
@@ -211,7 +241,7 @@ def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelinePa
     try:
         return PipelineParams.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, origin)) from None
+        raise ConfigError(format_validation_errors(err, origin)) from None
 
 
 def read_raw_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -48,7 +48,7 @@ class PretrainSettings:
     seed: int
     max_images: int | None
     device: str = "auto"
-    options: dict = field(default_factory=dict)  # method options, checked against default_options
+    options: dict = field(default_factory=dict)  # method options, checked against the method's Options
     optimizer: str = "adamw"  # "adamw" or "sgd" (nesterov, momentum 0.9)
     warmup_fraction: float = 0.05  # of all steps: linear warm-up, then cosine decay to 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see ssl_lib.acceleration)
@@ -231,7 +231,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     from tqdm.auto import tqdm
 
     method_cls = get_method(settings.method)
-    options = method_cls.resolve_options(settings.options)  # fail on a bad option before any work
+    options = method_cls.resolve_options(settings.options).model_dump()  # fail on a bad option before any work
     if settings.epochs < 1 or settings.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
     if settings.checkpoint_every < 0:

@@ -57,7 +57,7 @@ def check_label_budget(params: PipelineParams) -> None:
                           f"({pool_size} unlabeled + labeled images): lower self_train.knn_k")
     from ssl_lib.methods import get_method
 
-    needed = getattr(get_method(params.pretrain.method), "required_channels", None)
+    needed = get_method(params.pretrain.method).required_channels
     if needed and raw.images.shape[-1] != needed:
         raise MethodRequirementError(
             f"pretrain.method {params.pretrain.method!r} needs {needed}-channel images, but data.source "

@@ -32,6 +32,7 @@ def project(tmp_path: Path) -> Path:
     ("pretrain.backbone=vgg", ["pretrain.backbone", "convnet"]),
     ("pretrain.options={bogus: {x: 1}}", ["bogus", "allowed", "simclr"]),
     ("pretrain.options={simclr: {temprature: 0.1}}", ["temprature", "allowed", "temperature"]),
+    ("pretrain.options.simclr.temperature=-1", ["pretrain.options.simclr.temperature", "greater than 0"]),
     ("data.source=cifar", ["data.source", "fashion-mnist", "digits", "folder"]),
     ("data.label_fraction=0.1", ["data.labels_per_class", "data.label_fraction"]),
     ("finetune.mode=partial", ["finetune.mode", "full", "linear"]),
@@ -61,6 +62,16 @@ def test_validate_accepts_good_overrides(project: Path):
     result = runner.invoke(app, ["validate", "--set", "pretrain.epochs=3", "--root", str(project)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["pretrain"]["epochs"] == 3
+
+
+def test_validate_rejects_a_mistyped_method_option_in_one_line(project: Path):
+    result = runner.invoke(app, ["validate", "--set", "pretrain.options.simclr.temperature=hot",
+                                 "--root", str(project)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1, result.output
+    assert problems[0].startswith("  - pretrain.options.simclr.temperature: Input should be a valid number")
 
 
 def test_unknown_stage_is_named(project: Path):

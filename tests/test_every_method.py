@@ -35,8 +35,8 @@ from tests.conftest import make_project, run_cmd, use_project
 
 pytestmark = pytest.mark.slow
 
-VIT_METHODS = {name for name, cls in METHODS.items() if getattr(cls, "required_backbone", None) == "vit_tiny"}
-RGB_METHODS = {name for name, cls in METHODS.items() if getattr(cls, "required_channels", None) == 3}
+VIT_METHODS = {name for name, cls in METHODS.items() if cls.required_backbone == "vit_tiny"}
+RGB_METHODS = {name for name, cls in METHODS.items() if cls.required_channels == 3}
 DIGITS_METHODS = sorted(set(METHODS) - RGB_METHODS)
 FULL_RUNS = os.environ.get("SSLPIPE_FULL_METHOD_RUNS", "") not in ("", "0")
 METHOD_STAGES = ("pseudo_labels", "pretrain")

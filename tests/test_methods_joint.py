@@ -26,7 +26,7 @@ from ssl_lib.evaluation import extract_features, knn_accuracy
 from ssl_lib.methods import get_method
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS
+from ssl_lib.methods.views import ViewOptions
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.pretrain import make_pseudo_labels, pretrain
 from tests.test_learning import BACKBONE, _settings, digits  # noqa: F401  (digits is a fixture)
@@ -111,7 +111,8 @@ def random_feature_std(digits) -> float:
 def test_registered_with_family_and_view_options(name):
     cls = get_method(name)
     assert cls.family == FAMILIES[name]
-    assert VIEW_OPTIONS.items() <= cls.default_options.items()  # SimCLR's view defaults, reused
+    assert issubclass(cls.Options, ViewOptions)  # SimCLR's view options and defaults, reused
+    assert ViewOptions().model_dump().items() <= cls.Options().model_dump().items()
     with pytest.raises(ValueError, match="bogus"):
         cls.resolve_options({"bogus": 1})
     pseudo = cls.make_pseudo_labels(10, 2, seed=0)

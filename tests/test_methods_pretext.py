@@ -160,7 +160,7 @@ def test_methods_registered_with_families():
     for name, family in NEW_METHODS.items():
         assert name in METHODS and get_method(name).family == family
         cls = get_method(name)
-        assert cls.resolve_options({}) == cls.default_options
+        assert cls.resolve_options({}) == cls.Options()
     for fn in (jigsaw.jigsaw_loss, inpainting.inpainting_loss, colorization.colorization_loss,
                autoencoder.denoising_loss, mae.mae_loss, autoregressive.next_patch_loss):
         assert "loss = " in (fn.__doc__ or ""), fn.__name__  # the formula is documented

@@ -1,5 +1,5 @@
 """Self-supervised methods; importing this package registers all of them in ``METHODS``."""
-from ssl_lib.methods.base import METHODS, SSLMethod, UnknownMethodError, get_method, register
+from ssl_lib.methods.base import METHODS, MethodOptions, SSLMethod, UnknownMethodError, get_method, register
 from ssl_lib.methods import rotation as _rotation  # noqa: F401  (registers "rotation")
 from ssl_lib.methods import simclr as _simclr  # noqa: F401  (registers "simclr")
 from ssl_lib.methods import autoencoder as _autoencoder  # noqa: F401
@@ -15,4 +15,4 @@ from ssl_lib.methods import moco as _moco  # noqa: F401
 from ssl_lib.methods import simsiam as _simsiam  # noqa: F401
 from ssl_lib.methods import vicreg as _vicreg  # noqa: F401
 
-__all__ = ["METHODS", "SSLMethod", "UnknownMethodError", "get_method", "register"]
+__all__ = ["METHODS", "MethodOptions", "SSLMethod", "UnknownMethodError", "get_method", "register"]

@@ -2,11 +2,26 @@
 seeded noise, a light pixel decoder from pooled features, and preview drawing."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from ssl_lib.errors import MethodRequirementError
+
 _LUMA = (0.299, 0.587, 0.114)
+
+
+def augment_option() -> Any:
+    """The ``augment`` option of the methods that shift and flip their inputs (one description for all)."""
+    return Field(True, description="shift and flip each image (shift_flip) before the task")
+
+
+def max_shift_option(default: int) -> Any:
+    """The ``max_shift_px`` option that goes with ``augment_option``."""
+    return Field(default, ge=0, description="largest shift of that augmentation, in pixels")
 
 
 def unwrap_encoder(encoder: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -19,20 +34,20 @@ def unwrap_encoder(encoder: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def require_vit(encoder: nn.Module, method: str):
-    """``(normalize, vit)`` for a method that drives ViT tokens; ValueError for any other backbone."""
+    """``(normalize, vit)`` for a method that drives ViT tokens; MethodRequirementError for any other backbone."""
     from ssl_lib.models.vit import ViT
 
     normalize, bare = unwrap_encoder(encoder)
     if not isinstance(bare, ViT):
-        raise ValueError(f"method {method} needs backbone vit_tiny (a ssl_lib.models.vit.ViT), "  # noqa: TRY004
-                         f"got {type(bare).__name__}; set pretrain.backbone=vit_tiny")
+        raise MethodRequirementError(f"method {method} needs backbone vit_tiny (a ssl_lib.models.vit.ViT), "
+                                     f"got {type(bare).__name__}; set pretrain.backbone=vit_tiny")
     return normalize, bare
 
 
 def probe_encoder(encoder: nn.Module, in_channels: int, height: int, width: int, feature_dim: int,
                   what: str) -> None:
     """Run a dummy (2, C, H, W) batch through the encoder in eval mode (no BatchNorm statistics
-    change); a crash or a wrong output shape becomes a ValueError that says ``what`` failed."""
+    change); a crash or a wrong output shape becomes a MethodRequirementError that says ``what`` failed."""
     was_training = encoder.training
     encoder.eval()
     try:
@@ -40,13 +55,13 @@ def probe_encoder(encoder: nn.Module, in_channels: int, height: int, width: int,
             param = next(encoder.parameters(), None)
             device = param.device if param is not None else torch.device("cpu")
             out = encoder(torch.zeros(2, in_channels, height, width, device=device))
-    except Exception as exc:  # re-raised as ValueError with context
-        raise ValueError(f"{what}: the backbone cannot encode {height}x{width} inputs ({exc})") from exc
+    except Exception as exc:  # re-raised with context: the fix is another backbone, image size or option
+        raise MethodRequirementError(f"{what}: the backbone cannot encode {height}x{width} inputs ({exc})") from exc
     finally:
         encoder.train(was_training)
     if tuple(out.shape) != (2, feature_dim):
-        raise ValueError(f"{what}: the backbone maps {height}x{width} inputs to {tuple(out.shape[1:])}, "
-                         f"expected ({feature_dim},)")
+        raise MethodRequirementError(f"{what}: the backbone maps {height}x{width} inputs to "
+                                     f"{tuple(out.shape[1:])}, expected ({feature_dim},)")
 
 
 def sample_seeds(seed: int, salt: int, epochs: int, num_images: int) -> np.ndarray:

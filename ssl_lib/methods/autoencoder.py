@@ -6,11 +6,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.augment import shift_flip
-from ssl_lib.methods._common import FeatureDecoder, images_to_tensor, to_uint8
-from ssl_lib.methods.base import SSLMethod, register
+from ssl_lib.methods._common import FeatureDecoder, augment_option, images_to_tensor, max_shift_option, to_uint8
+from ssl_lib.methods.base import MethodOptions, OptionsArg, SSLMethod, register
 
 
 def denoising_loss(recon: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -42,32 +43,38 @@ class DenoisingAutoencoder(SSLMethod):
 
     name = "autoencoder"
     family = "generative"
-    default_options: dict[str, Any] = {"noise_std": 0.3, "drop_prob": 0.25, "decoder_width": 64,
-                                       "augment": True, "max_shift_px": 1}
+
+    class Options(MethodOptions):
+        noise_std: float = Field(0.3, ge=0, description="std of the Gaussian noise added to the input")
+        # At 1 every pixel is dropped: nothing of the image is left to encode.
+        drop_prob: float = Field(0.25, ge=0, lt=1, description="per-pixel probability of dropping to the batch mean")
+        decoder_width: int = Field(64, ge=1, description="channels of the conv decoder's first stage")
+        augment: bool = augment_option()
+        max_shift_px: int = max_shift_option(1)
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        if float(self.options["noise_std"]) < 0 or not 0 <= float(self.options["drop_prob"]) < 1:
-            raise ValueError("autoencoder needs noise_std >= 0 and drop_prob in [0, 1)")
-        self.decoder = FeatureDecoder(feature_dim, in_channels, image_size, int(self.options["decoder_width"]))
+        self.decoder = FeatureDecoder(feature_dim, in_channels, image_size, self.options.decoder_width)
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
-        if self.options["augment"]:
-            images = shift_flip(images, generator, int(self.options["max_shift_px"]))
-        noisy = corrupt(images, generator, float(self.options["noise_std"]), float(self.options["drop_prob"]))
+        if self.options.augment:
+            images = shift_flip(images, generator, self.options.max_shift_px)
+        noisy = corrupt(images, generator, self.options.noise_std, self.options.drop_prob)
         return denoising_loss(self.decoder(self.encoder(noisy)), images)
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(corrupted input, clean target) pairs, noise drawn with the first epoch's seed."""
         opts = cls.resolve_options(options)
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         generator = torch.Generator().manual_seed(int(pseudo["epoch_seed"][0]))
-        noisy = to_uint8(corrupt(x, generator, float(opts["noise_std"]), float(opts["drop_prob"])))
+        noisy = to_uint8(corrupt(x, generator, opts.noise_std, opts.drop_prob))
         clean = to_uint8(x)
         pairs: list[tuple[np.ndarray, str]] = []
         for i in range(n):

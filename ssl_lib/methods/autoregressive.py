@@ -6,18 +6,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.augment import shift_flip
+from ssl_lib.errors import MethodRequirementError
 from ssl_lib.methods._common import (
+    augment_option,
     images_to_tensor,
+    max_shift_option,
     per_sample_uniform,
     require_vit,
     sample_seeds,
     to_uint8,
     weighted_patch_mse,
 )
-from ssl_lib.methods.base import SSLMethod, register
+from ssl_lib.methods.base import MethodOptions, OptionsArg, SSLMethod, register
 from ssl_lib.methods.mae import patchify, unpatchify
 from ssl_lib.models.vit import default_patch_size
 
@@ -54,7 +58,7 @@ def next_patch_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
 @register
 class AutoregressivePatches(SSLMethod):
-    """Next-patch prediction on ``vit_tiny`` (other backbones raise ValueError at construction).
+    """Next-patch prediction on ``vit_tiny`` (other backbones raise MethodRequirementError at construction).
 
     The sequence is [start (the class token), patch 0, ..., patch L-2]; the output at position l
     predicts patch l through an MLP head. With ``prefix_causal`` (AIM) the first K patches
@@ -64,28 +68,35 @@ class AutoregressivePatches(SSLMethod):
 
     name = "autoregressive"
     family = "generative"
-    required_backbone = "vit_tiny"  # for config validation without building a model
-    default_options: dict[str, Any] = {"prefix_causal": True, "head_hidden": 256, "norm_pix_loss": True,
-                                       "augment": True, "max_shift_px": 1}
+    required_backbone = "vit_tiny"
+
+    class Options(MethodOptions):
+        prefix_causal: bool = Field(True, description="AIM's prefix: the first K patches attend both ways, unscored")
+        head_hidden: int = Field(256, ge=1, description="hidden width of the pixel-prediction head")
+        norm_pix_loss: bool = Field(True, description="regress per-patch standardized pixels, as in MAE")
+        augment: bool = augment_option()
+        max_shift_px: int = max_shift_option(1)
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
         _, vit = require_vit(encoder, self.name)
         if vit.num_patches < 3:
-            raise ValueError(f"autoregressive needs at least 3 patches, the vit has {vit.num_patches}")
-        hidden, out = int(self.options["head_hidden"]), vit.patch_size ** 2 * in_channels
+            raise MethodRequirementError(f"autoregressive needs at least 3 patches, the vit has {vit.num_patches}")
+        hidden, out = self.options.head_hidden, vit.patch_size ** 2 * in_channels
         self.head = nn.Sequential(nn.Linear(vit.dim, hidden), nn.GELU(), nn.Linear(hidden, out))
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
         normalize, vit = require_vit(self.encoder, self.name)
-        if self.options["augment"]:
-            images = shift_flip(images, generator, int(self.options["max_shift_px"]))
+        if self.options.augment:
+            images = shift_flip(images, generator, self.options.max_shift_px)
         imgs = normalize(images).contiguous()
         b, length = imgs.shape[0], vit.num_patches
         seq = vit.with_cls(vit.embed(imgs))[:, :length]  # drop the last patch: nothing left to predict
-        if self.options["prefix_causal"]:
+        if self.options.prefix_causal:
             prefix = prefix_lengths(targets["prefix_seed"], length).to(imgs.device)
             out = vit.run_blocks(seq, attn_mask=prefix_causal_mask(prefix, length))
             weight = (torch.arange(length, device=imgs.device)[None, :] >= prefix[:, None]).float()
@@ -93,7 +104,7 @@ class AutoregressivePatches(SSLMethod):
             out = vit.run_blocks(seq, causal=True)
             weight = torch.ones(b, length, device=imgs.device)
         pred = self.head(out)
-        return next_patch_loss(pred, patchify(imgs, vit.patch_size), weight, bool(self.options["norm_pix_loss"]))
+        return next_patch_loss(pred, patchify(imgs, vit.patch_size), weight, self.options.norm_pix_loss)
 
     @classmethod
     def make_pseudo_labels(cls, num_images: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
@@ -104,7 +115,7 @@ class AutoregressivePatches(SSLMethod):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(prefix the model sees, full image) pairs: with prefix_causal, the K-patch prefix of the first
         epoch; patches after it (gray) are predicted one at a time, each from all patches before it."""
         opts = cls.resolve_options(options)
@@ -113,7 +124,7 @@ class AutoregressivePatches(SSLMethod):
         p = default_patch_size(x.shape[-1])
         patches = patchify(x, p)
         length = patches.shape[1]
-        if opts["prefix_causal"]:
+        if opts.prefix_causal:
             prefix = prefix_lengths(torch.as_tensor(pseudo["prefix_seed"][0, :n]), length)
         else:
             prefix = torch.ones(n, dtype=torch.long)

@@ -4,12 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
@@ -46,17 +47,19 @@ class BarlowTwins(TwoViewMethod):
 
     name = "barlow_twins"
     family = "non-contrastive"
-    default_options: dict[str, Any] = {
-        **VIEW_OPTIONS,
-        "proj_dim": 256,
-        "proj_hidden": 256,
-        "lambd": 0.0051,
-    }
+
+    class Options(ViewOptions):
+        proj_dim: int = Field(256, ge=1, description="output size of the 3-layer expander")
+        proj_hidden: int = Field(256, ge=1, description="hidden width of the expander")
+        # 0 leaves only the invariance term: allowed, if collapse-prone.
+        lambd: float = Field(0.0051, ge=0, description="weight of the off-diagonal (redundancy) terms, ~1/proj_dim")
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        self.projector = mlp(feature_dim, int(self.options["proj_hidden"]), int(self.options["proj_dim"]), layers=3)
+        self.projector = mlp(feature_dim, self.options.proj_hidden, self.options.proj_dim, layers=3)
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
@@ -66,4 +69,4 @@ class BarlowTwins(TwoViewMethod):
         with torch.no_grad():
             self.last_stats = {"embedding_std": normalized_embedding_std(z1.detach())}
         # The cross-correlation is over the global batch under data parallelism.
-        return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), float(self.options["lambd"]))
+        return barlow_twins_loss(gather_with_grad(z1), gather_with_grad(z2), self.options.lambd)

@@ -15,11 +15,15 @@ Pseudo-label arrays follow one convention that ``ssl_lib.pretrain`` relies on:
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
+
+from ssl_lib.errors import ConfigError
 
 FAMILIES = ("pretext", "contrastive", "non-contrastive", "generative")
 
@@ -28,21 +32,47 @@ METHODS: dict[str, type["SSLMethod"]] = {}
 _M = TypeVar("_M", bound=type["SSLMethod"])
 
 
-class UnknownMethodError(ValueError):
+class UnknownMethodError(ConfigError):
     """Raised for a method name that is not registered; the message lists the known ones."""
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's ``Options``: typed, bounded hyper-parameters with their defaults.
+
+    A subclass declares each option as a field, ``temperature: float = Field(0.2, gt=0, description=...)``;
+    the description is what the README's option table shows (``ssl_lib.methods.options_table``).
+    """
+
+    # forbid: a misspelt option must fail, not silently train with the default; frozen: the options a
+    # model was built with cannot drift from what its heads were sized for.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# What ``resolve_options`` (and so the constructor, previews) accepts: a mapping of set options, a ready
+# ``Options`` instance, or None for the defaults.
+OptionsArg = Mapping[str, Any] | MethodOptions | None
 
 
 class SSLMethod(nn.Module):
     """Base class: an encoder plus the heads and loss of one self-supervised objective.
 
     The encoder maps images in [0, 1] (normalization is the encoder's business, see
-    ``ssl_lib.pretrain``) to (B, feature_dim) features. Subclasses set ``name``, ``family``,
-    ``default_options`` and implement ``loss``.
+    ``ssl_lib.pretrain``) to (B, feature_dim) features. Subclasses set ``name``, ``family`` and
+    ``Options`` (a ``MethodOptions`` subclass), and implement ``loss``; ``self.options`` is an instance
+    of their ``Options``.
     """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
-    default_options: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    #: The backbone the method drives (e.g. ``"vit_tiny"`` for token-level methods), or None for any.
+    #: Class-level so that params validation can check ``pretrain.backbone`` without building a model.
+    required_backbone: ClassVar[str | None] = None
+    #: The number of image channels the method needs (3 for colorization), or None for any. Class-level
+    #: so that ingest can reject a dataset before any work; ``check_data`` raises the full message.
+    required_channels: ClassVar[int | None] = None
+
+    options: MethodOptions
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -57,15 +87,22 @@ class SSLMethod(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def resolve_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
-        """Merge ``options`` over ``default_options``; an unknown key raises ValueError naming it."""
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(cls.default_options))
-        if unknown:
-            allowed = ", ".join(sorted(cls.default_options)) or "(none)"
-            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {cls.name!r}; "
-                             f"allowed options: {allowed}")
-        return {**cls.default_options, **options}
+    def resolve_options(cls, options: OptionsArg = None) -> MethodOptions:
+        """``options`` over the defaults, as an instance of ``cls.Options``.
+
+        An unknown, mistyped or out-of-range option raises ConfigError naming
+        ``pretrain.options.<method>.<option>`` and what is allowed.
+        """
+        if type(options) is cls.Options:
+            return options
+        try:
+            return cls.Options.model_validate(dict(options or {}))
+        except ValidationError as err:
+            # Worded as a bad params.yaml is; imported here since ssl_lib.config imports this package as it loads.
+            from ssl_lib.config import format_validation_errors
+
+            raise ConfigError(format_validation_errors(err, f"the options of method {cls.name!r}",
+                                                       loc_prefix=("pretrain", "options", cls.name))) from None
 
     @abstractmethod
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
@@ -75,7 +112,10 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def check_data(cls, in_channels: int, image_size: int | None = None) -> None:
-        """Raise ValueError (naming the data that fit) if the method cannot train on such images. No-op."""
+        """Raise MethodRequirementError (naming the data that fit) if the method cannot train on such images.
+
+        Callable without a model, before any work (the pseudo_labels stage). No-op here.
+        """
 
     def forward(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
                 generator: torch.Generator) -> torch.Tensor:
@@ -94,7 +134,7 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(image HWC uint8, caption) pairs that show what the method trains on, for a preview grid."""
         return [(np.asarray(images_uint8[i]), f"#{i}") for i in range(min(count, len(images_uint8)))]
 

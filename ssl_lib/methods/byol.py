@@ -5,12 +5,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -37,23 +38,25 @@ class BYOL(TwoViewMethod):
 
     name = "byol"
     family = "non-contrastive"
-    default_options: dict[str, Any] = {
-        **VIEW_OPTIONS,
-        "proj_dim": 128,
-        "proj_hidden": 512,
-        "pred_hidden": 512,
-        "momentum": 0.99,
+
+    class Options(ViewOptions):
+        proj_dim: int = Field(128, ge=1, description="output size of the projection head")
+        proj_hidden: int = Field(512, ge=1, description="hidden width of the projection head")
+        pred_hidden: int = Field(512, ge=1, description="hidden width of the predictor")
+        # The schedule rises from here to 1; at 1 the target would stay at its random init.
+        momentum: float = Field(0.99, ge=0, lt=1, description="starting EMA momentum of the target (cosine to 1)")
         # An affine-free BN on the projection, as SimSiam has (the BYOL paper has none). Without it, short
         # runs on small data (tests/test_methods_joint.py) learn backbone features worse than random init.
-        "proj_last_bn": True,
-    }
+        proj_last_bn: bool = Field(True, description="affine-free BatchNorm after the projection (false: the paper's)")
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        hidden, out = int(self.options["proj_hidden"]), int(self.options["proj_dim"])
-        self.projector = mlp(feature_dim, hidden, out, last_bn=bool(self.options["proj_last_bn"]))
-        self.predictor = mlp(out, int(self.options["pred_hidden"]), out)
+        hidden, out = self.options.proj_hidden, self.options.proj_dim
+        self.projector = mlp(feature_dim, hidden, out, last_bn=self.options.proj_last_bn)
+        self.predictor = mlp(out, self.options.pred_hidden, out)
         self.target_encoder = make_target(self.encoder)
         self.target_projector = make_target(self.projector)
 
@@ -71,6 +74,6 @@ class BYOL(TwoViewMethod):
         return loss
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = cosine_momentum(float(self.options["momentum"]), step, total_steps)
+        m = cosine_momentum(self.options.momentum, step, total_steps)
         ema_update(self.target_encoder, self.encoder, m)
         ema_update(self.target_projector, self.projector, m)

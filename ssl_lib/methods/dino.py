@@ -5,13 +5,14 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.distributed import mean_across_ranks
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
 
 
 def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
@@ -66,25 +67,28 @@ class DINO(TwoViewMethod):
 
     name = "dino"
     family = "non-contrastive"
-    default_options: dict[str, Any] = {
-        **VIEW_OPTIONS,
-        "head_hidden": 512,
-        "bottleneck_dim": 128,
-        "out_dim": 1024,
-        "student_temp": 0.1,
-        "teacher_temp": 0.04,
-        "center_momentum": 0.9,
-        "momentum": 0.99,
-    }
+
+    class Options(ViewOptions):
+        head_hidden: int = Field(512, ge=1, description="hidden width of the head's MLP")
+        bottleneck_dim: int = Field(128, ge=1, description="size of the L2-normalized bottleneck")
+        # 1 prototype would make every softmax trivially 1.
+        out_dim: int = Field(1024, ge=2, description="number of prototypes (output logits)")
+        student_temp: float = Field(0.1, gt=0, description="softmax temperature of the student")
+        teacher_temp: float = Field(0.04, gt=0, description="softmax temperature of the teacher (sharpening)")
+        # 1 would freeze the center at zero: no centering.
+        center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the teacher-output center")
+        momentum: float = Field(0.99, ge=0, lt=1, description="starting EMA momentum of the teacher (cosine to 1)")
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
         o = self.options
-        self.head = DINOHead(feature_dim, int(o["head_hidden"]), int(o["bottleneck_dim"]), int(o["out_dim"]))
+        self.head = DINOHead(feature_dim, o.head_hidden, o.bottleneck_dim, o.out_dim)
         self.teacher_encoder = make_target(self.encoder)
         self.teacher_head = make_target(self.head)
-        self.register_buffer("center", torch.zeros(int(o["out_dim"])))
+        self.register_buffer("center", torch.zeros(o.out_dim))
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
@@ -96,11 +100,11 @@ class DINO(TwoViewMethod):
             t = self.teacher_head(self.teacher_encoder(both))
         t1, t2 = t.chunk(2)
         o = self.options
-        loss = dino_loss((s1, s2), (t1, t2), self.center.clone(), float(o["student_temp"]), float(o["teacher_temp"]))
+        loss = dino_loss((s1, s2), (t1, t2), self.center.clone(), o.student_temp, o.teacher_temp)
         with torch.no_grad():
-            m = float(o["center_momentum"])
+            m = o.center_momentum
             self.center.mul_(m).add_(mean_across_ranks(t.float().mean(0)), alpha=1 - m)
-            teacher_probs = F.softmax((t1.float() - self.center) / float(o["teacher_temp"]), dim=1)
+            teacher_probs = F.softmax((t1.float() - self.center) / o.teacher_temp, dim=1)
             self.last_stats = {
                 "embedding_std": normalized_embedding_std(embedding.chunk(2)[0].detach()),
                 # Low entropy of the mean teacher output = a few prototypes take everything.
@@ -109,6 +113,6 @@ class DINO(TwoViewMethod):
         return loss
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = cosine_momentum(float(self.options["momentum"]), step, total_steps)
+        m = cosine_momentum(self.options.momentum, step, total_steps)
         ema_update(self.teacher_encoder, self.encoder, m)
         ema_update(self.teacher_head, self.head, m)

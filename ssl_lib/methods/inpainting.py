@@ -6,17 +6,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.augment import shift_flip
 from ssl_lib.methods._common import (
     FeatureDecoder,
+    augment_option,
     images_to_tensor,
+    max_shift_option,
     sample_seeds,
     square_mask,
     to_uint8,
 )
-from ssl_lib.methods.base import SSLMethod, register
+from ssl_lib.methods.base import MethodOptions, OptionsArg, SSLMethod, register
 
 
 def inpainting_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -48,21 +51,26 @@ class Inpainting(SSLMethod):
 
     name = "inpainting"
     family = "pretext"
-    default_options: dict[str, Any] = {"mask_fraction": 0.5, "decoder_width": 64, "context_weight": 0.0,
-                                       "augment": True, "max_shift_px": 1}
+
+    class Options(MethodOptions):
+        # At 1 the square covers the whole image: no context is left to paint from.
+        mask_fraction: float = Field(0.5, gt=0, lt=1, description="side of the blanked square / the image side")
+        decoder_width: int = Field(64, ge=1, description="channels of the conv decoder's first stage")
+        context_weight: float = Field(0.0, ge=0, description="loss weight of the visible pixels (0: the hole only)")
+        augment: bool = augment_option()
+        max_shift_px: int = max_shift_option(1)
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        self.mask_size = self.mask_side(image_size, self.options)
-        self.decoder = FeatureDecoder(feature_dim, in_channels, image_size, int(self.options["decoder_width"]))
+        self.mask_size = self.mask_side(image_size, self.options.mask_fraction)
+        self.decoder = FeatureDecoder(feature_dim, in_channels, image_size, self.options.decoder_width)
 
     @staticmethod
-    def mask_side(image_size: int, options: dict[str, Any]) -> int:
-        fraction = float(options["mask_fraction"])
-        if not 0 < fraction < 1:
-            raise ValueError(f"inpainting mask_fraction must be in (0, 1), got {fraction}")
-        return max(1, round(image_size * fraction))
+    def mask_side(image_size: int, mask_fraction: float) -> int:
+        return max(1, round(image_size * mask_fraction))
 
     def masked_input(self, images: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, w = images.shape[-2:]
@@ -72,11 +80,11 @@ class Inpainting(SSLMethod):
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
-        if self.options["augment"]:
-            images = shift_flip(images, generator, int(self.options["max_shift_px"]))
+        if self.options.augment:
+            images = shift_flip(images, generator, self.options.max_shift_px)
         masked, mask = self.masked_input(images, targets["mask_seed"])
         pred = self.decoder(self.encoder(masked))
-        return inpainting_loss(pred, images, mask, float(self.options["context_weight"]))
+        return inpainting_loss(pred, images, mask, self.options.context_weight)
 
     @classmethod
     def make_pseudo_labels(cls, num_images: int, epochs: int, seed: int) -> dict[str, np.ndarray]:
@@ -87,12 +95,12 @@ class Inpainting(SSLMethod):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(masked input, target) pairs for the first ``count // 2`` images of the first epoch."""
         opts = cls.resolve_options(options)
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
-        side = cls.mask_side(x.shape[-1], opts)
+        side = cls.mask_side(x.shape[-1], opts.mask_fraction)
         mask = square_mask(torch.as_tensor(pseudo["mask_seed"][0, :n]), x.shape[-2], x.shape[-1], side)
         masked = to_uint8(x * (1 - mask) + x.mean(dim=(0, 2, 3), keepdim=True) * mask)
         target = to_uint8(x)

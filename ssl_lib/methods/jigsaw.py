@@ -10,11 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from ssl_lib.augment import shift_flip
-from ssl_lib.methods._common import images_to_tensor, probe_encoder, to_uint8
-from ssl_lib.methods.base import SSLMethod, register
+from ssl_lib.errors import MethodRequirementError
+from ssl_lib.methods._common import augment_option, images_to_tensor, max_shift_option, probe_encoder, to_uint8
+from ssl_lib.methods.base import MethodOptions, OptionsArg, SSLMethod, register
 
 # Pseudo labels hold raw draws; the permutation index is draw % num_permutations (the set size is
 # an option, which make_pseudo_labels does not see). With draws below 2**31 the bias is < 1e-6.
@@ -99,33 +101,50 @@ class Jigsaw(SSLMethod):
 
     name = "jigsaw"
     family = "pretext"
-    default_options: dict[str, Any] = {"grid": 2, "num_permutations": 24, "tile_jitter": 1, "head_hidden": 256,
-                                       "augment": True, "max_shift_px": 1}
+
+    class Options(MethodOptions):
+        # 3x3 (9 tiles) is the most hamming_permutations enumerates: 9! permutations.
+        grid: int = Field(2, ge=2, le=3, description="tiles per side: a grid x grid puzzle")
+        num_permutations: int = Field(24, ge=2, description="size of the permutation set, at most (grid^2)!")
+        tile_jitter: int = Field(1, ge=0, description="pixels cut from each cell, so tiles sit at random offsets")
+        head_hidden: int = Field(256, ge=1, description="hidden width of the permutation classifier")
+        augment: bool = augment_option()
+        max_shift_px: int = max_shift_option(1)
+
+        @field_validator("num_permutations")
+        @classmethod
+        def _at_most_all(cls, value: int, info: ValidationInfo) -> int:
+            grid = info.data.get("grid")  # absent when grid itself was invalid: that error is reported
+            if grid is not None and value > math.factorial(grid * grid):
+                raise ValueError(f"a {grid}x{grid} grid has only {math.factorial(grid * grid)} permutations, "
+                                 f"got {value}")
+            return value
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        grid, jitter = int(self.options["grid"]), int(self.options["tile_jitter"])
-        if grid < 2:
-            raise ValueError(f"jigsaw grid must be >= 2, got {grid}")
+        grid, jitter = self.options.grid, self.options.tile_jitter
         self.grid, self.cell = grid, image_size // grid
         self.crop = self.cell - jitter
-        if jitter < 0 or self.crop < 2:
-            raise ValueError(f"jigsaw: {image_size}px images in a {grid}x{grid} grid give {self.cell}px cells; "
-                             f"tile_jitter={jitter} leaves no usable tile")
-        perms = hamming_permutations(grid * grid, int(self.options["num_permutations"]))
+        if self.crop < 2:
+            raise MethodRequirementError(
+                f"jigsaw: {image_size}px images in a {grid}x{grid} grid give {self.cell}px cells; "
+                f"tile_jitter={jitter} leaves no usable tile: lower pretrain.options.jigsaw.grid or tile_jitter")
+        perms = hamming_permutations(grid * grid, self.options.num_permutations)
         self.register_buffer("permutations", torch.as_tensor(perms), persistent=False)
         probe_encoder(encoder, in_channels, self.crop, self.crop, feature_dim,
                       f"jigsaw with a {grid}x{grid} grid on {image_size}px images ({self.crop}px tiles)")
-        hidden, tiles, classes = int(self.options["head_hidden"]), grid * grid, len(perms)
+        hidden, tiles, classes = self.options.head_hidden, grid * grid, len(perms)
         self.head = nn.Sequential(nn.Linear(tiles * feature_dim, hidden), nn.BatchNorm1d(hidden),
                                   nn.ReLU(inplace=True), nn.Linear(hidden, classes))
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
         labels = (targets["jigsaw"].long() % self.permutations.shape[0]).to(images.device)
-        if self.options["augment"]:
-            images = shift_flip(images, generator, int(self.options["max_shift_px"]))
+        if self.options.augment:
+            images = shift_flip(images, generator, self.options.max_shift_px)
         b, tiles = images.shape[0], self.grid * self.grid
         jitter = self.cell - self.crop
         offsets = torch.randint(0, jitter + 1, (b, tiles, 2), generator=generator, device=generator.device)
@@ -148,12 +167,12 @@ class Jigsaw(SSLMethod):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """The first epoch's puzzles: each image with its (whole-cell) tiles shuffled, captioned
         with the permutation index the model must predict."""
         opts = cls.resolve_options(options)
-        grid = int(opts["grid"])
-        perms = hamming_permutations(grid * grid, int(opts["num_permutations"]))
+        grid = opts.grid
+        perms = hamming_permutations(grid * grid, opts.num_permutations)
         n = min(count, len(images_uint8))
         if n == 0:
             return []

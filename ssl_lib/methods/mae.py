@@ -6,18 +6,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from ssl_lib.augment import shift_flip
 from ssl_lib.methods._common import (
+    augment_option,
     images_to_tensor,
+    max_shift_option,
     per_sample_uniform,
     require_vit,
     sample_seeds,
     to_uint8,
     weighted_patch_mse,
 )
-from ssl_lib.methods.base import SSLMethod, register
+from ssl_lib.methods.base import MethodOptions, OptionsArg, SSLMethod, register
 from ssl_lib.models.vit import Block, sincos_pos_embed
 
 
@@ -75,7 +78,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
 @register
 class MAE(SSLMethod):
-    """Masked autoencoder on ``vit_tiny``; any other backbone raises ValueError at construction.
+    """Masked autoencoder on ``vit_tiny``; any other backbone raises MethodRequirementError at construction.
 
     loss = mae_loss(dec(enc(visible patches), mask tokens), patchify(x), mask). Which patches are
     hidden is fixed per sample and epoch by the ``mask_seed`` pseudo labels.
@@ -83,25 +86,41 @@ class MAE(SSLMethod):
 
     name = "mae"
     family = "generative"
-    required_backbone = "vit_tiny"  # for config validation without building a model
-    default_options: dict[str, Any] = {"mask_ratio": 0.75, "decoder_dim": 64, "decoder_depth": 2,
-                                       "decoder_heads": 4, "norm_pix_loss": True, "augment": True,
-                                       "max_shift_px": 1}
+    required_backbone = "vit_tiny"
+
+    class Options(MethodOptions):
+        # random_masking keeps at least one patch, but at 0 nothing would be left to reconstruct.
+        mask_ratio: float = Field(0.75, gt=0, lt=1, description="fraction of the patches hidden from the encoder")
+        # The decoder's sin-cos position embedding splits its width in four.
+        decoder_dim: int = Field(64, ge=4, multiple_of=4, description="width of the transformer decoder")
+        # Without a block the mask tokens never see the encoded patches, and the encoder gets no gradient.
+        decoder_depth: int = Field(2, ge=1, description="transformer blocks in the decoder")
+        decoder_heads: int = Field(4, ge=1, description="attention heads per decoder block; divides decoder_dim")
+        norm_pix_loss: bool = Field(True, description="regress per-patch standardized pixels, as in MAE")
+        augment: bool = augment_option()
+        max_shift_px: int = max_shift_option(1)
+
+        @field_validator("decoder_heads")
+        @classmethod
+        def _divides_width(cls, value: int, info: ValidationInfo) -> int:
+            width = info.data.get("decoder_dim")  # absent when decoder_dim itself was invalid
+            if width is not None and width % value:
+                raise ValueError(f"decoder_dim {width} is not divisible by {value} heads")
+            return value
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
         _, vit = require_vit(encoder, self.name)
-        ratio = float(self.options["mask_ratio"])
-        if not 0 < ratio < 1:
-            raise ValueError(f"mae mask_ratio must be in (0, 1), got {ratio}")
-        dd, p = int(self.options["decoder_dim"]), vit.patch_size
+        dd, p = self.options.decoder_dim, vit.patch_size
         self.decoder_embed = nn.Linear(vit.dim, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         pos = torch.cat([torch.zeros(1, dd), sincos_pos_embed(dd, vit.grid, vit.grid)])[None]
         self.register_buffer("decoder_pos_embed", pos, persistent=False)
-        self.decoder_blocks = nn.ModuleList([Block(dd, int(self.options["decoder_heads"]))
-                                             for _ in range(int(self.options["decoder_depth"]))])
+        self.decoder_blocks = nn.ModuleList([Block(dd, self.options.decoder_heads)
+                                             for _ in range(self.options.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(dd)
         self.decoder_pred = nn.Linear(dd, p * p * in_channels)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -121,7 +140,7 @@ class MAE(SSLMethod):
         return unpatchify(x, self.vit.patch_size, self.in_channels)
 
     def random_masking(self, x: torch.Tensor, noise: torch.Tensor):
-        return random_masking(x, float(self.options["mask_ratio"]), noise)
+        return random_masking(x, self.options.mask_ratio, noise)
 
     def forward_encoder(self, imgs: torch.Tensor, noise: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,13 +163,13 @@ class MAE(SSLMethod):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return mae_loss(pred, self.patchify(imgs), mask, bool(self.options["norm_pix_loss"]))
+        return mae_loss(pred, self.patchify(imgs), mask, self.options.norm_pix_loss)
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
         normalize, vit = require_vit(self.encoder, self.name)
-        if self.options["augment"]:
-            images = shift_flip(images, generator, int(self.options["max_shift_px"]))
+        if self.options.augment:
+            images = shift_flip(images, generator, self.options.max_shift_px)
         imgs = normalize(images).contiguous()
         noise = per_sample_uniform(targets["mask_seed"], vit.num_patches).to(imgs.device)
         latent, mask, ids_restore = self.forward_encoder(imgs, noise)
@@ -166,7 +185,7 @@ class MAE(SSLMethod):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(visible patches, full image) pairs of the first epoch; hidden patches drawn gray."""
         from ssl_lib.models.vit import default_patch_size
 
@@ -176,7 +195,7 @@ class MAE(SSLMethod):
         p = default_patch_size(x.shape[-1])
         patches = patchify(x, p)
         noise = per_sample_uniform(torch.as_tensor(pseudo["mask_seed"][0, :n]), patches.shape[1])
-        _, mask, _, _ = random_masking(patches, float(opts["mask_ratio"]), noise)
+        _, mask, _, _ = random_masking(patches, opts.mask_ratio, noise)
         shown = unpatchify(torch.where(mask[..., None].bool(), torch.full_like(patches, 0.5), patches), p, x.shape[1])
         visible, full = to_uint8(shown), to_uint8(x)
         pairs: list[tuple[np.ndarray, str]] = []

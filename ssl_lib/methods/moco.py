@@ -5,13 +5,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.distributed import gather_no_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
 
 
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -47,23 +48,22 @@ class MoCo(TwoViewMethod):
 
     name = "moco"
     family = "contrastive"
-    default_options: dict[str, Any] = {
-        **VIEW_OPTIONS,
-        "temperature": 0.2,
-        "proj_dim": 128,
-        "proj_hidden": 512,
-        "queue_size": 4096,
-        "momentum": 0.99,
-        "symmetric": True,
-    }
+
+    class Options(ViewOptions):
+        temperature: float = Field(0.2, gt=0, description="softmax temperature of InfoNCE")
+        proj_dim: int = Field(128, ge=1, description="output size of the projection head")
+        proj_hidden: int = Field(512, ge=1, description="hidden width of the projection head")
+        queue_size: int = Field(4096, ge=1, description="queued keys used as negatives; keep it below the pool size")
+        # 1 would freeze the key encoder at its random init.
+        momentum: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the key encoder")
+        symmetric: bool = Field(True, description="also score (v2, v1), so both views act as queries")
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        hidden, out = int(self.options["proj_hidden"]), int(self.options["proj_dim"])
-        size = int(self.options["queue_size"])
-        if size < 1:
-            raise ValueError(f"queue_size must be >= 1, got {size}")
+        hidden, out, size = self.options.proj_hidden, self.options.proj_dim, self.options.queue_size
         self.projector = mlp(feature_dim, hidden, out)
         self.key_encoder = make_target(self.encoder)
         self.key_projector = make_target(self.projector)
@@ -80,12 +80,12 @@ class MoCo(TwoViewMethod):
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
         v1, v2 = self.views(images, generator)
-        t = float(self.options["temperature"])
+        t = self.options.temperature
         q1, q2 = self.projector(self.encoder(torch.cat([v1, v2]))).chunk(2)
         with torch.no_grad():
             k1, k2 = self.key_projector(self.key_encoder(torch.cat([v1, v2]))).chunk(2)
         queue = self.queue.clone()  # enqueueing below must not change what backward needs
-        if self.options["symmetric"]:
+        if self.options.symmetric:
             loss = (info_nce_loss(q1, k2, queue, t) + info_nce_loss(q2, k1, queue, t)) / 2
             self._enqueue(torch.cat([gather_no_grad(k2), gather_no_grad(k1)]))
         else:
@@ -96,6 +96,6 @@ class MoCo(TwoViewMethod):
         return loss
 
     def after_step(self, step: int, total_steps: int) -> None:
-        m = float(self.options["momentum"])
+        m = self.options.momentum
         ema_update(self.key_encoder, self.encoder, m)
         ema_update(self.key_projector, self.projector, m)

@@ -6,10 +6,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.augment import shift_flip
-from ssl_lib.methods.base import SSLMethod, register
+from ssl_lib.errors import MethodRequirementError
+from ssl_lib.methods._common import augment_option, max_shift_option
+from ssl_lib.methods.base import MethodOptions, OptionsArg, SSLMethod, register
 
 
 def rotate_batch(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
@@ -37,12 +40,18 @@ class RotationPrediction(SSLMethod):
 
     name = "rotation"
     family = "pretext"
-    default_options: dict[str, Any] = {"head_hidden": 256, "augment": True, "max_shift_px": 2}
+
+    class Options(MethodOptions):
+        head_hidden: int = Field(256, ge=0, description="hidden width of the rotation head; 0: a linear head")
+        augment: bool = augment_option()
+        max_shift_px: int = max_shift_option(2)
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        hidden = int(self.options["head_hidden"])
+        hidden = self.options.head_hidden
         if hidden > 0:
             self.head: nn.Module = nn.Sequential(nn.Linear(feature_dim, hidden), nn.BatchNorm1d(hidden),
                                                  nn.ReLU(inplace=True), nn.Linear(hidden, 4))
@@ -52,10 +61,10 @@ class RotationPrediction(SSLMethod):
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
         if images.shape[-1] != images.shape[-2]:
-            raise ValueError(f"rotation prediction needs square images, got {tuple(images.shape[-2:])}")
+            raise MethodRequirementError(f"rotation prediction needs square images, got {tuple(images.shape[-2:])}")
         labels = targets["rotation"].long()
-        if self.options["augment"]:
-            images = shift_flip(images, generator, int(self.options["max_shift_px"]))
+        if self.options.augment:
+            images = shift_flip(images, generator, self.options.max_shift_px)
         logits = self.head(self.encoder(rotate_batch(images, labels)))
         loss = F.cross_entropy(logits, labels)
         with torch.no_grad():
@@ -71,7 +80,7 @@ class RotationPrediction(SSLMethod):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         pairs = []
         for i in range(min(count, len(images_uint8))):
             k = int(pseudo["rotation"][0, i])

@@ -5,11 +5,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.methods.base import register
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
 
 
 def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -33,19 +34,20 @@ class SimSiam(TwoViewMethod):
 
     name = "simsiam"
     family = "non-contrastive"
-    default_options: dict[str, Any] = {
-        **VIEW_OPTIONS,
-        "proj_dim": 256,
-        "proj_hidden": 256,
-        "pred_hidden": 64,
-    }
+
+    class Options(ViewOptions):
+        proj_dim: int = Field(256, ge=1, description="output size of the projection head")
+        proj_hidden: int = Field(256, ge=1, description="hidden width of the projection head")
+        pred_hidden: int = Field(64, ge=1, description="bottleneck width of the predictor")
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        hidden, out = int(self.options["proj_hidden"]), int(self.options["proj_dim"])
+        hidden, out = self.options.proj_hidden, self.options.proj_dim
         self.projector = mlp(feature_dim, hidden, out, layers=3, last_bn=True)
-        self.predictor = mlp(out, int(self.options["pred_hidden"]), out)
+        self.predictor = mlp(out, self.options.pred_hidden, out)
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:

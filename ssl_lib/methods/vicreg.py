@@ -5,12 +5,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import VIEW_OPTIONS, TwoViewMethod, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
 
 
 def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
@@ -51,19 +52,20 @@ class VICReg(TwoViewMethod):
 
     name = "vicreg"
     family = "non-contrastive"
-    default_options: dict[str, Any] = {
-        **VIEW_OPTIONS,
-        "proj_dim": 256,
-        "proj_hidden": 256,
-        "sim_weight": 25.0,
-        "var_weight": 25.0,
-        "cov_weight": 1.0,
-    }
+
+    class Options(ViewOptions):
+        proj_dim: int = Field(256, ge=1, description="output size of the 3-layer expander")
+        proj_hidden: int = Field(256, ge=1, description="hidden width of the expander")
+        sim_weight: float = Field(25.0, ge=0, description="weight of the invariance (view MSE) term")
+        var_weight: float = Field(25.0, ge=0, description="weight of the variance (std hinge) term")
+        cov_weight: float = Field(1.0, ge=0, description="weight of the covariance (decorrelation) term")
+
+    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        self.projector = mlp(feature_dim, int(self.options["proj_hidden"]), int(self.options["proj_dim"]), layers=3)
+        self.projector = mlp(feature_dim, self.options.proj_hidden, self.options.proj_dim, layers=3)
 
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
              generator: torch.Generator) -> torch.Tensor:
@@ -72,8 +74,8 @@ class VICReg(TwoViewMethod):
         # Variance and covariance are over the global batch under data parallelism.
         terms = vicreg_terms(gather_with_grad(z1), gather_with_grad(z2))
         o = self.options
-        loss = (float(o["sim_weight"]) * terms["invariance"] + float(o["var_weight"]) * terms["variance"]
-                + float(o["cov_weight"]) * terms["covariance"])
+        loss = (o.sim_weight * terms["invariance"] + o.var_weight * terms["variance"]
+                + o.cov_weight * terms["covariance"])
         with torch.no_grad():
             self.last_stats = {"embedding_std": normalized_embedding_std(z1.detach()),
                                **{k: v.detach() for k, v in terms.items()}}

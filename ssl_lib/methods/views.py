@@ -1,8 +1,8 @@
 """What the two-view methods (MoCo, BYOL, SimSiam, Barlow Twins, VICReg, DINO) share with SimCLR.
 
-The view augmentation, its options and the preview are SimCLR's, reused rather than copied:
-``VIEW_OPTIONS`` are SimCLR's defaults for those keys, ``view_settings`` is SimCLR's mapping from
-options to ``AugmentSettings``, and the preview delegates to ``SimCLR.preview_pairs``.
+The view augmentation, its options and the preview are SimCLR's, reused rather than copied: a method's
+``Options`` derive from ``ViewOptions`` (SimCLR's view options with SimCLR's defaults), which maps them to
+``AugmentSettings``, and the preview is SimCLR's ``preview_views``.
 """
 from __future__ import annotations
 
@@ -12,19 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_lib.augment import AugmentSettings, augment_views
-from ssl_lib.methods.base import SSLMethod
-from ssl_lib.methods.simclr import SimCLR
+from ssl_lib.augment import augment_views
+from ssl_lib.methods.base import OptionsArg, SSLMethod
+from ssl_lib.methods.simclr import ViewOptions, preview_views
 
-VIEW_OPTION_KEYS: tuple[str, ...] = ("crop_scale_min", "jitter_p", "jitter_strength", "grayscale_p", "blur_p",
-                                     "solarize_p")
-# SimCLR's defaults for the view options; a method's default_options is {**VIEW_OPTIONS, ...its own}.
-VIEW_OPTIONS: dict[str, Any] = {k: SimCLR.default_options[k] for k in VIEW_OPTION_KEYS}
-
-
-def view_settings(options: dict[str, Any]) -> AugmentSettings:
-    """``AugmentSettings`` from the view options (``VIEW_OPTION_KEYS``) in ``options``."""
-    return SimCLR.augment_settings_from(options)
+__all__ = ["TwoViewMethod", "ViewOptions", "mlp"]
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
@@ -45,13 +37,16 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool =
 class TwoViewMethod(SSLMethod):
     """Base of the methods that compare two random SimCLR-style views of each image (not registered).
 
-    Subclasses put ``**VIEW_OPTIONS`` into their ``default_options`` and call ``self.views``.
+    Subclasses derive their ``Options`` from ``ViewOptions`` and call ``self.views``.
     """
+
+    Options = ViewOptions
+    options: ViewOptions
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
         super().__init__(encoder, feature_dim, in_channels, image_size, **options)
-        self.augment_settings = view_settings(self.options)
+        self.augment_settings = self.options.augment_settings()
 
     def views(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Two independent views of the batch, drawn from ``generator`` in the same order as SimCLR's."""
@@ -60,7 +55,6 @@ class TwoViewMethod(SSLMethod):
 
     @classmethod
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                      count: int, options: dict[str, Any] | None = None) -> list[tuple[np.ndarray, str]]:
+                      count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """The two views of the first ``count // 2`` images, as drawn with the first epoch's seed."""
-        resolved = cls.resolve_options(options)
-        return SimCLR.preview_pairs(images_uint8, pseudo, count, {k: resolved[k] for k in VIEW_OPTION_KEYS})
+        return preview_views(images_uint8, pseudo, count, cls.resolve_options(options))
