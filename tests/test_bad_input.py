@@ -130,3 +130,73 @@ def test_overrides_keep_params_comments_and_validate_first(tmp_path: Path):
     with pytest.raises(ConfigError, match="pretrain.method"):
         apply_param_overrides(path, {"pretrain.method": "nope"})
     assert yaml.safe_load(path.read_text())["pretrain"]["method"] == "rotation"
+
+
+# ---------------------------------------------------------------- which errors count as the user's (issue #11)
+
+def test_label_budget_and_method_requirements_have_their_own_classes():
+    from ssl_lib.config import parse_params
+    from ssl_lib.errors import LabelBudgetError, MethodRequirementError
+    from tasks.ingest import check_label_budget
+
+    with pytest.raises(LabelBudgetError, match="data.labels_per_class"):
+        check_label_budget(parse_params({"data": {"source": "digits", "labels_per_class": 500}}))
+    with pytest.raises(MethodRequirementError, match="3-channel"):
+        check_label_budget(parse_params({"data": {"source": "digits"}, "pretrain": {"method": "colorization"}}))
+
+
+@pytest.mark.parametrize("device, expected", [("tpu", "unknown device 'tpu'"), ("", "unknown device ''"),
+                                              ("meta", "unknown device 'meta'")])
+def test_unknown_device_is_a_config_error(device: str, expected: str):
+    from ssl_lib.device import select_device
+
+    with pytest.raises(ConfigError, match=expected) as info:
+        select_device(device)
+    assert "pretrain.device" in str(info.value)
+
+
+def test_unavailable_accelerator_is_a_config_error():
+    import torch
+
+    from ssl_lib.acceleration import resolve_acceleration
+    from ssl_lib.device import select_device
+
+    with pytest.raises(ConfigError, match="pretrain.precision"):
+        resolve_acceleration(torch.device("cpu"), "fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            select_device("cuda")
+    else:
+        with pytest.raises(ConfigError, match="CUDA device"):
+            select_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize("loader, stage", [("tasks.finetune:load_encoder_info", "pretrain"),
+                                           ("tasks.pseudo_labels:load_pseudo_labels", "pseudo_labels")])
+def test_missing_upstream_output_is_a_data_error(tmp_path: Path, monkeypatch, loader: str, stage: str):
+    import importlib
+
+    from ssl_lib.errors import DataError
+
+    module, name = loader.split(":")
+    monkeypatch.chdir(tmp_path)  # stages read their inputs relative to the project root
+    with pytest.raises(DataError, match=f"dvc repro {stage}"):
+        getattr(importlib.import_module(module), name)()
+
+
+@pytest.mark.parametrize("uri, expected", [("models:/", "malformed"), ("models:/a/b/c", "malformed")])
+def test_malformed_model_uri_is_a_data_error(uri: str, expected: str):
+    from ssl_lib.errors import DataError
+    from tasks.predict import load_model
+
+    with pytest.raises(DataError, match=expected):
+        load_model(uri)
+
+
+def test_predict_with_a_missing_model_is_one_line(tmp_path: Path):
+    (tmp_path / "images").mkdir()
+    result = runner.invoke(app, ["predict", str(tmp_path / "images"), "--model", str(tmp_path / "no-model"),
+                                 "--output", str(tmp_path / "p.csv"), "--root", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "cannot load model" in result.output and "models:/NAME@champion" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "p.csv").exists()
