@@ -1,4 +1,4 @@
-"""The pipeline flow: the five stages as Prefect tasks, each run through DVC.
+"""The pipeline flow: the six stages as Prefect tasks (built in flows.stages), each run through DVC.
 
 DVC decides what is stale (dvc.lock is the one record of what was built), Prefect schedules,
 retries and shows each stage's state and duration, and MLflow gets one parent run per flow run
@@ -16,22 +16,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.stages import StageOutcome, dvc_command, stage_tasks, subprocess_env
 from tasks import paths
-from tasks.common import STAGES, StageOutcome, dvc_command, subprocess_env
 from tasks.environment import configure_environment, project_root
-from tasks.evaluate import evaluate_task, headline_metrics
-from tasks.finetune import finetune_task
-from tasks.ingest import check_label_budget, ingest_task
+from tasks.evaluate import headline_metrics
+from tasks.ingest import check_label_budget
 from tasks.params_file import apply_param_overrides
-from tasks.pretrain import pretrain_task
-from tasks.pseudo_labels import pseudo_labels_task
-from tasks.self_train import self_train_task
 from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
 
 UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values(),
                     paths.SELF_TRAIN_HISTORY)
-STAGE_TASKS = (ingest_task, pseudo_labels_task, pretrain_task, finetune_task, self_train_task, evaluate_task)
-assert tuple(t.name for t in STAGE_TASKS) == STAGES
 
 
 def save_dvc_experiment(root: Path, name: str) -> str | None:
@@ -56,6 +50,15 @@ def save_dvc_experiment(root: Path, name: str) -> str | None:
 def _experiment_name(method: str, flow_run_name: str | None) -> str:
     slug = re.sub(r"[^a-z0-9-]+", "-", f"{method}-{flow_run_name or time.strftime('%Y%m%d-%H%M%S')}".lower())
     return slug.strip("-")
+
+
+def _stage_row(outcome: StageOutcome) -> dict[str, Any]:
+    """One row of the stages table: what DVC ran, its wall time, and (when it ran) start-up vs work."""
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 1)
+
+    return {"stage": outcome.stage, "executed": outcome.executed, "seconds": rounded(outcome.seconds),
+            "startup_seconds": rounded(outcome.startup_seconds), "work_seconds": rounded(outcome.work_seconds)}
 
 
 @flow(name="ssl-pipeline", log_prints=True)
@@ -89,8 +92,8 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     outcomes: list[StageOutcome] = []
     succeeded = False
     try:
-        for stage_task in STAGE_TASKS:
-            rerun = force or (reingest and stage_task is ingest_task)
+        for stage, stage_task in stage_tasks().items():
+            rerun = force or (reingest and stage == "ingest")
             outcomes.append(stage_task(str(root_path), env, force=rerun))
         if not outcomes[-1].executed:
             # Nothing was re-evaluated: the parent run still carries the results it stands for.
@@ -110,8 +113,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
 
     metrics = json.loads((root_path / paths.METRICS).read_text())
     summary = {"mlflow_run_id": parent_id, "dvc_experiment": exp_name, "metrics": metrics,
-               "stages": [{"stage": o.stage, "executed": o.executed, "seconds": round(o.seconds, 1)}
-                          for o in outcomes]}
+               "stages": [_stage_row(o) for o in outcomes]}
     create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
     semi = (f", SSL + {'+'.join(params.self_train.steps)} **{metrics['self_train']['accuracy']:.4f}** (final model)"
             if "self_train" in metrics else "")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ssl_lib.config import PipelineParams
 from tasks import paths
-from tasks.common import make_stage_task, run_stage_cli
+from tasks.common import run_stage_cli
 
 log = logging.getLogger("sslpipe.evaluate")
 CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
@@ -157,7 +157,6 @@ def headline_metrics(metrics: dict) -> dict[str, float]:
                 "self_train_gain": metrics["self_train_gain"]} if "self_train" in metrics else {})}
 
 
-evaluate_task = make_stage_task("evaluate")
 
 if __name__ == "__main__":
     run_stage_cli("evaluate", run)

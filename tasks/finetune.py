@@ -8,7 +8,7 @@ import pandas as pd
 
 from ssl_lib.config import PipelineParams
 from tasks import paths
-from tasks.common import make_stage_task, run_stage_cli
+from tasks.common import run_stage_cli
 
 log = logging.getLogger("sslpipe.finetune")
 
@@ -101,7 +101,6 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
             "model_uri": model_info.model_uri, "run_id": mlflow.active_run().info.run_id}
 
 
-finetune_task = make_stage_task("finetune")
 
 if __name__ == "__main__":
     run_stage_cli("finetune", run)

@@ -5,7 +5,7 @@ import logging
 
 from ssl_lib.config import PipelineParams
 from tasks import paths
-from tasks.common import make_stage_task, run_stage_cli
+from tasks.common import run_stage_cli
 
 log = logging.getLogger("sslpipe.ingest")
 
@@ -65,7 +65,6 @@ def check_label_budget(params: PipelineParams) -> None:
             "RGB images) or another method")
 
 
-ingest_task = make_stage_task("ingest")
 
 if __name__ == "__main__":
     run_stage_cli("ingest", run)

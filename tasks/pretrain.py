@@ -16,7 +16,7 @@ import pandas as pd
 
 from ssl_lib.config import ConfigError, PipelineParams
 from tasks import paths
-from tasks.common import make_stage_task, run_stage_cli
+from tasks.common import run_stage_cli
 
 log = logging.getLogger("sslpipe.pretrain")
 RDZV_ENDPOINT_ENV = "SSLPIPE_RDZV_ENDPOINT"
@@ -120,7 +120,6 @@ def main(params: PipelineParams) -> None:
         run(params)
 
 
-pretrain_task = make_stage_task("pretrain")
 
 if __name__ == "__main__":
     run_stage_cli("pretrain", main)

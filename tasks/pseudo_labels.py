@@ -7,7 +7,7 @@ import numpy as np
 
 from ssl_lib.config import PipelineParams
 from tasks import paths
-from tasks.common import make_stage_task, run_stage_cli
+from tasks.common import run_stage_cli
 
 log = logging.getLogger("sslpipe.pseudo_labels")
 
@@ -54,7 +54,6 @@ def load_pseudo_labels() -> dict[str, np.ndarray]:
         return {key: archive[key] for key in archive.files}
 
 
-pseudo_labels_task = make_stage_task("pseudo_labels")
 
 if __name__ == "__main__":
     run_stage_cli("pseudo_labels", run)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ssl_lib.config import PipelineParams
 from tasks import paths
-from tasks.common import make_stage_task, run_stage_cli
+from tasks.common import run_stage_cli
 
 log = logging.getLogger("sslpipe.self_train")
 
@@ -129,7 +129,6 @@ def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: n
     plt.close(fig)
 
 
-self_train_task = make_stage_task("self_train")
 
 if __name__ == "__main__":
     run_stage_cli("self_train", run)

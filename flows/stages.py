@@ -1,0 +1,152 @@
+"""The pipeline's stages run through DVC, and the Prefect tasks that run them, built from one list.
+
+A stage process (``python -m tasks.<stage>``, started by DVC) reports back through a small JSON file whose
+path it finds in ``$SSLPIPE_STAGE_REPORT``: that it ran, when its process started, when its work began and
+ended, and, when it stops on a user mistake, the error's kind and message. The runner reads that report, so
+whether a stage ran and whether a failure is worth a retry are decided by what the stage says, not by
+matching DVC's console text.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tasks.common import STAGE_REPORT_ENV, STAGES
+from tasks.environment import configure_environment
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str
+    executed: bool
+    seconds: float  # wall time of `dvc repro` for this stage
+    # From the stage process's report (None when DVC skipped the stage): seconds from the process's start to
+    # the start of its work (interpreter, imports, params), and of the work itself.
+    startup_seconds: float | None = None
+    work_seconds: float | None = None
+    process_seconds: float | None = None
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero for a reason other than a user mistake: a bug or a transient failure."""
+
+    def __init__(self, stage: str, returncode: int, tail: str) -> None:
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+        super().__init__(f"stage {stage!r} failed (dvc exit {returncode}):\n{tail}")
+
+
+class StageUserError(StageFailed):
+    """The stage stopped on a user mistake (its ``UserError``): a retry cannot fix it; the message says what can."""
+
+    def __init__(self, stage: str, returncode: int, tail: str, kind: str, message: str) -> None:
+        super().__init__(stage, returncode, tail)
+        self.kind, self.message = kind, message
+        self.args = (f"{stage}: {message}",)
+
+
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for DVC and its stage commands: the offline switches, and this venv first on PATH.
+
+    DVC runs ``python -m tasks.<stage>`` through a shell, so the interpreter that has this project
+    installed must come first on PATH even when the user did not activate the venv.
+    """
+    configure_environment()
+    env = dict(os.environ)
+    # Stage output reaches Prefect's log line by line: a progress bar refreshed 10 times a second would
+    # flood it, so refresh it every 10 s there (tqdm reads its defaults from TQDM_* variables).
+    env.setdefault("TQDM_MININTERVAL", "10")
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.update(extra or {})
+    return env
+
+
+def dvc_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = None, force: bool = False,
+                  echo: Callable[[str], None] = print) -> StageOutcome:
+    """``dvc repro --single-item STAGE``: DVC decides whether the stage is stale and records it in dvc.lock."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    with tempfile.TemporaryDirectory(prefix="sslpipe-stage-") as tmp:
+        report_path = Path(tmp) / "report.json"
+        env = subprocess_env({**(env_extra or {}), STAGE_REPORT_ENV: str(report_path)})
+        start = time.perf_counter()
+        proc = subprocess.Popen(dvc_command(args), cwd=root, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            echo(line)
+        returncode = proc.wait()
+        seconds = time.perf_counter() - start
+        report = _read_report(report_path)
+    if returncode != 0:
+        tail = "\n".join(lines[-40:])
+        error = (report or {}).get("user_error")
+        if error:
+            raise StageUserError(stage, returncode, tail, error["kind"], error["message"])
+        raise StageFailed(stage, returncode, tail)
+    if report is None:  # DVC found the stage up to date (or restored it from its run cache)
+        return StageOutcome(stage=stage, executed=False, seconds=seconds)
+    return StageOutcome(stage=stage, executed=True, seconds=seconds,
+                        startup_seconds=report["work_started"] - report["process_started"],
+                        work_seconds=report["work_ended"] - report["work_started"],
+                        process_seconds=report["work_ended"] - report["process_started"])
+
+
+def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except StageUserError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _stage_task(stage: str) -> Any:
+    """The Prefect task for ``stage``: it runs the stage through DVC, never around it.
+
+    Prefect's own caching stays off: DVC alone decides what is stale. Retries cover transient
+    failures (a locked file, a killed worker); a user error is not retried.
+    """
+    from prefect import get_run_logger, task
+    from prefect.cache_policies import NO_CACHE
+
+    @task(name=stage, task_run_name=stage, retries=1, retry_delay_seconds=5,
+          retry_condition_fn=_retry_unless_user_error, cache_policy=NO_CACHE, persist_result=False)
+    def stage_task(root: str, env_extra: dict[str, str] | None = None, force: bool = False) -> StageOutcome:
+        logger = get_run_logger()
+        outcome = run_dvc_stage(stage, Path(root), env_extra, force=force, echo=logger.info)
+        logger.info("stage %s %s in %.1f s", stage, "ran" if outcome.executed else "was up to date",
+                    outcome.seconds)
+        return outcome
+
+    return stage_task
+
+
+@functools.cache
+def stage_tasks() -> dict[str, Any]:
+    """One Prefect task per stage, in pipeline order, built on first use (importing Prefect is not free)."""
+    return {stage: _stage_task(stage) for stage in STAGES}
