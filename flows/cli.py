@@ -1,11 +1,16 @@
-"""`sslpipe`: the command line. User mistakes get one clear message and exit code 2, never a traceback."""
+"""`sslpipe`: the command line. User mistakes get one clear message and exit code 2, never a traceback.
+
+Only a ``UserError`` (or a stage that stopped on one) counts as a user mistake. Any other exception is a bug
+or a transient failure and keeps its traceback, so a bug cannot hide behind a one-line message.
+"""
 from __future__ import annotations
 
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import typer
 
@@ -14,10 +19,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 SET_HELP = "Override a param, e.g. --set pretrain.method=rotation (repeatable). Written into params.yaml."
 
+USER_ERROR_EXIT = 2  # as the stage processes exit on a UserError (tasks.common)
+STAGE_CRASH_EXIT = 1
 
-def _fail(message: str) -> None:
+
+def _fail(message: str, code: int = USER_ERROR_EXIT) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+@contextmanager
+def _reported(prefix: str = "") -> Iterator[None]:
+    """A user mistake becomes one line and exit 2; everything else that is not a stage's crash propagates.
+
+    A stage that crashed (``StageFailed``) ran in its own process: its traceback is in the DVC output the
+    message carries, and one from here would only show the runner, so it is printed as is, with exit 1.
+    """
+    from flows.stages import StageFailed, StageUserError
+    from ssl_lib.errors import UserError
+
+    try:
+        yield
+    except (UserError, StageUserError) as err:
+        _fail(f"{prefix}{err}")
+    except StageFailed as err:
+        _fail(f"{prefix}{err}", code=STAGE_CRASH_EXIT)
 
 
 def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
@@ -43,24 +69,19 @@ def run(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_H
         no_exp: bool = typer.Option(False, "--no-exp", help="Do not save the run as a DVC experiment."),
         root: Path = typer.Option(Path("."), help="Project root (where dvc.yaml and params.yaml are).")) -> None:
     """Run the whole pipeline as a Prefect flow and print both test accuracies."""
-    from tasks.common import user_error_types
     from tasks.environment import configure_environment
 
     root = root.resolve()
     os.environ["SSLPIPE_ROOT"] = str(root)  # anchors the MLflow store at the project, wherever we run from
     configure_environment()
     started = time.perf_counter()
-    try:
+    with _reported():
         overrides = _parse_sets(set_)
         params = _validate(root, overrides)
-    except user_error_types() as err:
-        _fail(str(err))
     from flows.pipeline import ssl_pipeline
 
-    try:
+    with _reported("pipeline failed: "):
         summary = ssl_pipeline(overrides=overrides, root=str(root), force=force, save_experiment=not no_exp)
-    except Exception as err:  # the flow has logged the details; give the user the gist
-        _fail(f"pipeline failed: {err}")
     _print_summary(summary, params, root, time.perf_counter() - started)
 
 
@@ -95,15 +116,14 @@ def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain,
           force: bool = typer.Option(False, help="Rerun even if DVC finds it up to date."),
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Run one stage through DVC (`dvc repro --single-item NAME`)."""
-    from tasks.common import STAGES, StageFailed, run_dvc_stage
+    from flows.stages import run_dvc_stage
+    from tasks.common import STAGES
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
-    try:
+    with _reported():
         outcome = run_dvc_stage(name, root.resolve(), force=force)
-    except StageFailed as err:
-        _fail(str(err))
     typer.echo(f"{name}: {'ran' if outcome.executed else 'up to date'} ({outcome.seconds:.1f} s)")
 
 
@@ -111,12 +131,8 @@ def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain,
 def validate(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
              root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Check params.yaml (and overrides) and the label budget without running anything."""
-    from tasks.common import user_error_types
-
-    try:
+    with _reported():
         params = _validate(root.resolve(), _parse_sets(set_))
-    except user_error_types() as err:
-        _fail(str(err))
     typer.echo(params.model_dump_json(indent=2))
 
 
@@ -128,12 +144,11 @@ def predict(source: str = typer.Argument(..., help="A folder of images (or one i
             flow: bool = typer.Option(False, "--flow", help="Run as a Prefect flow (observable, retried)."),
             root: Path = typer.Option(Path("."), help="Project root (for split:NAME and the MLflow store).")) -> None:
     """Predict classes with a registered model: id, predicted class and class probabilities to a CSV."""
-    from tasks.common import user_error_types
     from tasks.environment import configure_environment
 
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
-    try:
+    with _reported():
         if flow:
             from flows.predict import predict_flow
 
@@ -145,8 +160,6 @@ def predict(source: str = typer.Argument(..., help="A folder of images (or one i
             errors = int((table["status"] == "error").sum())
             typer.echo(f"wrote {len(table) - errors} predictions to {output}"
                        + (f"; {errors} unreadable image(s) listed with status=error" if errors else ""))
-    except user_error_types() as err:
-        _fail(str(err))
 
 
 def _int_list(text: str) -> list[int]:
@@ -166,18 +179,15 @@ def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated m
                                                                 "address, or 'local' (needs the dask extra)."),
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Run a grid of DVC experiments; write a comparison table and a label-efficiency plot."""
-    from tasks.common import user_error_types
     from tasks.environment import configure_environment
 
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
-    try:
+    with _reported():
         from flows.sweep import sweep_flow
 
         result = sweep_flow(dask_address)([m.strip() for m in methods.split(",") if m.strip()], _int_list(labels),
                             _int_list(seeds), root=str(root.resolve()), workers=workers, experiment=experiment)
-    except user_error_types() as err:
-        _fail(str(err))
     typer.echo(f"table: {result['table']}\nplot:  {result['plot']}")
 
 

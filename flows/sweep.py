@@ -67,12 +67,44 @@ def _exp_ref(root: Path, exp_name: str) -> str:
     return matches[-1].removeprefix("refs/exps/")
 
 
+def _point_failure(name: str, returncode: int, output: str, report_path: Path) -> Exception:
+    """The error for a failed ``dvc exp run``: the stage's own user error when it stopped on one, else a crash."""
+    from flows.stages import StageUserError
+
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, ValueError):  # no stage got far enough to report
+        report = {}
+    tail = output[-3000:]
+    error = report.get("user_error")
+    if error:  # DVC stops at the first failing stage, so a user error in the report is that stage's
+        return StageUserError(report.get("stage", name), returncode, tail, error["kind"], error["message"])
+    return RuntimeError(f"dvc exp run {name} failed:\n{tail}")
+
+
+def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """A user mistake fails the same way every time; only what may be transient is retried."""
+    from flows.stages import StageUserError
+    from ssl_lib.errors import UserError
+
+    try:
+        state.result()
+    except (UserError, StageUserError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
 @task(name="sweep-point", task_run_name="{point.method} l={point.labels_per_class} s={point.seed}",
-      retries=1, retry_delay_seconds=5)
+      retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> dict:
     """One grid point: its MLflow run, then ``dvc exp run --temp`` with the stages nested under it."""
+    import tempfile
+
     from ssl_lib.config import apply_overrides, parse_params, read_raw_params
-    from tasks.common import dvc_command, subprocess_env
+    from flows.stages import dvc_command, subprocess_env
+    from tasks.common import STAGE_REPORT_ENV
     from tasks.tracking import PARENT_RUN_ENV, finish_run, open_parent_run
 
     root_path = Path(root)
@@ -80,13 +112,17 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
     name = point.name(sweep_id)
     run_id = open_parent_run(params, invocation=f"sweep-{name}", owner="sweep", run_name=name,
                              extra_tags={"sslpipe.sweep": sweep_id, "dvc.exp_name": name}, experiment=experiment)
-    env = {PARENT_RUN_ENV: run_id, "MLFLOW_EXPERIMENT_NAME": experiment, "SSLPIPE_ROOT": str(root_path)}
     ok = False
     try:
-        out = subprocess.run(dvc_command(["exp", "run", "--temp", "-n", name, *_dvc_set_args(point.overrides)]),
-                             cwd=root_path, env=subprocess_env(env), capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"dvc exp run {name} failed:\n{(out.stdout + out.stderr)[-3000:]}")
+        with tempfile.TemporaryDirectory(prefix="sslpipe-point-") as tmp:
+            # Each stage leaves its report here; a stage that stops on a user mistake says so in it.
+            report_path = Path(tmp) / "report.json"
+            env = {PARENT_RUN_ENV: run_id, "MLFLOW_EXPERIMENT_NAME": experiment, "SSLPIPE_ROOT": str(root_path),
+                   STAGE_REPORT_ENV: str(report_path)}
+            out = subprocess.run(dvc_command(["exp", "run", "--temp", "-n", name, *_dvc_set_args(point.overrides)]),
+                                 cwd=root_path, env=subprocess_env(env), capture_output=True, text=True)
+            if out.returncode != 0:
+                raise _point_failure(name, out.returncode, out.stdout + out.stderr, report_path)
         metrics = _read_exp_metrics(root_path, name)
         ok = True
     finally:

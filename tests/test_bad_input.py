@@ -200,3 +200,44 @@ def test_predict_with_a_missing_model_is_one_line(tmp_path: Path):
     assert result.exit_code == 2, result.output
     assert "cannot load model" in result.output and "models:/NAME@champion" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "p.csv").exists()
+
+
+def test_a_bug_in_a_command_is_not_shown_as_a_user_error(project: Path, monkeypatch):
+    import tasks.ingest
+
+    def buggy(params):
+        raise ValueError("list index out of range, say")
+
+    monkeypatch.setattr(tasks.ingest, "check_label_budget", buggy)
+    result = runner.invoke(app, ["validate", "--root", str(project)])
+    assert result.exit_code != 2
+    assert isinstance(result.exception, ValueError) and "error: " not in result.output
+
+
+@pytest.mark.parametrize("user_error, exit_code", [(True, 2), (False, 1)])
+def test_stage_command_exit_code_says_whose_the_failure_is(project: Path, monkeypatch, user_error: bool,
+                                                            exit_code: int):
+    import flows.stages
+
+    def failing(stage, root, env_extra=None, force=False, echo=print):
+        if user_error:
+            raise flows.stages.StageUserError(stage, 1, "...", "DataError", "data/prepared is missing")
+        raise flows.stages.StageFailed(stage, 1, "Traceback (most recent call last):\n  ...\nZeroDivisionError")
+
+    monkeypatch.setattr(flows.stages, "run_dvc_stage", failing)
+    result = runner.invoke(app, ["stage", "finetune", "--root", str(project)])
+    assert result.exit_code == exit_code, result.output
+    assert ("data/prepared is missing" in result.output) == user_error
+    assert ("ZeroDivisionError" in result.output) != user_error  # a crash shows the stage's own traceback
+
+
+def test_sweep_point_reports_the_stage_user_error(tmp_path: Path):
+    from flows.stages import StageUserError
+    from flows.sweep import _point_failure
+
+    report = tmp_path / "report.json"
+    assert type(_point_failure("p", 1, "boom", report)) is RuntimeError  # no report: not the user's
+    report.write_text(json.dumps({"stage": "pseudo_labels", "user_error": {"kind": "MethodRequirementError",
+                                                                             "message": "needs 3-channel images"}}))
+    err = _point_failure("p", 1, "tail", report)
+    assert isinstance(err, StageUserError) and str(err) == "pseudo_labels: needs 3-channel images"
