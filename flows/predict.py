@@ -4,10 +4,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.stages import retry_unless_user_error
 from tasks.environment import configure_environment
 
 
-@task(name="predict", retries=1, retry_delay_seconds=5)
+@task(name="predict", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def predict_task(source: str, model_uri: str, output: str) -> dict:
     from tasks.predict import predict
 

@@ -152,7 +152,13 @@ def main(argv: list[str] | None = None) -> None:
         retrain.serve(name=DEPLOYMENT_NAME, cron=args.cron, parameters={"margin": args.margin,
                                                                         "root": str(project_root())})
     else:
-        print(retrain(margin=args.margin))
+        from flows.stages import StageUserError
+        from ssl_lib.errors import UserError
+
+        try:
+            print(retrain(margin=args.margin))
+        except (UserError, StageUserError) as err:  # a user mistake: one line, no traceback
+            sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

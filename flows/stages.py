@@ -42,6 +42,10 @@ class StageFailed(RuntimeError):
         self.stage, self.returncode, self.tail = stage, returncode, tail
         super().__init__(f"stage {stage!r} failed (dvc exit {returncode}):\n{tail}")
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Task runners (Dask, process pools) pickle a task's exception; rebuild it from its fields.
+        return type(self), (self.stage, self.returncode, self.tail)
+
 
 class StageUserError(StageFailed):
     """The stage stopped on a user mistake (its ``UserError``): a retry cannot fix it; the message says what can."""
@@ -50,6 +54,9 @@ class StageUserError(StageFailed):
         super().__init__(stage, returncode, tail)
         self.kind, self.message = kind, message
         self.args = (f"{stage}: {message}",)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return type(self), (self.stage, self.returncode, self.tail, self.kind, self.message)
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -115,10 +122,13 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
                         process_seconds=report["work_ended"] - report["process_started"])
 
 
-def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a failure unless it is a user mistake, which a retry cannot fix."""
+    from ssl_lib.errors import UserError
+
     try:
         state.result()
-    except StageUserError:
+    except (StageUserError, UserError):
         return False
     except Exception:
         return True
@@ -135,7 +145,7 @@ def _stage_task(stage: str) -> Any:
     from prefect.cache_policies import NO_CACHE
 
     @task(name=stage, task_run_name=stage, retries=1, retry_delay_seconds=5,
-          retry_condition_fn=_retry_unless_user_error, cache_policy=NO_CACHE, persist_result=False)
+          retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE, persist_result=False)
     def stage_task(root: str, env_extra: dict[str, str] | None = None, force: bool = False) -> StageOutcome:
         logger = get_run_logger()
         outcome = run_dvc_stage(stage, Path(root), env_extra, force=force, echo=logger.info)

@@ -26,11 +26,6 @@ STAGE_REPORT_ENV = "SSLPIPE_STAGE_REPORT"
 log = logging.getLogger("sslpipe")
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the user has something to fix; printed without a traceback."""
-    return (UserError,)
-
-
 def process_start_time() -> float:
     """When this process was created (epoch seconds): the start of its interpreter, before any import."""
     import psutil
