@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(retrain(margin=args.margin))
         except (UserError, StageUserError) as err:  # a user mistake: one line, no traceback
-            sys.exit(f"error: {err}")
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
