@@ -17,7 +17,7 @@ $(error could not read the offline switches: $(PYTHON) -B tasks/environment.py p
 endif
 $(foreach switch,$(OFFLINE_SWITCHES),$(eval export $(switch)))
 
-.PHONY: install run test test-fast ui serve data repro clean
+.PHONY: install run lint test test-fast ui serve data repro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,10 +40,15 @@ run: install data
 repro: install data
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
-test: install data
+# Lint and type check first: both take seconds and fail before the long suite starts.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy ssl_lib
+
+test: install lint data
 	$(BIN)/python -m pytest
 
-test-fast: install
+test-fast: install lint
 	$(BIN)/python -m pytest -m "not slow"
 
 ui: install
