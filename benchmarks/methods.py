@@ -14,6 +14,7 @@ Each method is one MLflow run in the experiment `ssl-methods-benchmark`, so the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -86,7 +87,8 @@ def main() -> None:
     channels, size = data.meta["shape"][2], data.meta["shape"][0]
     finetune, baseline_finetune = finetune_settings(params), finetune_settings(params, baseline=True)
     if args.finetune_epochs is not None:
-        finetune = replace(finetune, epochs=args.finetune_epochs, lp_epochs=min(finetune.lp_epochs, args.finetune_epochs))
+        finetune = replace(finetune, epochs=args.finetune_epochs,
+                           lp_epochs=min(finetune.lp_epochs, args.finetune_epochs))
         baseline_finetune = replace(baseline_finetune, epochs=args.finetune_epochs)
 
     conv_backbone = params.pretrain.backbone if params.pretrain.backbone != "vit_tiny" else "convnet_small"
@@ -136,8 +138,8 @@ def main() -> None:
             log_to_mlflow(row, {"method": settings.method, "backbone": settings.backbone, "epochs": settings.epochs,
                                 "max_images": settings.max_images, "batch_size": settings.batch_size})
 
-    columns = ["method", "family", "backbone", "pretrain_s", "images_per_s", "knn", "linear_probe", "finetune_10", "baseline_10",
-               "note"]
+    columns = ["method", "family", "backbone", "pretrain_s", "images_per_s", "knn", "linear_probe", "finetune_10",
+               "baseline_10", "note"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     print("\n".join(lines))
@@ -163,11 +165,11 @@ def measure_speed(params, methods: list[str], steps: int, out: str | None) -> No
         stamps: list[float] = []
         try:
             pretrain(images, [0.286], [0.353], make_pseudo_labels(settings, len(images)), settings, progress=False,
-                     on_step=lambda done: stamps.append(time.perf_counter()))
+                     on_step=lambda done, stamps=stamps: stamps.append(time.perf_counter()))
         except ValueError as err:
             lines.append(f"| {name} | {backbone} | | {str(err).splitlines()[0][:60]}... | |")
             continue
-        step_s = statistics.median(b - a for a, b in zip(stamps[3:], stamps[4:]))
+        step_s = statistics.median(b - a for a, b in itertools.pairwise(stamps[3:]))
         lines.append(f"| {name} | {backbone} | {settings.batch_size} | {settings.batch_size / step_s:.0f} | "
                      f"{step_s * 1000:.0f} |")
         print(lines[-1], flush=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Optional
+from typing import Any, NoReturn
 
 import typer
 
@@ -64,7 +65,7 @@ def _validate(root: Path, overrides: dict[str, Any]):
 
 
 @app.command()
-def run(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP),
         force: bool = typer.Option(False, help="Rerun every stage even if DVC finds it up to date."),
         no_exp: bool = typer.Option(False, "--no-exp", help="Do not save the run as a DVC experiment."),
         root: Path = typer.Option(Path("."), help="Project root (where dvc.yaml and params.yaml are).")) -> None:
@@ -128,7 +129,7 @@ def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain,
 
 
 @app.command()
-def validate(set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help=SET_HELP),
+def validate(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP),
              root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Check params.yaml (and overrides) and the label budget without running anything."""
     with _reported():
@@ -175,7 +176,7 @@ def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated m
           seeds: str = typer.Option("0", help="Comma-separated seeds."),
           workers: int = typer.Option(1, help="Points run at once (>1 needs an MLflow tracking server)."),
           experiment: str = typer.Option("ssl-sweep", help="MLflow experiment of the sweep's runs."),
-          dask_address: Optional[str] = typer.Option(None, help="Run points on a Dask cluster: its scheduler "
+          dask_address: str | None = typer.Option(None, help="Run points on a Dask cluster: its scheduler "
                                                                 "address, or 'local' (needs the dask extra)."),
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Run a grid of DVC experiments; write a comparison table and a label-efficiency plot."""

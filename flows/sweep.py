@@ -102,8 +102,8 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
     """One grid point: its MLflow run, then ``dvc exp run --temp`` with the stages nested under it."""
     import tempfile
 
-    from ssl_lib.config import apply_overrides, parse_params, read_raw_params
     from flows.stages import dvc_command, subprocess_env
+    from ssl_lib.config import apply_overrides, parse_params, read_raw_params
     from tasks.common import STAGE_REPORT_ENV
     from tasks.tracking import PARENT_RUN_ENV, finish_run, open_parent_run
 

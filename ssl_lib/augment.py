@@ -182,7 +182,8 @@ def solarize(x: torch.Tensor, generator: torch.Generator, p: float = 0.2, thresh
     return x * (1 - apply) + solarized * apply
 
 
-def augment_views(x: torch.Tensor, generator: torch.Generator, settings: AugmentSettings = AugmentSettings()) -> torch.Tensor:
+def augment_views(x: torch.Tensor, generator: torch.Generator,
+                  settings: AugmentSettings = AugmentSettings()) -> torch.Tensor:
     """The SimCLR view pipeline: crop+flip, colour jitter, grayscale, blur, solarize. Output float in [0, 1]."""
     s = settings
     out = random_resized_crop(x, generator, s.crop_scale, s.crop_ratio, s.flip_p, s.max_shift, s.padding_mode)

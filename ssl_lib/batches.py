@@ -11,8 +11,9 @@ device, and the whole run, are identical whichever is used.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

@@ -32,7 +32,7 @@ class DataParams(_Section):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")
-    def _one_label_budget(self) -> "DataParams":
+    def _one_label_budget(self) -> DataParams:
         if (self.labels_per_class is None) == (self.label_fraction is None):
             raise ValueError(
                 "set exactly one of data.labels_per_class and data.label_fraction (the other must be null)"
@@ -105,7 +105,7 @@ class PretrainParams(_Section):
         return value
 
     @model_validator(mode="after")
-    def _method_requirements(self) -> "PretrainParams":
+    def _method_requirements(self) -> PretrainParams:
         from ssl_lib.methods import get_method
 
         method = get_method(self.method)

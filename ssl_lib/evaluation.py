@@ -1,8 +1,8 @@
 """Test-set evaluation: probabilities, features, kNN accuracy, per-class metrics, confusion matrix."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ssl_lib.config import PipelineParams, load_params
 from ssl_lib.errors import UserError

@@ -55,7 +55,7 @@ def run(params: PipelineParams) -> dict:
     with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
         data = load_prepared(paths.PREPARED)
         test_x, test_y = data.split("test")
-        known_x, known_y = (np.concatenate(pair) for pair in zip(data.split("labeled"), data.split("val")))
+        known_x, known_y = (np.concatenate(pair) for pair in zip(data.split("labeled"), data.split("val"), strict=True))
         if not paths.FINAL_INFO.is_file():
             raise DataError(f"{paths.FINAL_INFO} is missing; run the stage first: dvc repro self_train")
         final_info = json.loads(paths.FINAL_INFO.read_text())

@@ -72,7 +72,7 @@ def run(params: PipelineParams) -> dict:
     return info
 
 
-def model_input(images) -> "object":
+def model_input(images) -> object:
     """Registry models take float32 (N, C, H, W) in [0, 1]; normalisation lives inside the model."""
     import numpy as np
 

@@ -124,7 +124,7 @@ def test_overrides_keep_params_comments_and_validate_first(tmp_path: Path):
     text = path.read_text()
     assert "# fashion-mnist | digits | folder" in text  # comments survive
     before, after = (REPO / "params.yaml").read_text().splitlines(), text.splitlines()
-    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
     assert len(before) == len(after) and len(changed) == 2, changed  # only the overridden lines, nulls kept
     assert load_params(path).finetune.epochs == 7
     with pytest.raises(ConfigError, match="pretrain.method"):

@@ -260,11 +260,11 @@ def test_folder_source(image_folder):
     raw = load_source("folder", image_folder)
     assert raw.class_names == ["cat", "dog", "eel"]
     assert raw.images.shape == (17, 4, 6, 3)  # any colour -> RGB; most common size (w6, h4)
-    ids = dict(zip(raw.source_ids, raw.labels.tolist()))
+    ids = dict(zip(raw.source_ids, raw.labels.tolist(), strict=True))
     assert ids["stray.png"] == -1 and ids["unlabeled/u0.webp"] == -1
     assert ids["cat/c0.png"] == 0 and ids["dog/d3.JPG"] == 1 and ids["eel/e0.bmp"] == 2
     assert ids["test/eel/t1.png"] == 2
-    test_ids = {s for s, t in zip(raw.source_ids, raw.predefined_test) if t}
+    test_ids = {s for s, t in zip(raw.source_ids, raw.predefined_test, strict=True) if t}
     assert test_ids == {"test/cat/t0.png", "test/eel/t1.png"}
     assert raw.source_ids == sorted(raw.source_ids)
     skipped = dict(raw.skipped)

@@ -10,8 +10,7 @@ import torch
 
 from ssl_lib.augment import augment_views, random_resized_crop, shift_flip, to_float
 from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
-from ssl_lib.evaluation import (extract_features, knn_accuracy, per_class_table, predict_proba,
-                                save_confusion_png)
+from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
 from ssl_lib.methods import METHODS, UnknownMethodError, get_method
 from ssl_lib.methods.simclr import normalized_embedding_std, nt_xent_loss
 from ssl_lib.models.backbones import BACKBONES, build_backbone

@@ -29,7 +29,7 @@ from ssl_lib.methods.simclr import normalized_embedding_std
 from ssl_lib.methods.views import ViewOptions
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.pretrain import make_pseudo_labels, pretrain
-from tests.test_learning import BACKBONE, _settings, digits  # noqa: F401  (digits is a fixture)
+from tests.test_learning import BACKBONE, _settings, digits  # noqa: F401  (digits is a fixture; F811 where a test asks for it)
 
 FAMILIES = {"moco": "contrastive", "byol": "non-contrastive", "simsiam": "non-contrastive",
             "barlow_twins": "non-contrastive", "vicreg": "non-contrastive", "dino": "non-contrastive"}
@@ -64,7 +64,7 @@ _RUNS: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
-def pretrained(digits):
+def pretrained(digits):  # noqa: F811
     """``pretrained(name)`` -> PretrainResult of the method's short run, computed once per module."""
     images, _, mean, std = digits
 
@@ -79,7 +79,7 @@ def pretrained(digits):
     _RUNS.clear()
 
 
-def _knn_clean_and_augmented(encoder_state, digits) -> tuple[float, float]:
+def _knn_clean_and_augmented(encoder_state, digits) -> tuple[float, float]:  # noqa: F811
     """kNN accuracy (as tests/test_learning.py's ``_knn``) of clean test images, and of augmented ones
     (fixed random resized crops of 0.5-1 of the area, flips) against the same clean bank."""
     images, labels, mean, std = digits
@@ -94,12 +94,12 @@ def _knn_clean_and_augmented(encoder_state, digits) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def random_knn(digits) -> tuple[float, float]:
+def random_knn(digits) -> tuple[float, float]:  # noqa: F811
     return _knn_clean_and_augmented(None, digits)
 
 
 @pytest.fixture(scope="module")
-def random_feature_std(digits) -> float:
+def random_feature_std(digits) -> float:  # noqa: F811
     images, _, mean, std = digits
     model = build_classifier(BACKBONE, 1, 16, 10, mean, std, None, seed=0)
     return float(normalized_embedding_std(torch.as_tensor(extract_features(model, images))))
@@ -120,7 +120,7 @@ def test_registered_with_family_and_view_options(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_preview_shows_two_views(digits, name):
+def test_preview_shows_two_views(digits, name):  # noqa: F811
     images = digits[0][:8]
     pairs = get_method(name).preview_pairs(images, {"epoch_seed": np.array([7])}, 8)
     assert len(pairs) == 8 and pairs[0][1] == "#0 view 1" and pairs[1][1] == "#0 view 2"
@@ -236,7 +236,7 @@ def test_ema_update_and_cosine_momentum():
             p.add_(1.0)
         online[1].running_mean.fill_(5.0)
     ema_update(target, online, 0.75)
-    for b, t, o in zip(before, target.parameters(), online.parameters()):
+    for b, t, o in zip(before, target.parameters(), online.parameters(), strict=True):
         assert torch.allclose(t, 0.75 * b + 0.25 * o)
     assert torch.equal(target[1].running_mean, online[1].running_mean)
     assert cosine_momentum(0.99, 0, 100) == pytest.approx(0.99)
@@ -244,7 +244,7 @@ def test_ema_update_and_cosine_momentum():
     assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
 
 
-def test_pretrain_calls_after_step_once_per_step(digits, monkeypatch):
+def test_pretrain_calls_after_step_once_per_step(digits, monkeypatch):  # noqa: F811
     images, _, mean, std = digits
     calls: list[tuple[int, int]] = []
     original = byol.BYOL.after_step
@@ -271,7 +271,7 @@ def test_loss_falls(pretrained, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits, random_knn, name):
+def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits, random_knn, name):  # noqa: F811
     # Random conv features are strong on clean digits (kNN ~0.91) and these short runs do not
     # beat them there yet (that takes far more steps than a unit test can afford on one thread).
     # What a few steps do teach is invariance to the views: kNN of augmented queries (random ~0.44).
@@ -281,7 +281,7 @@ def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_embeddings_do_not_collapse(pretrained, digits, random_feature_std, name):
+def test_embeddings_do_not_collapse(pretrained, digits, random_feature_std, name):  # noqa: F811
     result = pretrained(name)
     # The head's embeddings (recorded during training): about 1/sqrt(D) when spread over the
     # sphere, near 0 when collapsed.
@@ -295,7 +295,7 @@ def test_embeddings_do_not_collapse(pretrained, digits, random_feature_std, name
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_same_seed_same_losses(digits, name):
+def test_same_seed_same_losses(digits, name):  # noqa: F811
     images, _, mean, std = digits
     settings = _settings(name, 2, max_images=256, batch_size=64, options=OPTIONS[name])
     runs = [pretrain(images, mean, std, make_pseudo_labels(settings, len(images)), settings, progress=False)

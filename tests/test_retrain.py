@@ -82,7 +82,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
 
     digits = load_digits()
     images = tmp_path / "images"
-    for i, (image, label) in enumerate(zip(digits.images[:400], digits.target[:400])):
+    for i, (image, label) in enumerate(zip(digits.images[:400], digits.target[:400], strict=True)):
         (images / str(label)).mkdir(parents=True, exist_ok=True)
         Image.fromarray((image * 255 / 16).astype(np.uint8)).save(images / str(label) / f"{i}.png")
     project = make_project(tmp_path / "proj", {
@@ -96,7 +96,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     again = retrain(margin=0.0, root=str(project))  # nothing changed: nothing reruns
     assert again["decision"].startswith("unchanged") and (project / "dvc.lock").read_text() == lock_before
 
-    for i, (image, label) in enumerate(zip(digits.images[400:450], digits.target[400:450])):
+    for i, (image, label) in enumerate(zip(digits.images[400:450], digits.target[400:450], strict=True)):
         Image.fromarray((image * 255 / 16).astype(np.uint8)).save(images / str(label) / f"new{i}.png")
     changed = retrain(margin=0.0, root=str(project))
     new_meta = json.loads((project / "data/prepared/meta.json").read_text())

@@ -9,8 +9,14 @@ import torch
 from ssl_lib.augment import nhwc_to_tensor, strong_augment
 from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
 from ssl_lib.config import ConfigError, parse_params
-from ssl_lib.self_train import (SelfTrainSettings, accuracy, propagate_labels, propagation_targets, self_train,
-                                validate_settings)
+from ssl_lib.self_train import (
+    SelfTrainSettings,
+    accuracy,
+    propagate_labels,
+    propagation_targets,
+    self_train,
+    validate_settings,
+)
 from tasks.self_train import pool_rows
 
 
@@ -65,7 +71,7 @@ def test_student_beats_its_teacher_on_digits(digits_teacher, steps, rounds):
 def test_self_training_is_deterministic(digits_teacher):
     first = _run(digits_teacher, ("fixmatch",), epochs=1)
     second = _run(digits_teacher, ("fixmatch",), epochs=1)
-    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values()):
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -35,7 +35,7 @@ def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
     client = MlflowClient()
     exp = client.get_experiment_by_name("test-sweep")
     stages_by_point = {}
-    for run_id, name in zip(table["mlflow_run_id"], table["dvc_experiment"]):
+    for run_id, name in zip(table["mlflow_run_id"], table["dvc_experiment"], strict=True):
         point = client.get_run(run_id)
         assert point.info.status == "FINISHED" and "test_accuracy_ssl" in point.data.metrics
         children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")

@@ -27,7 +27,7 @@ from ssl_lib.errors import ConfigError
 
 FAMILIES = ("pretext", "contrastive", "non-contrastive", "generative")
 
-METHODS: dict[str, type["SSLMethod"]] = {}
+METHODS: dict[str, type[SSLMethod]] = {}
 
 _M = TypeVar("_M", bound=type["SSLMethod"])
 

@@ -1,7 +1,8 @@
 """DINO (Caron et al., 2021): a student matches the centred, sharpened output of its EMA teacher."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
