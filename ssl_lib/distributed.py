@@ -65,13 +65,13 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the gradient of a sum of per-rank losses w.r.t. the input is again a sum over ranks."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         out = x.detach().clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         return grad
@@ -81,14 +81,14 @@ class _GatherCat(torch.autograd.Function):
     """Concatenate over ranks; each rank gets back the summed gradient of its own rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
         parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.detach().contiguous())
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         # all_reduce + slice is a reduce-scatter that every backend (gloo included) supports.
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
@@ -160,11 +160,14 @@ class CrossRankBatchNorm(_BatchNorm):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # Called only with track_running_stats, so the three buffers exist (BatchNorm types them Optional).
+        batches, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        assert batches is not None and running_mean is not None and running_var is not None
+        batches.add_(1)
+        momentum = 1.0 / float(batches) if self.momentum is None else self.momentum
         unbiased = var * count / max(count - 1, 1)
-        self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
-        self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

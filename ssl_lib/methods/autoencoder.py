@@ -71,6 +71,7 @@ class DenoisingAutoencoder(SSLMethod):
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(corrupted input, clean target) pairs, noise drawn with the first epoch's seed."""
         opts = cls.resolve_options(options)
+        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         generator = torch.Generator().manual_seed(int(pseudo["epoch_seed"][0]))

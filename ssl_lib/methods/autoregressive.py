@@ -119,6 +119,7 @@ class AutoregressivePatches(SSLMethod):
         """(prefix the model sees, full image) pairs: with prefix_causal, the K-patch prefix of the first
         epoch; patches after it (gray) are predicted one at a time, each from all patches before it."""
         opts = cls.resolve_options(options)
+        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         p = default_patch_size(x.shape[-1])

@@ -88,7 +88,8 @@ class SSLMethod(nn.Module):
 
     @classmethod
     def resolve_options(cls, options: OptionsArg = None) -> MethodOptions:
-        """``options`` over the defaults, as an instance of ``cls.Options``.
+        """``options`` over the defaults, as an instance of ``cls.Options`` (typed as the base class, since a
+        ClassVar cannot be generic: a subclass's classmethod narrows it with ``isinstance(opts, cls.Options)``).
 
         An unknown, mistyped or out-of-range option raises ConfigError naming
         ``pretrain.options.<method>.<option>`` and what is allowed.

@@ -81,6 +81,7 @@ class DINO(TwoViewMethod):
         momentum: float = Field(0.99, ge=0, lt=1, description="starting EMA momentum of the teacher (cosine to 1)")
 
     options: Options
+    center: torch.Tensor  # buffer (register_buffer in __init__)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -98,6 +98,7 @@ class Inpainting(SSLMethod):
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(masked input, target) pairs for the first ``count // 2`` images of the first epoch."""
         opts = cls.resolve_options(options)
+        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         side = cls.mask_side(x.shape[-1], opts.mask_fraction)

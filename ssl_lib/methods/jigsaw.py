@@ -121,6 +121,7 @@ class Jigsaw(SSLMethod):
             return value
 
     options: Options
+    permutations: torch.Tensor  # buffer (register_buffer in __init__)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -171,6 +172,7 @@ class Jigsaw(SSLMethod):
         """The first epoch's puzzles: each image with its (whole-cell) tiles shuffled, captioned
         with the permutation index the model must predict."""
         opts = cls.resolve_options(options)
+        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         grid = opts.grid
         perms = hamming_permutations(grid * grid, opts.num_permutations)
         n = min(count, len(images_uint8))

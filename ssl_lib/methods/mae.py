@@ -109,6 +109,7 @@ class MAE(SSLMethod):
             return value
 
     options: Options
+    decoder_pos_embed: torch.Tensor  # buffer (register_buffer in __init__)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -190,6 +191,7 @@ class MAE(SSLMethod):
         from ssl_lib.models.vit import default_patch_size
 
         opts = cls.resolve_options(options)
+        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         p = default_patch_size(x.shape[-1])

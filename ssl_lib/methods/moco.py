@@ -59,6 +59,8 @@ class MoCo(TwoViewMethod):
         symmetric: bool = Field(True, description="also score (v2, v1), so both views act as queries")
 
     options: Options
+    queue: torch.Tensor  # buffers (register_buffer in __init__)
+    queue_ptr: torch.Tensor
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

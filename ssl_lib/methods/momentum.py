@@ -27,8 +27,8 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     for t, o in zip(target.parameters(), online.parameters(), strict=True):
         t.lerp_(o.detach(), 1.0 - momentum)
-    for t, o in zip(target.buffers(), online.buffers(), strict=True):
-        t.copy_(o)
+    for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
+        tb.copy_(ob)
 
 
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:

@@ -57,4 +57,6 @@ class TwoViewMethod(SSLMethod):
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """The two views of the first ``count // 2`` images, as drawn with the first epoch's seed."""
-        return preview_views(images_uint8, pseudo, count, cls.resolve_options(options))
+        opts = cls.resolve_options(options)
+        assert isinstance(opts, ViewOptions)  # always true (Options is a ViewOptions); narrows the type for mypy
+        return preview_views(images_uint8, pseudo, count, opts)

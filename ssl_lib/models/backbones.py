@@ -80,6 +80,9 @@ def count_parameters(module: nn.Module) -> int:
 class Normalize(nn.Module):
     """(x - mean) / std per channel, with mean/std as buffers so they travel with the state_dict."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()
         if len(mean) != len(std) or any(s <= 0 for s in std):

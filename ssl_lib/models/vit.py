@@ -81,6 +81,8 @@ class ViT(nn.Module):
     """Small ViT. ``forward(x)``: (B, C, H, W) normalized images -> (B, dim) features (mean of the
     patch tokens after the final norm, or the class token with ``pool="cls"``)."""
 
+    pos_embed: torch.Tensor  # buffer (register_buffer in __init__)
+
     def __init__(self, in_channels: int, image_size: int, patch_size: int | None = None, dim: int = 128,
                  depth: int = 4, heads: int = 4, mlp_ratio: float = 2.0, pool: str = "mean") -> None:
         super().__init__()
@@ -105,6 +107,7 @@ class ViT(nn.Module):
         # As in MAE: xavier-uniform linears (and the patch projection viewed as one), small cls token.
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        assert self.patch_embed.bias is not None  # Conv2d's default bias=True
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.cls_token, std=0.02)
         for m in self.modules():
