@@ -70,6 +70,17 @@ def use_project(path: Path) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{path / 'mlflow.db'}"
 
 
+def _share_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker (and the stage processes it starts) its share of the cores.
+
+    Without this every worker's torch would use all cores, and n workers would oversubscribe them n times.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_cores_between_workers()
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="sslpipe-tests-"))
 # The offline switches are forced, not defaulted as configure_environment does: the tests stay offline
 # whatever the shell exports.
@@ -90,3 +101,12 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep each test module on one xdist worker (``--dist loadgroup``): a module's tests share a project and
+    run in order. A module may split itself into groups by marking its tests ``xdist_group`` itself."""
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
