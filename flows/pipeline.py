@@ -20,8 +20,8 @@ from flows.stages import StageOutcome, dvc_command, stage_tasks, subprocess_env
 from tasks import paths
 from tasks.environment import configure_environment, project_root
 from tasks.evaluate import headline_metrics
-from tasks.ingest import check_label_budget
 from tasks.params_file import apply_param_overrides
+from tasks.preflight import check_label_budget
 from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
 
 UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values(),

@@ -201,7 +201,7 @@ def sweep(methods: list[str], labels_per_class: list[int], seeds: list[int] = (0
           workers: int = 1, experiment: str = "ssl-sweep", output_dir: str = "results/sweeps") -> dict:
     """Run the grid; write ``<output_dir>/<sweep id>/{table.csv,label_efficiency.png}``."""
     from ssl_lib.config import ConfigError, apply_overrides, parse_params, read_raw_params
-    from tasks.ingest import check_label_budget
+    from tasks.preflight import check_label_budget
 
     configure_environment()
     logger = get_run_logger()

@@ -137,7 +137,7 @@ def test_overrides_keep_params_comments_and_validate_first(tmp_path: Path):
 def test_label_budget_and_method_requirements_have_their_own_classes():
     from ssl_lib.config import parse_params
     from ssl_lib.errors import LabelBudgetError, MethodRequirementError
-    from tasks.ingest import check_label_budget
+    from tasks.preflight import check_label_budget
 
     with pytest.raises(LabelBudgetError, match="data.labels_per_class"):
         check_label_budget(parse_params({"data": {"source": "digits", "labels_per_class": 500}}))
@@ -203,12 +203,12 @@ def test_predict_with_a_missing_model_is_one_line(tmp_path: Path):
 
 
 def test_a_bug_in_a_command_is_not_shown_as_a_user_error(project: Path, monkeypatch):
-    import tasks.ingest
+    import tasks.preflight
 
     def buggy(params):
         raise ValueError("list index out of range, say")
 
-    monkeypatch.setattr(tasks.ingest, "check_label_budget", buggy)
+    monkeypatch.setattr(tasks.preflight, "check_label_budget", buggy)
     result = runner.invoke(app, ["validate", "--root", str(project)])
     assert result.exit_code != 2
     assert isinstance(result.exception, ValueError) and "error: " not in result.output

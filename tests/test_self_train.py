@@ -123,7 +123,7 @@ def test_bad_self_train_params_are_rejected_at_load(override, key):
 
 
 def test_knn_k_at_least_the_pool_size_is_rejected_before_any_compute():
-    from tasks.ingest import check_label_budget
+    from tasks.preflight import check_label_budget
 
     # digits: 1797 images, 20 % test, 10 val per class: the pool holds 1797 - 360 - 100 = 1337 images or so.
     params = parse_params({"data": {"source": "digits"}, "self_train": {"method": "label_propagation",
