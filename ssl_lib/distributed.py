@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -121,11 +124,11 @@ def mean_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / dist.get_world_size()
 
 
-def all_gather_objects(obj: object) -> list[object]:
+def all_gather_objects(obj: _T) -> list[_T]:
     """Every rank's ``obj`` in rank order (a one-element list in a single process)."""
     if not _distributed():
         return [obj]
-    out: list[object] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * dist.get_world_size()  # all_gather_object fills in every rank's object
     dist.all_gather_object(out, obj)
     return out
 
