@@ -4,9 +4,12 @@ For every (model, method) pair it trains both implementations on the same Fashio
 ``--images`` training images, 28x28 grayscale), with the same backbone (``build_backbone``, initialised from
 the same seed), the same batch size, the same optimizer (AdamW) and the same ``torch.set_num_threads``:
 
-* ours: the step of ``ssl_lib.pretrain`` - the images live on the device as one uint8 tensor, a batch is an
-  index gather plus ``.float().div_(255)``, ``model.loss`` augments the two views batched on the device,
-  channels_last model, AdamW with the decay/no-decay groups, LR schedule, ``model.after_step`` (BYOL's EMA).
+* ours: ``ssl_lib.engine``'s ``build_model``, ``make_engine`` and ``train_step``, the functions
+  ``ssl_lib.pretrain`` runs - the images live on the device as one uint8 tensor (``ssl_lib.batches``), a batch
+  is an index gather plus ``.float().div_(255)``, the loss augments the two views batched on the device, under
+  the precision, memory layout and compile that ``ssl_lib.acceleration`` picks for the device (``--precision``,
+  ``--compile``; on a CPU fp32, channels_last, no compile), AdamW with the decay/no-decay groups, LR schedule,
+  ``model.after_step`` (BYOL's EMA).
 * lightly: as in lightly's examples (examples/pytorch/simclr.py, byol.py) - a torch DataLoader over PIL
   grayscale images with ``SimCLRTransform`` / ``BYOLTransform`` (per-sample torchvision transforms),
   ``SimCLRProjectionHead`` + ``NTXentLoss``, or BYOL's heads, ``NegativeCosineSimilarity``,
@@ -18,7 +21,8 @@ How it is measured. Each side first runs ``--warmup`` untimed steps, then ``--st
 ``--rounds`` blocks that alternate between the sides (ABBA order) so that background load hits both alike.
 Every step is timed wall-clock from fetching the batch to the end of the step (on CUDA after a synchronize):
 the optimizer step, and for ours also ``after_step`` (BYOL's EMA) and the LR schedule; lightly's BYOL does its
-EMA update before the forward, as in its example, so it is inside the step as well. Its "data+aug" part is, for lightly, the time spent waiting on the DataLoader iterator (PIL
+EMA update before the forward, as in its example, so it is inside the step as well. Ours compiles (where it
+does) during its warm-up steps. "data+aug" is, for lightly, the time spent waiting on the DataLoader iterator (PIL
 decode, per-sample transforms, collate; with workers only what the workers did not hide) plus the copy to
 the device; for ours, the index gather and uint8->float conversion plus the time inside every
 ``augment_views`` call the step makes (each call is wrapped with a clock, and a CUDA synchronize, for the
@@ -35,6 +39,8 @@ both are torch's allocated tensor memory instead.
     .venv/bin/python benchmarks/throughput.py                                   # convnet and resnet18, batch 256
     .venv/bin/python benchmarks/throughput.py --models convnet --warmup 2 --steps 5 --lightly-workers 0
     .venv/bin/python benchmarks/throughput.py --quick                           # smoke run, seconds
+
+Without lightly installed (``pip install -e '.[bench]'``) it measures ours alone.
 """
 from __future__ import annotations
 
@@ -46,9 +52,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -57,19 +64,21 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssl_lib.augment import nhwc_to_tensor  # noqa: E402
+from ssl_lib.acceleration import PRECISIONS, Acceleration, resolve_acceleration  # noqa: E402
+from ssl_lib.batches import DeviceBatches  # noqa: E402
 from ssl_lib.data.idx import read_idx  # noqa: E402
 from ssl_lib.data.sources import DEBIAN_FASHION_MNIST_DIR  # noqa: E402
 from ssl_lib.device import select_device  # noqa: E402
+from ssl_lib.engine import build_model, make_engine, train_step  # noqa: E402
 from ssl_lib.io import atomic_path  # noqa: E402
 from ssl_lib.methods import get_method  # noqa: E402
-from ssl_lib.models.backbones import NormalizedEncoder, build_backbone  # noqa: E402
-from ssl_lib.pretrain import warmup_cosine  # noqa: E402
+from ssl_lib.models.backbones import build_backbone  # noqa: E402
 
 # (warm-up, timed) steps per side when --warmup/--steps are not given; ResNet-18 takes ~20 s a step on 2 cores.
 DEFAULT_STEPS: dict[str, tuple[int, int]] = {"convnet": (3, 10), "resnet18": (1, 3)}
 FALLBACK_STEPS = (2, 5)
 LR, WEIGHT_DECAY = 3e-3, 1e-4  # params.yaml's pretrain values; they do not change the cost of a step
+WARMUP_FRACTION = 0.05
 METHODS = ("simclr", "byol")
 
 
@@ -171,44 +180,30 @@ class AugmentTimer:
                 mod.augment_views = original
 
 
-def _adamw_like_pretrain(model: nn.Module) -> torch.optim.Optimizer:
-    # Mirrors ssl_lib.pretrain: no weight decay on BatchNorm and bias parameters.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=LR)
-
-
 class OursRunner:
-    """Our training step, as ``ssl_lib.pretrain`` does it."""
+    """The engine's step, as ``ssl_lib.pretrain`` runs it."""
 
     def __init__(self, method: str, backbone: str, images: np.ndarray, mean: list[float], std: list[float],
-                 batch_size: int, device: torch.device, seed: int, total_steps: int) -> None:
+                 batch_size: int, device: torch.device, seed: int, total_steps: int, accel: Acceleration) -> None:
         self.label = "ours"
-        self.device, self.batch_size, self.total_steps = device, batch_size, total_steps
         self.clock = Clock(device)
-        self.data = nhwc_to_tensor(images, device)
-        channels, size = int(self.data.shape[1]), int(self.data.shape[2])
-        method_cls = get_method(method)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder, feature_dim = build_backbone(backbone, channels, size)
-            self.model = method_cls(NormalizedEncoder(encoder, mean, std), feature_dim, channels, size,
-                                    **method_cls.resolve_options({}).model_dump())
-        self.model.to(device=device, memory_format=torch.channels_last).train()
-        self.optimizer = _adamw_like_pretrain(self.model)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(total_steps, 0.05))
+        self.source = DeviceBatches(images, device)
+        self.n, self.batch_size = len(images), batch_size
+        model, _, _ = build_model(method, backbone, {}, mean, std, int(images.shape[3]), int(images.shape[1]), seed,
+                                  device, accel)
+        model.train()
+        self.engine = make_engine(model, accel, device, total_steps, "adamw", LR, WEIGHT_DECAY, WARMUP_FRACTION)
         self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(self.data), generator=self.generator)
-        self.position, self.steps_done = 0, 0
+        self.batches = self._batches()
+        self.steps_done = 0
         self.augment_timer = AugmentTimer(self.clock)
 
-    def _next_indices(self) -> torch.Tensor:
-        if self.position + self.batch_size > len(self.order):  # a new epoch, as pretrain drops the ragged batch
-            self.order, self.position = torch.randperm(len(self.data), generator=self.generator), 0
-        idx = self.order[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return idx
+    def _batches(self) -> Iterator[torch.Tensor]:
+        steps = self.n // self.batch_size  # pretrain drops the ragged batch
+        while True:
+            order = torch.randperm(self.n, generator=self.generator)
+            for _, _, batch in self.source.batches(order, self.batch_size, slice(None), 0, steps):
+                yield batch
 
     def start_block(self) -> None:
         pass
@@ -219,16 +214,10 @@ class OursRunner:
     def step(self) -> StepTime:
         spent: list[float] = []
         start = self.clock()
-        idx = self._next_indices()
-        batch = self.data[idx.to(self.device)].float().div_(255.0)
+        images = next(self.batches).float().div_(255.0)
         gathered = self.clock()
         with self.augment_timer.active(spent):
-            loss = self.model.loss(batch, {}, self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.model.after_step(self.steps_done, self.total_steps)
-        self.scheduler.step()
+            train_step(self.engine, images, {}, self.generator, self.steps_done)
         end = self.clock()
         self.steps_done += 1
         return StepTime(end - start, (gathered - start) + sum(spent) if spent else None)
@@ -472,7 +461,7 @@ def measure(runners: list[Runner], warmup: int, steps: int, rounds: int, device:
         runner.end_block()
     memory = PeakMemory(device)
     for k, block in enumerate(split_steps(steps, rounds)):
-        order = list(zip(runners, results))
+        order = list(zip(runners, results, strict=True))
         for runner, result in (order if k % 2 == 0 else order[::-1]):
             runner.start_block()
             memory.start()
@@ -499,7 +488,7 @@ def summarize(model: str, method: str, result: SideResult, batch_size: int) -> d
     if all(s.data_aug is not None for s in result.steps):
         data_aug = [s.data_aug for s in result.steps]
         row["data_aug_s"] = statistics.median(data_aug)
-        row["compute_s"] = statistics.median(t - a for t, a in zip(totals, data_aug))
+        row["compute_s"] = statistics.median(t - a for t, a in zip(totals, data_aug, strict=True))
         row["aug_share"] = sum(data_aug) / sum(totals)
     return row
 
@@ -539,12 +528,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for both sides")
     parser.add_argument("--warmup", type=int, default=None, help=f"untimed steps per side (default {DEFAULT_STEPS})")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
-    parser.add_argument("--rounds", type=int, default=2, help="blocks the timed steps are split into, alternating sides")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="blocks the timed steps are split into, alternating sides")
     parser.add_argument("--lightly-workers", default="0,2", help="DataLoader num_workers for lightly; one row each")
     parser.add_argument("--images", type=int, default=10000, help="first N Fashion-MNIST training images")
     parser.add_argument("--data-dir", default=str(DEBIAN_FASHION_MNIST_DIR))
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="ours' autocast precision")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="torch.compile ours' encoder (auto: on CUDA only)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: convnet, batch 16, 1 warm-up + 1 timed step, 256 images, workers 0")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
@@ -560,19 +553,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        import lightly
-    except ImportError:
-        raise SystemExit("lightly is not installed: .venv/bin/pip install -e '.[bench]'") from None
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)  # lightly's transforms draw from the global RNG
-    device = select_device(args.device)
-    images = load_images(Path(args.data_dir), args.images)
-    mean, std = mean_std(images)
-    workers = [int(w) for w in _csv(args.lightly_workers)]
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
+
+    try:
+        import lightly
+        lightly_version = lightly.__version__
+        workers = [int(w) for w in _csv(args.lightly_workers)]
+    except ImportError:
+        lightly_version, workers = "not installed (pip install -e '.[bench]'): ours only", []
+        log(f"lightly {lightly_version}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # lightly's transforms draw from the global RNG
+    device = select_device(args.device)
+    accel = resolve_acceleration(device, args.precision,
+                                 compile=None if args.compile == "auto" else args.compile == "on")
+    images = load_images(Path(args.data_dir), args.images)
+    mean, std = mean_std(images)
 
     rows: list[dict[str, Any]] = []
     for model in _csv(args.models):
@@ -584,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"{model} / {method}: {warmup} warm-up + {steps} timed steps per side, batch {args.batch_size}")
             common = dict(method=method, backbone=model, images=images, mean=mean, std=std,
                           batch_size=args.batch_size, device=device, seed=args.seed, total_steps=total)
-            runners: list[Runner] = [OursRunner(**common)]
+            runners: list[Runner] = [OursRunner(**common, accel=accel)]
             runners += [LightlyRunner(**common, workers=w) for w in workers]
             for result in measure(runners, warmup, steps, args.rounds, device, log):
                 rows.append(summarize(model, method, result, args.batch_size))
@@ -597,8 +595,10 @@ def main(argv: list[str] | None = None) -> None:
                    "above the block's start")
     if device.type != "cuda" and not PeakMemory(device).resettable:
         memory_note = "peak MB: ru_maxrss, cumulative over the whole process (could not reset the peak here)"
-    header = (f"device {device}, torch {torch.__version__}, lightly {lightly.__version__}, threads {args.threads}, "
+    header = (f"device {device}, torch {torch.__version__}, lightly {lightly_version}, threads {args.threads}, "
               f"batch {args.batch_size}, {len(images)} Fashion-MNIST images; medians over the timed steps.\n"
+              f"ours: {accel.precision}, channels_last {accel.channels_last}, compile {accel.compile}"
+              f"{'; lightly: fp32, default memory format, no compile' if workers else ''}.\n"
               f"data+aug: lightly = DataLoader wait + copy to device, ours = index gather + uint8->float + "
               f"augment_views calls; {memory_note}; ours / this: ours' images/s over that row's.")
     table = markdown_table(rows)

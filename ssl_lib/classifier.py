@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from ssl_lib.augment import nhwc_to_tensor, random_resized_crop, shift_flip
 from ssl_lib.device import select_device
 from ssl_lib.models.backbones import build_backbone
+from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 
 MODES = ("full", "linear")
 
@@ -104,7 +106,7 @@ def _augment(x: torch.Tensor, generator: torch.Generator, settings: FinetuneSett
     return shift_flip(x, generator, settings.max_shift_px)
 
 
-def _prototype_init(model: "Classifier", x_train: torch.Tensor, y_train: torch.Tensor) -> None:
+def _prototype_init(model: Classifier, x_train: torch.Tensor, y_train: torch.Tensor) -> None:
     """Set the head to the nearest-class-mean classifier of the training features."""
     was_training = model.training
     model.eval()
@@ -123,16 +125,18 @@ def _prototype_init(model: "Classifier", x_train: torch.Tensor, y_train: torch.T
     model.train(was_training)
 
 
-def _linear_probe_phase(model: "Classifier", x_train: torch.Tensor, y_train: torch.Tensor,
+def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch.Tensor,
                         settings: FinetuneSettings, generator: torch.Generator) -> None:
     """Train the head alone on the frozen encoder (eval-mode BatchNorm), cosine lr, same augmentation."""
     model.encoder.eval()
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=settings.lp_lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(decay_groups(model.head.parameters(), settings.lp_lr, settings.weight_decay,
+                                               exempt_norm_and_bias=False), lr=settings.lp_lr)
     n = len(x_train)
     batch_size = min(settings.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
     total = max(1, steps_per_epoch * settings.lp_epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    # No warm-up: the head starts from its (prototype) init and the encoder is frozen.
+    scheduler = warmup_cosine_schedule(optimizer, total, 0.0, min_warmup=0)
     for _ in range(settings.lp_epochs):
         order = torch.randperm(n, generator=generator).to(x_train.device)
         for step in range(steps_per_epoch):
@@ -183,7 +187,8 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
         x_val = nhwc_to_tensor(np.asarray(val_images), device)
         y_val = torch.as_tensor(np.asarray(val_labels), dtype=torch.long, device=device)
     if int(y_train.max()) >= model.num_classes or int(y_train.min()) < 0:
-        raise ValueError(f"train labels must lie in [0, {model.num_classes}), got [{int(y_train.min())}, {int(y_train.max())}]")
+        raise ValueError(f"train labels must lie in [0, {model.num_classes}), "
+                         f"got [{int(y_train.min())}, {int(y_train.max())}]")
 
     if settings.head_init not in HEAD_INITS:
         raise ValueError(f"unknown head_init {settings.head_init!r}; use one of {', '.join(HEAD_INITS)}")
@@ -196,24 +201,16 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
 
     linear = settings.mode == "linear"
     model.encoder.requires_grad_(not linear)
-    head_params = list(model.head.parameters())
-    groups = [{"params": head_params, "lr": settings.lr, "weight_decay": settings.weight_decay}]
+    groups = decay_groups(model.head.parameters(), settings.lr, settings.weight_decay, exempt_norm_and_bias=False)
     if not linear:
-        enc = list(model.encoder.parameters())
-        groups += [{"params": [p for p in enc if p.ndim > 1], "lr": settings.lr * settings.encoder_lr_mult,
-                    "weight_decay": settings.weight_decay},
-                   # No decay on BatchNorm/bias parameters.
-                   {"params": [p for p in enc if p.ndim <= 1], "lr": settings.lr * settings.encoder_lr_mult,
-                    "weight_decay": 0.0}]
+        groups += decay_groups(model.encoder.parameters(), settings.lr * settings.encoder_lr_mult,
+                               settings.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr)
     n = len(x_train)
     batch_size = min(settings.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
     total = steps_per_epoch * settings.epochs
-    warmup = max(1, int(round(total * settings.warmup_fraction)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
+    scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)
 
     history: list[dict[str, Any]] = []
     best_key: tuple[float, float] | None = None

@@ -15,24 +15,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from ssl_lib.acceleration import Acceleration, resolve_acceleration
+from ssl_lib.acceleration import resolve_acceleration
 from ssl_lib.batches import ImageRows, IndexedRows, make_batch_source
 from ssl_lib.checkpoint import TrainingState, load_state, run_fingerprint, save_state
 from ssl_lib.device import select_device
-from ssl_lib.distributed import RankInfo, all_gather_objects, convert_batchnorm, mean_across_ranks, rank_info
+from ssl_lib.distributed import RankInfo, all_gather_objects, mean_across_ranks, rank_info
+from ssl_lib.engine import Engine, build_model, data_parallel, make_engine, train_step
 from ssl_lib.io import atomic_path
 from ssl_lib.methods import get_method
-from ssl_lib.methods.base import SSLMethod
-from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
-from ssl_lib.optim import decay_groups, warmup_cosine
 
 log = logging.getLogger("ssl_lib.pretrain")
 
@@ -105,7 +103,7 @@ def save_preview(method_name: str, images_uint8: np.ndarray, pseudo: dict[str, n
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.5), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (image, caption) in zip(axes.ravel(), pairs):
+    for ax, (image, caption) in zip(axes.ravel(), pairs, strict=False):
         image = np.asarray(image)
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
@@ -128,15 +126,6 @@ def _check_pseudo(pseudo: dict[str, np.ndarray], epochs: int, n: int) -> None:
                              "for these settings; were they made with different epochs/max_images?")
 
 
-def _optimizer(model: nn.Module, settings: PretrainSettings) -> torch.optim.Optimizer:
-    groups = decay_groups(model.parameters(), settings.lr, settings.weight_decay)
-    if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=settings.lr, momentum=0.9, nesterov=True)
-    raise ValueError(f"unknown optimizer {settings.optimizer!r}; use 'adamw' or 'sgd'")
-
-
 def _augmentation_seed(epoch_seed: int, rank: int) -> int:
     """Rank 0 keeps the epoch generator (so one process is unchanged); other ranks get their own stream."""
     return int(np.random.SeedSequence([int(epoch_seed), rank]).generate_state(1, np.uint64)[0] >> 1)
@@ -145,19 +134,6 @@ def _augmentation_seed(epoch_seed: int, rank: int) -> int:
 def _check_images(images: ImageRows) -> None:
     if np.dtype(images.dtype) != np.uint8 or len(images.shape) != 4:
         raise ValueError(f"images must be uint8 NHWC, got {images.dtype} with shape {tuple(images.shape)}")
-
-
-def _build_model(settings: PretrainSettings, options: dict[str, Any], mean: list[float], std: list[float],
-                 channels: int, size: int, ranks: RankInfo) -> tuple[SSLMethod, nn.Module, int]:
-    method_cls = get_method(settings.method)
-    # Seed model init without leaving the global RNG changed for the caller.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        encoder, feature_dim = build_backbone(settings.backbone, channels, size)
-        model = method_cls(NormalizedEncoder(encoder, mean, std), feature_dim, channels, size, **options)
-    if ranks.world_size > 1:
-        convert_batchnorm(model)  # same state-dict keys; statistics over the global batch
-    return model, encoder, feature_dim
 
 
 def _rank_device(settings: PretrainSettings, ranks: RankInfo) -> torch.device:
@@ -169,15 +145,12 @@ def _rank_device(settings: PretrainSettings, ranks: RankInfo) -> torch.device:
 
 
 class _Trainer:
-    """The optimization state of one run, and how it is checkpointed and restored."""
+    """The engine's state plus the run's record, and how both are checkpointed and restored."""
 
-    def __init__(self, model: SSLMethod, settings: PretrainSettings, total_steps: int, accel: Acceleration,
-                 device: torch.device, ranks: RankInfo) -> None:
-        self.model, self.device, self.ranks, self.accel = model, device, ranks, accel
-        self.optimizer = _optimizer(model, settings)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           warmup_cosine(total_steps, settings.warmup_fraction))
-        self.scaler = accel.grad_scaler(device)
+    def __init__(self, engine: Engine, ranks: RankInfo) -> None:
+        self.engine, self.ranks = engine, ranks
+        self.model, self.device = engine.model, engine.device
+        self.optimizer, self.scheduler, self.scaler = engine.optimizer, engine.scheduler, engine.scaler
         self.history: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
 
@@ -230,8 +203,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     """
     from tqdm.auto import tqdm
 
-    method_cls = get_method(settings.method)
-    options = method_cls.resolve_options(settings.options).model_dump()  # fail on a bad option before any work
+    get_method(settings.method).resolve_options(settings.options)  # fail on a bad option before any work
     if settings.epochs < 1 or settings.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
     if settings.checkpoint_every < 0:
@@ -247,8 +219,8 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     rows = images if n == len(images) else IndexedRows(images, subset)
     source = make_batch_source(rows, device, settings.data_placement)
     size, channels = int(images.shape[1]), int(images.shape[3])
-    model, encoder, feature_dim = _build_model(settings, options, mean, std, channels, size, ranks)
-    model.to(device=device, memory_format=torch.channels_last if accel.channels_last else torch.preserve_format)
+    model, encoder, feature_dim = build_model(settings.method, settings.backbone, settings.options, mean, std,
+                                              channels, size, settings.seed, device, accel, ranks.world_size)
 
     global_batch = min(settings.batch_size, n)
     if global_batch % ranks.world_size:
@@ -259,7 +231,9 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     # Drop the ragged last batch: a tiny batch gives BatchNorm and contrastive losses noisy statistics.
     steps_per_epoch = max(1, n // global_batch)
     total_steps = steps_per_epoch * settings.epochs
-    trainer = _Trainer(model, settings, total_steps, accel, device, ranks)
+    engine = make_engine(model, accel, device, total_steps, settings.optimizer, settings.lr, settings.weight_decay,
+                         settings.warmup_fraction)
+    trainer = _Trainer(engine, ranks)
 
     state, fingerprint = None, ""
     if checkpoint_path is not None and settings.checkpoint_every:
@@ -271,20 +245,8 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
             log.info("%s: %s", checkpoint_path, why)
     start_step = state.step if state is not None else 0
 
-    train_model: nn.Module = model
-    if accel.compile:
-        model.encoder.compile()
     if ranks.world_size > 1:
-        import warnings
-
-        from torch.nn.parallel import DistributedDataParallel
-
-        # Buffers (BatchNorm statistics, queues, centers) are kept equal across ranks by construction, so
-        # no per-step broadcast. torch 2.14 deprecates the flag in favour of one that cannot yet express this.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+        data_parallel(engine)
 
     per_sample = {k: torch.as_tensor(np.asarray(v)) for k, v in pseudo.items() if k != "epoch_seed"}
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and ranks.is_main),
@@ -307,17 +269,9 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                                for k, vs in state.epoch_stats[ranks.rank].items()}
             start = time.perf_counter()
             for step, idx, batch in source.batches(order, global_batch, rank_slice, first_step, steps_per_epoch):
-                images_01 = batch.float().div_(255.0)
                 targets = {k: v[epoch, idx].to(device) for k, v in per_sample.items()}
-                with accel.autocast(device):
-                    loss = train_model(images_01, targets, generator)
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.scaler.scale(loss).backward()
-                trainer.scaler.step(trainer.optimizer)
-                trainer.scaler.update()
                 done = epoch * steps_per_epoch + step + 1
-                model.after_step(done - 1, total_steps)
-                trainer.scheduler.step()
+                loss = train_step(engine, batch.float().div_(255.0), targets, generator, done - 1)
                 epoch_losses.append(loss.detach().float())
                 for key, value in model.last_stats.items():
                     epoch_stats.setdefault(key, []).append(value.detach().float())

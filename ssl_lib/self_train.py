@@ -22,8 +22,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
 from ssl_lib.classifier import Classifier
 from ssl_lib.device import select_device
 from ssl_lib.errors import ConfigError
-from ssl_lib.optim import decay_groups, warmup_cosine
+from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 
 log = logging.getLogger("ssl_lib.self_train")
 
@@ -202,7 +203,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
     steps_per_epoch = max(1, n // batch)
     total = max(1, int(round(settings.epochs * steps_per_epoch)))
     optimizer = torch.optim.AdamW(decay_groups(model.parameters(), settings.lr, settings.weight_decay))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, settings.warmup_fraction))
+    scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
     align = _Alignment(model.num_classes, device) if settings.distribution_alignment else None
     targets, weights = (t.to(device) for t in static) if static is not None else (None, None)

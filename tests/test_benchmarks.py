@@ -16,13 +16,13 @@ FASHION_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.
 def _table_rows(stdout: str) -> list[dict[str, str]]:
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
-                    reason="lightly is not installed (pip install -e '.[bench]')")
 @pytest.mark.skipif(not FASHION_TRAIN.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_throughput_quick(tmp_path):
+    # Without lightly (pip install -e '.[bench]') the script measures ours alone.
+    lightly = importlib.util.find_spec("lightly") is not None
     out_file = tmp_path / "throughput.md"
     # One thread: a loaded CI machine makes two spinning OpenMP threads many times slower.
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--threads", "1",
@@ -30,8 +30,10 @@ def test_throughput_quick(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = _table_rows(proc.stdout)
+    implementations = ["ours", "lightly (workers=0)"] if lightly else ["ours"]
     assert {(r["method"], r["implementation"]) for r in rows} == {
-        ("simclr", "ours"), ("simclr", "lightly (workers=0)"), ("byol", "ours"), ("byol", "lightly (workers=0)")}
+        (method, impl) for method in ("simclr", "byol") for impl in implementations}
+    assert re.search(r"ours: (fp32|bf16|fp16), channels_last (True|False), compile (True|False)", proc.stdout)
     for row in rows:
         assert row["model"] == "convnet"
         assert float(row["images/s (median)"]) > 0
@@ -41,4 +43,4 @@ def test_throughput_quick(tmp_path):
             assert row["ours / this"] == ""
         else:
             assert re.fullmatch(r"\d+\.\d\dx", row["ours / this"]), row
-    assert out_file.read_text().count("| convnet |") == 4
+    assert out_file.read_text().count("| convnet |") == len(rows) == 2 * len(implementations)

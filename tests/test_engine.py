@@ -66,6 +66,45 @@ def _run(settings, images=None, checkpoint=None):
                     checkpoint_path=checkpoint)
 
 
+@pytest.mark.parametrize("method", ["simclr", "byol", "rotation"])
+def test_the_engine_step_is_what_pretrain_runs(method):
+    """Two steps through ssl_lib.engine's public functions reproduce a two-step ``pretrain``: what the
+    throughput benchmark times is the pipeline's step. (byol: ``after_step``; rotation: per-sample targets.)"""
+    from dataclasses import replace
+
+    from ssl_lib.acceleration import resolve_acceleration
+    from ssl_lib.augment import nhwc_to_tensor
+    from ssl_lib.engine import build_model, make_engine, train_step
+    from ssl_lib.pretrain import make_pseudo_labels, subset_indices
+    from tests.engine_worker import settings_for
+
+    images = _digits()
+    settings = replace(settings_for(method, 1, every=0), max_images=128)  # batch 64: two steps
+    expected = _run(settings, images)
+    assert len(expected.step_losses) == 2
+
+    cpu = torch.device("cpu")
+    accel = resolve_acceleration(cpu, settings.precision, settings.channels_last, settings.compile)
+    model, encoder, _ = build_model(method, settings.backbone, settings.options, [0.3], [0.35], 1, 8, settings.seed,
+                                    cpu, accel)
+    engine = make_engine(model, accel, cpu, 2, settings.optimizer, settings.lr, settings.weight_decay,
+                         settings.warmup_fraction)
+    pseudo = make_pseudo_labels(settings, len(images))
+    data = nhwc_to_tensor(images[subset_indices(len(images), settings)])
+    generator = torch.Generator().manual_seed(int(pseudo["epoch_seed"][0]))
+    order = torch.randperm(len(data), generator=generator)
+    model.train()
+    losses = []
+    for step in range(2):
+        idx = order[step * 64:(step + 1) * 64]
+        targets = {k: torch.as_tensor(v)[0, idx] for k, v in pseudo.items() if k != "epoch_seed"}
+        losses.append(float(train_step(engine, data[idx].float().div_(255.0), targets, generator, step).detach()))
+    assert losses == expected.step_losses
+    state = encoder.state_dict()
+    assert state.keys() == expected.encoder_state.keys()
+    assert all(torch.equal(state[k], expected.encoder_state[k]) for k in state)
+
+
 def test_checkpoint_of_another_run_or_a_torn_file_is_ignored(tmp_path, caplog):
     from dataclasses import replace
 

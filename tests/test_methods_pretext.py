@@ -3,9 +3,9 @@ autoregressive) and the small ViT: the loss falls, features beat a random-init e
 architecture on kNN, reruns are bit-identical, and bad method/data/backbone combinations fail clearly.
 
 Single-threaded and tiny: digits upsampled to 16x16 (the ``digits`` fixture of test_learning), a
-synthetic RGB shapes set for colorization. The methods are built directly (the lead wires
-"vit_tiny" into build_backbone), trained by a loop that mirrors ssl_lib.pretrain.pretrain; the
-conv-backbone methods also run once through the real ``pretrain``.
+synthetic RGB shapes set for colorization. The methods are built directly (a ViT smaller than
+"vit_tiny" for speed) and trained by a loop around ``ssl_lib.engine``'s step, as ssl_lib.pretrain.pretrain
+runs it; the conv-backbone methods also run once through the real ``pretrain``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from ssl_lib.acceleration import resolve_acceleration
 from ssl_lib.augment import nhwc_to_tensor
+from ssl_lib.engine import make_engine, train_step
 from ssl_lib.evaluation import knn_accuracy
 from ssl_lib.methods import (  # registers them
     autoencoder,
@@ -33,7 +35,6 @@ from ssl_lib.pretrain import (
     make_pseudo_labels,
     pretrain,
     save_preview,
-    warmup_cosine,
 )
 from tests.test_learning import digits  # noqa: F401  (fixture: (images NHWC uint8 16x16, labels, mean, std))
 
@@ -62,7 +63,7 @@ def _encoder(backbone: str, channels: int, size: int, seed: int):
 
 def _train(method: str, backbone: str, images: np.ndarray, mean, std, epochs: int, lr: float,
            options: dict | None = None, seed: int = 0, batch_size: int = 128, max_images: int | None = None):
-    """Mirror of ssl_lib.pretrain.pretrain for a directly built encoder; returns (encoder, step_losses)."""
+    """ssl_lib.pretrain.pretrain's loop for a directly built encoder; returns (encoder, step_losses)."""
     cls = get_method(method)
     data = nhwc_to_tensor(images[:max_images] if max_images else images)
     n, channels, size = data.shape[0], data.shape[1], data.shape[2]
@@ -71,12 +72,9 @@ def _train(method: str, backbone: str, images: np.ndarray, mean, std, epochs: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(NormalizedEncoder(encoder, mean, std), dim, channels, size, **(options or {}))
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr)
     steps = max(1, n // batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps * epochs, 0.05))
+    cpu = torch.device("cpu")
+    engine = make_engine(model, resolve_acceleration(cpu), cpu, steps * epochs, "adamw", lr, 1e-4, 0.05)
     per_sample = {k: torch.as_tensor(v) for k, v in pseudo.items() if k != "epoch_seed"}
     losses: list[float] = []
     model.train()
@@ -85,12 +83,8 @@ def _train(method: str, backbone: str, images: np.ndarray, mean, std, epochs: in
         order = torch.randperm(n, generator=generator)
         for step in range(steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            loss = model.loss(data[idx].float().div_(255.0), {k: v[epoch, idx] for k, v in per_sample.items()},
-                              generator)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = train_step(engine, data[idx].float().div_(255.0), {k: v[epoch, idx] for k, v in per_sample.items()},
+                              generator, epoch * steps + step)
             losses.append(float(loss.detach()))
     return encoder, losses
 
@@ -195,7 +189,8 @@ def test_loss_falls_and_features_beat_random_init(digits, method):  # noqa: F811
     assert _falls(losses, factor), losses
     random_encoder, _ = _encoder("vit", 1, 16, seed=0)
     ssl, random = _knn(encoder, images, labels, mean, std), _knn(random_encoder, images, labels, mean, std)
-    print(f"{method}: loss {np.mean(losses[:8]):.3f} -> {np.mean(losses[-8:]):.3f}, kNN {ssl:.3f} vs random {random:.3f}")
+    print(f"{method}: loss {np.mean(losses[:8]):.3f} -> {np.mean(losses[-8:]):.3f}, "
+          f"kNN {ssl:.3f} vs random {random:.3f}")
     assert ssl > random + margin, (ssl, random)
 
 
@@ -391,6 +386,6 @@ def test_preview_pairs(tmp_path, method):
     assert pairs and all(img.shape == (16, 16, channels) and img.dtype == np.uint8 and isinstance(c, str)
                          for img, c in pairs)
     again = cls.preview_pairs(images, pseudo, 8)
-    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(pairs, again))
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(pairs, again, strict=True))
     save_preview(method, images, pseudo, tmp_path / "preview.png", count=8)
     assert (tmp_path / "preview.png").read_bytes()[:4] == b"\x89PNG"
