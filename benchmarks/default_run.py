@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier  # noqa: E402
 from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba  # noqa: E402
-from ssl_lib.pretrain import PretrainSettings, make_pseudo_labels, pretrain  # noqa: E402
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels  # noqa: E402
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = [0.286], [0.353]

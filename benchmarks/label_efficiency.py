@@ -34,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssl_lib.classifier import build_classifier, train_classifier  # noqa: E402
 from ssl_lib.config import load_params  # noqa: E402
-from ssl_lib.data import ingest, load_prepared  # noqa: E402
+from ssl_lib.data.ingest import ingest
+from ssl_lib.data.prepared import load_prepared  # noqa: E402
 from ssl_lib.evaluation import predict_proba  # noqa: E402
 from ssl_lib.io import atomic_path  # noqa: E402
-from ssl_lib.pretrain import make_pseudo_labels, pretrain  # noqa: E402
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
 from ssl_lib.self_train import self_train  # noqa: E402
 from tasks.self_train import pool_rows  # noqa: E402
 from tasks.settings import finetune_settings, pretrain_settings, self_train_settings  # noqa: E402

@@ -35,7 +35,7 @@ DEPLOYMENT_NAME = "nightly-retrain"
 def source_changed(root: str) -> bool:
     """Whether the configured source differs from what data/prepared was built from."""
     from ssl_lib.config import load_params
-    from ssl_lib.data import load_source
+    from ssl_lib.data.sources import load_source
 
     prepared_meta = Path(root) / paths.PREPARED / "meta.json"
     if not prepared_meta.is_file():
@@ -52,7 +52,7 @@ def test_accuracy(root: str, model_uri: str) -> float:
 
     import pandas as pd
 
-    from ssl_lib.data import load_prepared
+    from ssl_lib.data.prepared import load_prepared
     from tasks.predict import predict
 
     prepared = Path(root) / paths.PREPARED

@@ -24,7 +24,7 @@ def _load_classifiers(spec: dict, self_trained: bool) -> dict:
     import torch
 
     from ssl_lib.classifier import build_classifier
-    from ssl_lib.data import DataError
+    from ssl_lib.errors import DataError
 
     models = {}
     sources = [("ssl", paths.SSL_CLASSIFIER, "finetune"), ("baseline", paths.BASELINE_CLASSIFIER, "finetune")]
@@ -45,7 +45,8 @@ def run(params: PipelineParams) -> dict:
     from mlflow import MlflowClient
 
     from ssl_lib.classifier import build_classifier
-    from ssl_lib.data import DataError, load_prepared
+    from ssl_lib.data.prepared import load_prepared
+    from ssl_lib.errors import DataError
     from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
     from ssl_lib.io import atomic_path, write_json
     from tasks.finetune import load_encoder_info

@@ -21,7 +21,7 @@ def load_encoder_info() -> tuple[dict, dict]:
 
     import torch
 
-    from ssl_lib.data import DataError
+    from ssl_lib.errors import DataError
 
     if not paths.ENCODER.is_file() or not paths.ENCODER_INFO.is_file():
         raise DataError(f"{paths.ENCODER} is missing; run the stage first: dvc repro pretrain")
@@ -33,7 +33,7 @@ def run(params: PipelineParams) -> dict:
     import mlflow
 
     from ssl_lib.classifier import build_classifier, train_classifier
-    from ssl_lib.data import load_prepared
+    from ssl_lib.data.prepared import load_prepared
     from ssl_lib.io import atomic_path, save_torch, write_json
     from tasks.settings import finetune_settings
     from tasks.tracking import stage_run

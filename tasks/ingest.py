@@ -13,7 +13,7 @@ log = logging.getLogger("sslpipe.ingest")
 def run(params: PipelineParams) -> dict:
     import mlflow
 
-    from ssl_lib.data import ingest
+    from ssl_lib.data.ingest import ingest
     from tasks.tracking import stage_run
 
     data = params.data

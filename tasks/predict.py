@@ -43,7 +43,7 @@ def load_model(model_uri: str) -> LoadedModel:
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
-    from ssl_lib.data import DataError
+    from ssl_lib.errors import DataError
 
     if model_uri.startswith("models:") and not _MODEL_URI.match(model_uri):
         # MLflow reports a malformed models:/ URI as an INTERNAL_ERROR, indistinguishable from a server fault.
@@ -74,7 +74,7 @@ def load_model(model_uri: str) -> LoadedModel:
 
 def _source_images(source: str, loaded: LoadedModel, prepared_dir: Path) -> tuple[list[str], np.ndarray, list]:
     if source.startswith(SPLIT_PREFIX):
-        from ssl_lib.data import load_prepared
+        from ssl_lib.data.prepared import load_prepared
 
         split = source[len(SPLIT_PREFIX):]
         data = load_prepared(prepared_dir)
@@ -110,7 +110,7 @@ def predict(source: str, model_uri: str, output: str | Path, prepared_dir: str |
     ids, images, failed = _source_images(source, loaded, Path(prepared_dir))
     if images.shape[1:] != (loaded.height, loaded.width, loaded.channels):
         # Image files are resized to the model's input, so only a prepared split of other data gets here.
-        from ssl_lib.data import DataError
+        from ssl_lib.errors import DataError
 
         raise DataError(f"{source}: images are {images.shape[1:]} but the model takes "
                         f"{(loaded.height, loaded.width, loaded.channels)}; predict with a model trained on "

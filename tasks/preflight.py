@@ -15,7 +15,8 @@ def check_label_budget(params: PipelineParams) -> None:
     self-training pool ConfigError, a method that cannot use these images MethodRequirementError. It reads
     the source once without writing anything, so a bad budget leaves no partial outputs.
     """
-    from ssl_lib.data import assign_splits, load_source
+    from ssl_lib.data.sources import load_source
+    from ssl_lib.data.splits import assign_splits
 
     data = params.data
     raw = load_source(data.source, data.path)

@@ -59,7 +59,7 @@ def run(params: PipelineParams) -> dict | None:
 
 
 def _train(params: PipelineParams, on_epoch: Callable[[dict], None] | None) -> tuple[Any, dict]:
-    from ssl_lib.data import load_pool
+    from ssl_lib.data.prepared import load_pool
     from ssl_lib.pretrain import pretrain
     from tasks.pseudo_labels import load_pseudo_labels
     from tasks.settings import pretrain_settings

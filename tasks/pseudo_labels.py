@@ -15,10 +15,10 @@ log = logging.getLogger("sslpipe.pseudo_labels")
 def run(params: PipelineParams) -> dict[str, np.ndarray]:
     import mlflow
 
-    from ssl_lib.data import load_pool
+    from ssl_lib.data.prepared import load_pool
     from ssl_lib.io import atomic_path
     from ssl_lib.methods import get_method
-    from ssl_lib.pretrain import make_pseudo_labels, save_preview, subset_indices
+    from ssl_lib.pretrain_plan import make_pseudo_labels, save_preview, subset_indices
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
@@ -46,7 +46,7 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
 
 
 def load_pseudo_labels() -> dict[str, np.ndarray]:
-    from ssl_lib.data import DataError
+    from ssl_lib.errors import DataError
 
     if not paths.PSEUDO_TARGETS.is_file():
         raise DataError(f"{paths.PSEUDO_TARGETS} is missing; run the stage first: dvc repro pseudo_labels")

@@ -27,7 +27,8 @@ def run(params: PipelineParams) -> dict:
     import torch
 
     from ssl_lib.classifier import build_classifier
-    from ssl_lib.data import DataError, load_prepared
+    from ssl_lib.data.prepared import load_prepared
+    from ssl_lib.errors import DataError
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.self_train import self_train
     from tasks.finetune import log_classifier

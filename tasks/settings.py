@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ssl_lib.classifier import FinetuneSettings
 from ssl_lib.config import PipelineParams
-from ssl_lib.pretrain import PretrainSettings
+from ssl_lib.pretrain_plan import PretrainSettings
 from ssl_lib.self_train import SelfTrainSettings
 
 

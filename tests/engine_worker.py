@@ -34,7 +34,7 @@ def digits_uint8() -> np.ndarray:
 
 
 def settings_for(method: str, epochs: int, every: int):
-    from ssl_lib.pretrain import PretrainSettings
+    from ssl_lib.pretrain_plan import PretrainSettings
 
     options = {"augment": False} if method == "rotation" else {}
     return PretrainSettings(method=method, backbone="vit_tiny" if method in VIT else "convnet_small", epochs=epochs,
@@ -56,7 +56,8 @@ def main() -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
     from ssl_lib.distributed import init_from_env, launched_by_torchrun, rank_info, shutdown
-    from ssl_lib.pretrain import make_pseudo_labels, pretrain
+    from ssl_lib.pretrain import pretrain
+    from ssl_lib.pretrain_plan import make_pseudo_labels
 
     if args.fixed_views:
         import ssl_lib.methods.simclr as simclr_module

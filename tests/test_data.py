@@ -9,16 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_lib.data import (
-    FASHION_MNIST_CLASSES,
-    DataError,
-    assign_splits,
-    ingest,
-    load_prepared,
-    load_source,
-    read_idx,
-    write_idx,
-)
+from ssl_lib.data.idx import read_idx, write_idx
+from ssl_lib.data.ingest import ingest
+from ssl_lib.data.prepared import load_prepared
+from ssl_lib.data.sources import FASHION_MNIST_CLASSES, load_source
+from ssl_lib.data.splits import assign_splits
+from ssl_lib.errors import DataError
 
 FILES = ("images.npy", "pool_indices.npy", "manifest.csv", "meta.json", "report.json")
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -368,7 +364,7 @@ def test_load_prepared_missing_or_corrupt(digits_dirs, tmp_path):
 
 def test_label_budget_changes_only_the_manifest(digits_dirs, tmp_path):
     """Pretraining reads images, pool and meta: a new label budget must leave them byte-identical."""
-    from ssl_lib.data import load_pool
+    from ssl_lib.data.prepared import load_pool
 
     _ingest_digits(tmp_path / "more", labels_per_class=20, val_per_class=2)
     for name in ("images.npy", "pool_indices.npy", "meta.json", "report.json"):
@@ -419,7 +415,8 @@ def test_corrupt_idx_file_is_a_user_error(tmp_path):
 
 def test_broken_internal_invariants_are_not_user_errors(tmp_path):
     """A loader or caller bug keeps a plain ValueError (and its traceback), never a one-line user error."""
-    from ssl_lib.data import RawDataset, write_prepared
+    from ssl_lib.data.ingest import write_prepared
+    from ssl_lib.data.sources import RawDataset
     from ssl_lib.errors import UserError
 
     with pytest.raises(ValueError) as info:

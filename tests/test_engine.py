@@ -59,7 +59,8 @@ def _digits():
 
 
 def _run(settings, images=None, checkpoint=None):
-    from ssl_lib.pretrain import make_pseudo_labels, pretrain
+    from ssl_lib.pretrain import pretrain
+    from ssl_lib.pretrain_plan import make_pseudo_labels
 
     images = _digits() if images is None else images
     return pretrain(images, [0.3], [0.35], make_pseudo_labels(settings, len(images)), settings, progress=False,
@@ -75,7 +76,7 @@ def test_the_engine_step_is_what_pretrain_runs(method):
     from ssl_lib.acceleration import resolve_acceleration
     from ssl_lib.augment import nhwc_to_tensor
     from ssl_lib.engine import build_model, make_engine, train_step
-    from ssl_lib.pretrain import make_pseudo_labels, subset_indices
+    from ssl_lib.pretrain_plan import make_pseudo_labels, subset_indices
     from tests.engine_worker import settings_for
 
     images = _digits()

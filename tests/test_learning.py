@@ -14,7 +14,8 @@ from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, 
 from ssl_lib.methods import METHODS, UnknownMethodError, get_method
 from ssl_lib.methods.simclr import normalized_embedding_std, nt_xent_loss
 from ssl_lib.models.backbones import BACKBONES, build_backbone
-from ssl_lib.pretrain import PretrainSettings, make_pseudo_labels, pretrain, save_preview
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels, save_preview
 
 BACKBONE = "convnet_small"
 

@@ -28,7 +28,8 @@ from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
 from ssl_lib.methods.simclr import normalized_embedding_std
 from ssl_lib.methods.views import ViewOptions
 from ssl_lib.models.backbones import build_backbone
-from ssl_lib.pretrain import make_pseudo_labels, pretrain
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import make_pseudo_labels
 from tests.test_learning import BACKBONE, _settings, digits  # noqa: F401  (digits is a fixture; F811 where a test asks for it)
 
 FAMILIES = {"moco": "contrastive", "byol": "non-contrastive", "simsiam": "non-contrastive",

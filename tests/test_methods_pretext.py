@@ -30,12 +30,8 @@ from ssl_lib.methods.base import METHODS, get_method
 from ssl_lib.methods.jigsaw import hamming_permutations, min_pairwise_hamming
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
 from ssl_lib.models.vit import ViT, build_vit_tiny
-from ssl_lib.pretrain import (
-    PretrainSettings,
-    make_pseudo_labels,
-    pretrain,
-    save_preview,
-)
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels, save_preview
 from tests.test_learning import digits  # noqa: F401  (fixture: (images NHWC uint8 16x16, labels, mean, std))
 
 NEW_METHODS = {"jigsaw": "pretext", "inpainting": "pretext", "colorization": "pretext",

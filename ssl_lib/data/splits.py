@@ -1,13 +1,12 @@
 """Assign every image to one split: unlabeled, labeled, val or test (stratified, seeded)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import DataError, LabelBudgetError
-
-SPLITS: tuple[str, ...] = ("unlabeled", "labeled", "val", "test")
+from .layout import SPLITS
 
 # Independent random streams per purpose, so e.g. raising labels_per_class keeps the same test
 # and val images and only adds labeled ones (the labeled sets of a budget sweep are nested).
