@@ -13,6 +13,7 @@ Also times a cold `import` of each heavy module in a fresh interpreter, so the s
 The overhead target of issue #11 is <= 10 % of the run. Run it on a quiet machine:
 
     .venv/bin/python benchmarks/pipeline_overhead.py                      # the default run (~11 min)
+    .venv/bin/python benchmarks/pipeline_overhead.py --in-place           # ... in this repository
     .venv/bin/python benchmarks/pipeline_overhead.py --set pretrain.epochs=1 --set self_train.rounds=1
 """
 from __future__ import annotations
@@ -58,6 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="a params override, key=value")
     parser.add_argument("--keep", action="store_true", help="keep the project copy (its path is printed)")
+    parser.add_argument("--in-place", action="store_true",
+                        help="run in this repository instead of a copy (as `make run` does, every stage forced): "
+                             "its dvc.lock, results and MLflow store get the run")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -66,9 +70,8 @@ def main() -> None:
 
     imports = {module: cold_import_seconds(module) for module in HEAVY_MODULES}
     workdir = Path(tempfile.mkdtemp(prefix="sslpipe-overhead-"))
-    root = copy_project(workdir)
+    root = REPO if args.in_place else copy_project(workdir)
     os.environ["SSLPIPE_ROOT"] = str(root)
-    os.environ["PREFECT_HOME"] = str(workdir / ".prefect-home")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     configure_environment()
     overrides = dict(parse_override(text) for text in args.sets)
@@ -98,7 +101,7 @@ def main() -> None:
     print("|---|---|")
     for module, seconds in imports.items():
         print(f"| `{module}` | {seconds:.2f} |")
-    if args.keep:
+    if args.keep and not args.in_place:
         print(f"\nproject copy: {root}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
