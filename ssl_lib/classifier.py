@@ -30,6 +30,9 @@ class Classifier(nn.Module):
     """Images in [0, 1] -> logits. Mean/std are buffers so the model is self-contained when loaded
     from a registry: callers never need to know the training normalization."""
 
+    mean: torch.Tensor  # buffers (register_buffer in __init__)
+    std: torch.Tensor
+
     def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int, mean: list[float],
                  std: list[float]) -> None:
         super().__init__()
@@ -179,7 +182,7 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     if settings.epochs < 1 or settings.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
     device = select_device(settings.device)
-    model.to(device=device, memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last)  # as ssl_lib.engine does (and as torch's typing allows)
     x_train = nhwc_to_tensor(np.asarray(train_images), device)
     y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long, device=device)
     has_val = val_images is not None and val_labels is not None and len(val_images) > 0

@@ -205,6 +205,8 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
     optimizer = torch.optim.AdamW(decay_groups(model.parameters(), settings.lr, settings.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
+    averaged = ema.module  # the EMA copy of ``model``, updated in place
+    assert isinstance(averaged, Classifier)  # always true (a deep copy); narrows AveragedModel's Module for mypy
     align = _Alignment(model.num_classes, device) if settings.distribution_alignment else None
     targets, weights = (t.to(device) for t in static) if static is not None else (None, None)
 
@@ -232,6 +234,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                         target = F.one_hot(label, model.num_classes).float()
                         weight = (confidence >= settings.threshold).float()
                 else:
+                    assert targets is not None and weights is not None  # every method but fixmatch has static targets
                     target, weight = targets[u_idx], weights[u_idx]
                 model.train()
                 logits = model(torch.cat([x_l, x_s]))
@@ -250,12 +253,12 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 bar.update(1)
             epoch += 1
             record = {**tag, "epoch": epoch, "loss": sums["loss"] / done, "mask_rate": sums["mask"] / done,
-                      "val_acc": accuracy(ema.module, *val), "seconds": time.perf_counter() - start}
+                      "val_acc": accuracy(averaged, *val), "seconds": time.perf_counter() - start}
             if on_epoch is not None:
                 on_epoch(record)
     finally:
         bar.close()
-    return ema.module
+    return averaged
 
 
 def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndarray, labeled_labels: np.ndarray,
@@ -271,7 +274,7 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
     """
     validate_settings(settings, len(pool_images))
     device = select_device(settings.device)
-    model = copy.deepcopy(model).to(device=device, memory_format=torch.channels_last)
+    model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
     pool = nhwc_to_tensor(np.asarray(pool_images), device)
     labeled_rows = np.asarray(labeled_rows, dtype=np.int64)
     labeled_y = torch.as_tensor(np.asarray(labeled_labels), dtype=torch.long, device=device)
@@ -280,6 +283,11 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
            torch.as_tensor(np.asarray(val_labels), dtype=torch.long, device=device))
     generator = torch.Generator().manual_seed(settings.seed)
     result = SelfTrainResult(model=model)
+
+    def record_epoch(record: dict[str, Any]) -> None:
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
 
     for round_index in range(settings.rounds):
         for method in settings.steps:
@@ -300,9 +308,9 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
                 weight = static[1] if static is not None else (probs.max(1).values >= settings.threshold).float()
                 pseudo = _pseudo_labels(probs, weight)
                 val_acc = accuracy(model, *val)
-            summary = {**tag, "pseudo_label_val_accuracy": val_acc,
-                       "pseudo_label_used_fraction": float((pseudo.weight > 0).mean()),
-                       "targets_seconds": time.perf_counter() - start}
+            summary: dict[str, Any] = {**tag, "pseudo_label_val_accuracy": val_acc,
+                                       "pseudo_label_used_fraction": float((pseudo.weight > 0).mean()),
+                                       "targets_seconds": time.perf_counter() - start}
             log.info("round %d %s: pseudo-labels %.4f on val, %.1f%% of the pool used", tag["round"], method,
                      val_acc, 100 * summary["pseudo_label_used_fraction"])
             result.rounds.append(summary)
@@ -310,8 +318,7 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
             if on_round is not None:
                 on_round(summary)
             model = _train_step_method(method, model, pool, labeled_x, labeled_y, static, settings, generator, tag,
-                                       val, lambda r: (result.history.append(r), on_epoch and on_epoch(r)),
-                                       progress)
+                                       val, record_epoch, progress)
     model.eval()
     result.model = model
     return result
