@@ -94,7 +94,7 @@ class _Trainer:
     def save(self, path: Path, fingerprint: str, step: int, generator: torch.Generator,
              epoch_losses: list[torch.Tensor], epoch_stats: dict[str, list[torch.Tensor]]) -> None:
         # Every rank contributes its RNG streams and partial-epoch losses; rank 0 writes the file.
-        local = {
+        local: dict[str, Any] = {
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
@@ -163,7 +163,9 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     trainer = _Trainer(engine, ranks)
 
     state, fingerprint = None, ""
+    checkpoint: Path | None = None  # where to save checkpoints; None: this run saves none
     if checkpoint_path is not None and settings.checkpoint_every:
+        checkpoint = Path(checkpoint_path)
         fingerprint = run_fingerprint(settings.trajectory(), pseudo, images, ranks.world_size)
         state, why = load_state(checkpoint_path, fingerprint)
         if state is not None:
@@ -208,8 +210,8 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                     bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False,
                                     img_s=f"{(step + 1 - first_step) * global_batch / max(elapsed, 1e-9):.0f}")
                 # A checkpoint at an epoch's last step is written once that epoch's record is in the history.
-                if fingerprint and done % settings.checkpoint_every == 0 and step < steps_per_epoch - 1:
-                    trainer.save(Path(checkpoint_path), fingerprint, done, generator, epoch_losses, epoch_stats)
+                if checkpoint is not None and done % settings.checkpoint_every == 0 and step < steps_per_epoch - 1:
+                    trainer.save(checkpoint, fingerprint, done, generator, epoch_losses, epoch_stats)
                 if on_step is not None:
                     on_step(done)
             seconds = time.perf_counter() - start
@@ -226,8 +228,8 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                 record[key] = float(mean_across_ranks(torch.stack(values).cpu()).mean())
             trainer.history.append(record)
             done = (epoch + 1) * steps_per_epoch
-            if fingerprint and done % settings.checkpoint_every == 0 and done < total_steps:
-                trainer.save(Path(checkpoint_path), fingerprint, done, generator, [], {})
+            if checkpoint is not None and done % settings.checkpoint_every == 0 and done < total_steps:
+                trainer.save(checkpoint, fingerprint, done, generator, [], {})
             if on_epoch is not None:
                 on_epoch(record)
     finally:
