@@ -7,11 +7,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 import yaml
 
 from tasks.environment import OFFLINE_SWITCHES
+
+if TYPE_CHECKING:
+    from ssl_lib.pretrain_plan import PretrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +115,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    """A fresh tiny git + DVC project on digits, this process pointed at its MLflow store."""
+    path = make_project(tmp_path / "proj")
+    use_project(path)
+    return path
+
+
+# --- the learning tests' data: sklearn digits, in process -------------------------------------------------
+
+BACKBONE = "convnet_small"
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, list[float], list[float]]:
+    """sklearn's 8x8 digits upsampled to 16x16 uint8 NHWC, with labels and the channel mean and std."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images / 16.0 * 255.0).round().astype(np.uint8)
+    images = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]  # (N, 16, 16, 1)
+    mean = [float(images.mean() / 255.0)]
+    std = [float(images.std() / 255.0)]
+    return images, d.target.astype(np.int64), mean, std
+
+
+def digits_settings(method: str, epochs: int, **kw: Any) -> PretrainSettings:
+    """Pretraining settings for the digits tests: convnet_small, batch 128, seed 0, on the CPU."""
+    base = dict(method=method, backbone=BACKBONE, epochs=epochs, batch_size=128, lr=3e-3, weight_decay=1e-4,
+                seed=0, max_images=None, device="cpu")
+    base.update(kw)
+    from ssl_lib.pretrain_plan import PretrainSettings
+
+    return PretrainSettings(**base)

@@ -18,13 +18,6 @@ from tests.conftest import REPO, make_project, run_cmd, use_project
 runner = CliRunner()
 
 
-@pytest.fixture()
-def project(tmp_path: Path) -> Path:
-    path = make_project(tmp_path / "proj")
-    use_project(path)
-    return path
-
-
 @pytest.mark.parametrize("override, expected", [
     ("pretrain.epoch=3", ["pretrain.epoch", "unknown key"]),
     ("pretrain.epochs=many", ["pretrain.epochs", "integer"]),

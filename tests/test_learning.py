@@ -15,9 +15,8 @@ from ssl_lib.methods import METHODS, UnknownMethodError, get_method
 from ssl_lib.methods.simclr import normalized_embedding_std, nt_xent_loss
 from ssl_lib.models.backbones import BACKBONES, build_backbone
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels, save_preview
-
-BACKBONE = "convnet_small"
+from ssl_lib.pretrain_plan import make_pseudo_labels, save_preview
+from tests.conftest import BACKBONE, digits_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,25 +25,6 @@ def _threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, np.ndarray, list[float], list[float]]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images / 16.0 * 255.0).round().astype(np.uint8)
-    images = images.repeat(2, axis=1).repeat(2, axis=2)[..., None]  # (N, 16, 16, 1)
-    mean = [float(images.mean() / 255.0)]
-    std = [float(images.std() / 255.0)]
-    return images, d.target.astype(np.int64), mean, std
-
-
-def _settings(method: str, epochs: int, **kw) -> PretrainSettings:
-    base = dict(method=method, backbone=BACKBONE, epochs=epochs, batch_size=128, lr=3e-3, weight_decay=1e-4,
-                seed=0, max_images=None, device="cpu")
-    base.update(kw)
-    return PretrainSettings(**base)
 
 
 # Rotation's kNN gain over random init (~0.906) grows slowly: +0.001 to +0.007 after 20 epochs, depending on
@@ -60,7 +40,7 @@ def pretrained(digits):
     results = {}
     for method in ("rotation", "simclr"):
         options = SIMCLR_OPTIONS if method == "simclr" else {}
-        settings = _settings(method, PRETRAIN_EPOCHS[method], lr=PRETRAIN_LR[method], options=options)
+        settings = digits_settings(method, PRETRAIN_EPOCHS[method], lr=PRETRAIN_LR[method], options=options)
         pseudo = make_pseudo_labels(settings, len(images))
         results[method] = (settings, pseudo, pretrain(images, mean, std, pseudo, settings, progress=False))
     return results
@@ -99,7 +79,7 @@ def test_unknown_option_is_named(digits):
     with pytest.raises(ValueError, match="temprature.*allowed.*temperature"):
         get_method("simclr").resolve_options({"temprature": 0.5})
     images, _, mean, std = digits
-    settings = _settings("rotation", 1, options={"bogus": 1})
+    settings = digits_settings("rotation", 1, options={"bogus": 1})
     with pytest.raises(ValueError, match="bogus"):
         pretrain(images[:64], mean, std, {"epoch_seed": np.zeros(1, np.int64)}, settings, progress=False)
 
@@ -192,7 +172,7 @@ def test_simclr_embeddings_do_not_collapse(pretrained, digits):
 def test_same_seed_same_losses(digits, method):
     images, _, mean, std = digits
     options = SIMCLR_OPTIONS if method == "simclr" else {}
-    settings = _settings(method, 2, max_images=512, batch_size=128, options=options)
+    settings = digits_settings(method, 2, max_images=512, batch_size=128, options=options)
     runs = []
     for _ in range(2):
         pseudo = make_pseudo_labels(settings, len(images))
@@ -205,20 +185,20 @@ def test_same_seed_same_losses(digits, method):
 
 def test_pseudo_labels_shape_and_subset(digits):
     images = digits[0]
-    settings = _settings("rotation", 3, max_images=100)
+    settings = digits_settings("rotation", 3, max_images=100)
     pseudo = make_pseudo_labels(settings, len(images))
     assert pseudo["rotation"].shape == (3, 100) and pseudo["rotation"].dtype == np.int8
     assert set(np.unique(pseudo["rotation"])) <= {0, 1, 2, 3}
     assert pseudo["epoch_seed"].shape == (3,)
     with pytest.raises(ValueError, match="shape"):
-        pretrain(images, digits[2], digits[3], make_pseudo_labels(_settings("rotation", 3), len(images)),
+        pretrain(images, digits[2], digits[3], make_pseudo_labels(digits_settings("rotation", 3), len(images)),
                  settings, progress=False)
 
 
 @pytest.mark.parametrize("method", ["rotation", "simclr"])
 def test_save_preview(tmp_path, digits, method):
     images = digits[0]
-    settings = _settings(method, 1)
+    settings = digits_settings(method, 1)
     pseudo = make_pseudo_labels(settings, len(images))
     path = tmp_path / "preview.png"
     save_preview(method, images, pseudo, path, count=8)

@@ -30,7 +30,7 @@ from ssl_lib.methods.views import ViewOptions
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
-from tests.test_learning import BACKBONE, _settings, digits  # noqa: F401  (digits is a fixture; F811 where a test asks for it)
+from tests.conftest import BACKBONE, digits_settings
 
 FAMILIES = {"moco": "contrastive", "byol": "non-contrastive", "simsiam": "non-contrastive",
             "barlow_twins": "non-contrastive", "vicreg": "non-contrastive", "dino": "non-contrastive"}
@@ -65,13 +65,13 @@ _RUNS: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
-def pretrained(digits):  # noqa: F811
+def pretrained(digits):
     """``pretrained(name)`` -> PretrainResult of the method's short run, computed once per module."""
     images, _, mean, std = digits
 
     def run(name: str):
         if name not in _RUNS:
-            settings = _settings(name, EPOCHS[name], lr=LR[name], options=OPTIONS[name])
+            settings = digits_settings(name, EPOCHS[name], lr=LR[name], options=OPTIONS[name])
             _RUNS[name] = pretrain(images, mean, std, make_pseudo_labels(settings, len(images)), settings,
                                    progress=False)
         return _RUNS[name]
@@ -80,7 +80,7 @@ def pretrained(digits):  # noqa: F811
     _RUNS.clear()
 
 
-def _knn_clean_and_augmented(encoder_state, digits) -> tuple[float, float]:  # noqa: F811
+def _knn_clean_and_augmented(encoder_state, digits) -> tuple[float, float]:
     """kNN accuracy (as tests/test_learning.py's ``_knn``) of clean test images, and of augmented ones
     (fixed random resized crops of 0.5-1 of the area, flips) against the same clean bank."""
     images, labels, mean, std = digits
@@ -95,12 +95,12 @@ def _knn_clean_and_augmented(encoder_state, digits) -> tuple[float, float]:  # n
 
 
 @pytest.fixture(scope="module")
-def random_knn(digits) -> tuple[float, float]:  # noqa: F811
+def random_knn(digits) -> tuple[float, float]:
     return _knn_clean_and_augmented(None, digits)
 
 
 @pytest.fixture(scope="module")
-def random_feature_std(digits) -> float:  # noqa: F811
+def random_feature_std(digits) -> float:
     images, _, mean, std = digits
     model = build_classifier(BACKBONE, 1, 16, 10, mean, std, None, seed=0)
     return float(normalized_embedding_std(torch.as_tensor(extract_features(model, images))))
@@ -121,7 +121,7 @@ def test_registered_with_family_and_view_options(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_preview_shows_two_views(digits, name):  # noqa: F811
+def test_preview_shows_two_views(digits, name):
     images = digits[0][:8]
     pairs = get_method(name).preview_pairs(images, {"epoch_seed": np.array([7])}, 8)
     assert len(pairs) == 8 and pairs[0][1] == "#0 view 1" and pairs[1][1] == "#0 view 2"
@@ -245,7 +245,7 @@ def test_ema_update_and_cosine_momentum():
     assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
 
 
-def test_pretrain_calls_after_step_once_per_step(digits, monkeypatch):  # noqa: F811
+def test_pretrain_calls_after_step_once_per_step(digits, monkeypatch):
     images, _, mean, std = digits
     calls: list[tuple[int, int]] = []
     original = byol.BYOL.after_step
@@ -255,7 +255,7 @@ def test_pretrain_calls_after_step_once_per_step(digits, monkeypatch):  # noqa: 
         original(self, step, total_steps)
 
     monkeypatch.setattr(byol.BYOL, "after_step", spy)
-    settings = _settings("byol", 2, max_images=128, batch_size=64, options=OPTIONS["byol"])
+    settings = digits_settings("byol", 2, max_images=128, batch_size=64, options=OPTIONS["byol"])
     pretrain(images, mean, std, make_pseudo_labels(settings, len(images)), settings, progress=False)
     assert calls == [(i, 4) for i in range(4)]
 
@@ -272,7 +272,7 @@ def test_loss_falls(pretrained, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits, random_knn, name):  # noqa: F811
+def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits, random_knn, name):
     # Random conv features are strong on clean digits (kNN ~0.91) and these short runs do not
     # beat them there yet (that takes far more steps than a unit test can afford on one thread).
     # What a few steps do teach is invariance to the views: kNN of augmented queries (random ~0.44).
@@ -282,7 +282,7 @@ def test_features_beat_random_init_on_knn_of_augmented_images(pretrained, digits
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_embeddings_do_not_collapse(pretrained, digits, random_feature_std, name):  # noqa: F811
+def test_embeddings_do_not_collapse(pretrained, digits, random_feature_std, name):
     result = pretrained(name)
     # The head's embeddings (recorded during training): about 1/sqrt(D) when spread over the
     # sphere, near 0 when collapsed.
@@ -296,9 +296,9 @@ def test_embeddings_do_not_collapse(pretrained, digits, random_feature_std, name
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_same_seed_same_losses(digits, name):  # noqa: F811
+def test_same_seed_same_losses(digits, name):
     images, _, mean, std = digits
-    settings = _settings(name, 2, max_images=256, batch_size=64, options=OPTIONS[name])
+    settings = digits_settings(name, 2, max_images=256, batch_size=64, options=OPTIONS[name])
     runs = [pretrain(images, mean, std, make_pseudo_labels(settings, len(images)), settings, progress=False)
             for _ in range(2)]
     assert len(runs[0].step_losses) == 2 * (256 // 64)

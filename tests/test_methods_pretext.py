@@ -32,7 +32,6 @@ from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
 from ssl_lib.models.vit import ViT, build_vit_tiny
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels, save_preview
-from tests.test_learning import digits  # noqa: F401  (fixture: (images NHWC uint8 16x16, labels, mean, std))
 
 NEW_METHODS = {"jigsaw": "pretext", "inpainting": "pretext", "colorization": "pretext",
                "autoencoder": "generative", "mae": "generative", "autoregressive": "generative"}
@@ -177,7 +176,7 @@ RUNS = {
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))
-def test_loss_falls_and_features_beat_random_init(digits, method):  # noqa: F811
+def test_loss_falls_and_features_beat_random_init(digits, method):
     images, labels, mean, std = digits
     epochs, lr, options, factor, margin = RUNS[method]
     encoder, losses = _train(method, "vit", images, mean, std, epochs, lr, options, batch_size=64)
@@ -209,7 +208,7 @@ def test_colorization_learns_on_rgb_shapes(shapes):
 @pytest.mark.parametrize("method,backbone", [("jigsaw", "convnet_small"), ("inpainting", "convnet_small"),
                                              ("autoencoder", "convnet_small"), ("mae", "vit"),
                                              ("autoregressive", "vit")])
-def test_same_seed_same_losses(digits, method, backbone):  # noqa: F811
+def test_same_seed_same_losses(digits, method, backbone):
     images, _, mean, std = digits
     runs = [_train(method, backbone, images, mean, std, 2, 1e-3, max_images=256, batch_size=64)[1]
             for _ in range(2)]
@@ -226,7 +225,7 @@ def test_colorization_same_seed_same_losses(shapes):
 
 
 @pytest.mark.parametrize("method", ["jigsaw", "inpainting", "autoencoder"])
-def test_conv_methods_learn_through_pretrain(digits, method):  # noqa: F811
+def test_conv_methods_learn_through_pretrain(digits, method):
     """The real ssl_lib.pretrain loop with a conv backbone: pseudo-label shapes check out, the loss falls."""
     images, _, mean, std = digits
     options = {} if method == "jigsaw" else {"decoder_width": 32}

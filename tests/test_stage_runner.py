@@ -9,16 +9,8 @@ from pathlib import Path
 import pytest
 
 from flows.stages import StageFailed, StageUserError, run_dvc_stage, stage_tasks
-from tests.conftest import make_project, use_project
 
 BUG = "raise ZeroDivisionError('a bug in the ingest stage')"
-
-
-@pytest.fixture()
-def project(tmp_path: Path) -> Path:
-    path = make_project(tmp_path / "proj")
-    use_project(path)
-    return path
 
 
 def _plant_bug(project: Path) -> None:
