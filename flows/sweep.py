@@ -21,6 +21,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from flows.stages import StageUserError, dvc_command, retry_unless_user_error, subprocess_env
 from tasks.environment import configure_environment, project_root
 from tasks.evaluate import headline_metrics
 
@@ -69,7 +70,6 @@ def _exp_ref(root: Path, exp_name: str) -> str:
 
 def _point_failure(name: str, returncode: int, output: str, report_path: Path) -> Exception:
     """The error for a failed ``dvc exp run``: the stage's own user error when it stopped on one, else a crash."""
-    from flows.stages import StageUserError
 
     try:
         report = json.loads(report_path.read_text())
@@ -82,27 +82,12 @@ def _point_failure(name: str, returncode: int, output: str, report_path: Path) -
     return RuntimeError(f"dvc exp run {name} failed:\n{tail}")
 
 
-def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """A user mistake fails the same way every time; only what may be transient is retried."""
-    from flows.stages import StageUserError
-    from ssl_lib.errors import UserError
-
-    try:
-        state.result()
-    except (UserError, StageUserError):
-        return False
-    except Exception:
-        return True
-    return False
-
-
 @task(name="sweep-point", task_run_name="{point.method} l={point.labels_per_class} s={point.seed}",
-      retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+      retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> dict:
     """One grid point: its MLflow run, then ``dvc exp run --temp`` with the stages nested under it."""
     import tempfile
 
-    from flows.stages import dvc_command, subprocess_env
     from ssl_lib.config import apply_overrides, parse_params, read_raw_params
     from tasks.common import STAGE_REPORT_ENV
     from tasks.tracking import PARENT_RUN_ENV, finish_run, open_parent_run
