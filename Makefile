@@ -45,10 +45,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy ssl_lib
 
-# One pytest-xdist worker per core; a test module stays on one worker (tests/conftest.py groups them).
+# One pytest-xdist worker per core; a test module stays on one worker, its tests in order (loadfile).
 PYTEST_WORKERS ?= auto
 test: install lint data
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: install lint
 	$(BIN)/python -m pytest -m "not slow"

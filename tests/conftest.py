@@ -79,6 +79,7 @@ def _share_cores_between_workers() -> None:
     """Under pytest-xdist, give each worker (and the stage processes it starts) its share of the cores.
 
     Without this every worker's torch would use all cores, and n workers would oversubscribe them n times.
+    ``make test`` runs ``--dist loadfile``: a module's tests stay on one worker, in order, sharing its fixtures.
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -106,15 +107,6 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Keep each test module on one xdist worker (``--dist loadgroup``): a module's tests share a project and
-    run in order. A module may split itself into groups by marking its tests ``xdist_group`` itself."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture()

@@ -40,18 +40,6 @@ RGB_METHODS = {name for name, cls in METHODS.items() if cls.required_channels ==
 DIGITS_METHODS = sorted(set(METHODS) - RGB_METHODS)
 FULL_RUNS = os.environ.get("SSLPIPE_FULL_METHOD_RUNS", "") not in ("", "0")
 METHOD_STAGES = ("pseudo_labels", "pretrain")
-# Two halves of the methods, each kept on one pytest-xdist worker (with its own project there), so that
-# the suite's longest module runs on two cores at once.
-GROUPS = {"every_method_a": DIGITS_METHODS[0::2], "every_method_b": DIGITS_METHODS[1::2]}
-GROUP_OF = {method: group for group, methods in GROUPS.items() for method in methods}
-
-
-def by_group(methods: list[str]) -> list:
-    return [pytest.param(m, marks=pytest.mark.xdist_group(GROUP_OF[m])) for m in methods]
-
-
-def group_params() -> list:
-    return [pytest.param(g, marks=pytest.mark.xdist_group(g)) for g in GROUPS]
 
 # Only the wiring is under test: a few real optimisation steps per stage, nothing more.
 CHEAP = {"pretrain": {"epochs": 1, "max_images": 256, "batch_size": 128},
@@ -113,7 +101,7 @@ def check_encoder(project: Path, method: str) -> None:
     assert logits.shape == (8, 10) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("method", by_group(DIGITS_METHODS))
+@pytest.mark.parametrize("method", DIGITS_METHODS)
 def test_dvc_exp_run(project: Path, method: str):
     use_project(project)
     out = dvc_exp_run(project, method, *([] if FULL_RUNS else ["pretrain"]))
@@ -135,14 +123,12 @@ def _experiments(project: Path) -> dict[str, dict]:
     return {exp["name"]: exp["revs"][0]["data"] for commit in shown for exp in commit.get("experiments") or []}
 
 
-@pytest.mark.parametrize("group", group_params())
-def test_every_dvc_experiment_records_its_method(project: Path, group: str):
-    missing = sorted(set(GROUPS[group]) - set(EXPERIMENTS))
+def test_every_dvc_experiment_records_its_method(project: Path):
+    missing = sorted(set(DIGITS_METHODS) - set(EXPERIMENTS))
     if missing:
         pytest.skip(f"no experiment for {missing} (their own test failed)")
     found = _experiments(project)
-    for method in GROUPS[group]:
-        name = EXPERIMENTS[method]
+    for method, name in EXPERIMENTS.items():
         assert name in found, (method, name, sorted(found))
         params = found[name]["params"]["params.yaml"]["data"]["pretrain"]
         assert (params["method"], params["backbone"]) == (method, backbone_for(method))
@@ -180,7 +166,7 @@ def sslpipe_run(project: Path, *sets: str):
     return CliRunner().invoke(app, args, env={"COLUMNS": "400"})
 
 
-@pytest.mark.parametrize("method", by_group(DIGITS_METHODS))
+@pytest.mark.parametrize("method", DIGITS_METHODS)
 def test_sslpipe_run(project: Path, method: str, prefect_server):
     use_project(project)
     result = sslpipe_run(project, f"pretrain.method={method}", f"pretrain.backbone={backbone_for(method)}",
@@ -204,13 +190,11 @@ def test_sslpipe_run(project: Path, method: str, prefect_server):
     assert set(METHOD_STAGES) | {"finetune", "evaluate"} <= stages, stages
 
 
-@pytest.mark.parametrize("group", group_params())
-def test_flow_runs_are_dvc_experiments_with_metrics(project: Path, group: str):
-    ran = {m: FLOW_EXPERIMENTS[m] for m in GROUPS[group] if m in FLOW_EXPERIMENTS}
-    if not ran:
+def test_flow_runs_are_dvc_experiments_with_metrics(project: Path):
+    if not FLOW_EXPERIMENTS:
         pytest.skip("no flow run succeeded")
     found = _experiments(project)
-    for method, name in ran.items():
+    for method, name in FLOW_EXPERIMENTS.items():
         assert name in found, (method, name, sorted(found))
         assert found[name]["params"]["params.yaml"]["data"]["pretrain"]["method"] == method
         metrics = found[name]["metrics"]["results/metrics.json"]["data"]
