@@ -28,6 +28,7 @@ from ssl_lib.checkpoint import TrainingState, load_state, run_fingerprint, save_
 from ssl_lib.device import select_device
 from ssl_lib.distributed import RankInfo, all_gather_objects, mean_across_ranks, rank_info
 from ssl_lib.engine import Engine, build_model, data_parallel, make_engine, train_step
+from ssl_lib.errors import DataError
 from ssl_lib.methods import get_method
 from ssl_lib.pretrain_plan import PretrainSettings, subset_indices
 
@@ -44,13 +45,14 @@ class PretrainResult:
 
 
 def _check_pseudo(pseudo: dict[str, np.ndarray], epochs: int, n: int) -> None:
+    # Stale pseudo-labels (pretrain run by hand after a change of epochs or max_images) are the user's to remake.
     if "epoch_seed" not in pseudo or np.shape(pseudo["epoch_seed"]) != (epochs,):
-        raise ValueError(f"pseudo labels need 'epoch_seed' of shape ({epochs},); "
-                         "make them with make_pseudo_labels(settings, num_images)")
+        raise DataError(f"pseudo labels need 'epoch_seed' of shape ({epochs},); remake them for these settings "
+                        "(dvc repro pseudo_labels, or make_pseudo_labels(settings, num_images))")
     for key, value in pseudo.items():
         if key != "epoch_seed" and np.shape(value) != (epochs, n):
-            raise ValueError(f"pseudo label {key!r} has shape {np.shape(value)}, expected ({epochs}, {n}) "
-                             "for these settings; were they made with different epochs/max_images?")
+            raise DataError(f"pseudo label {key!r} has shape {np.shape(value)}, expected ({epochs}, {n}) for these "
+                            "settings: they were made with other epochs/max_images; rerun dvc repro pseudo_labels")
 
 
 def _augmentation_seed(epoch_seed: int, rank: int) -> int:
