@@ -33,7 +33,13 @@ class StageOutcome:
     # the start of its work (interpreter, imports, params), and of the work itself.
     startup_seconds: float | None = None
     work_seconds: float | None = None
-    process_seconds: float | None = None
+
+    @property
+    def process_seconds(self) -> float | None:
+        """The stage process's life up to its outputs: start-up plus work (None when DVC skipped the stage)."""
+        if self.startup_seconds is None or self.work_seconds is None:
+            return None
+        return self.startup_seconds + self.work_seconds
 
 
 class StageFailed(RuntimeError):
@@ -81,11 +87,23 @@ def dvc_command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "dvc", *args]
 
 
-def _read_report(path: Path) -> dict[str, Any] | None:
+def read_stage_report(path: Path) -> dict[str, Any] | None:
+    """The report a stage process left at ``path``; None when no stage got far enough to write one."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def user_error_from(report: dict[str, Any] | None, stage: str, returncode: int, tail: str) -> StageUserError | None:
+    """The ``StageUserError`` a failed stage's report describes, or None when it did not stop on a user mistake.
+
+    DVC stops at the first failing stage, so the report's own stage name (when present) is the one that failed.
+    """
+    error = (report or {}).get("user_error")
+    if not error:
+        return None
+    return StageUserError((report or {}).get("stage", stage), returncode, tail, error["kind"], error["message"])
 
 
 def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = None, force: bool = False,
@@ -108,19 +126,15 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
             echo(line)
         returncode = proc.wait()
         seconds = time.perf_counter() - start
-        report = _read_report(report_path)
+        report = read_stage_report(report_path)
     if returncode != 0:
         tail = "\n".join(lines[-40:])
-        error = (report or {}).get("user_error")
-        if error:
-            raise StageUserError(stage, returncode, tail, error["kind"], error["message"])
-        raise StageFailed(stage, returncode, tail)
+        raise user_error_from(report, stage, returncode, tail) or StageFailed(stage, returncode, tail)
     if report is None:  # DVC found the stage up to date (or restored it from its run cache)
         return StageOutcome(stage=stage, executed=False, seconds=seconds)
     return StageOutcome(stage=stage, executed=True, seconds=seconds,
                         startup_seconds=report["work_started"] - report["process_started"],
-                        work_seconds=report["work_ended"] - report["work_started"],
-                        process_seconds=report["work_ended"] - report["process_started"])
+                        work_seconds=report["work_ended"] - report["work_started"])
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -21,7 +21,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from flows.stages import StageUserError, dvc_command, retry_unless_user_error, subprocess_env
+from flows.stages import dvc_command, read_stage_report, retry_unless_user_error, subprocess_env, user_error_from
 from tasks.environment import configure_environment, project_root
 from tasks.evaluate import headline_metrics
 
@@ -70,16 +70,9 @@ def _exp_ref(root: Path, exp_name: str) -> str:
 
 def _point_failure(name: str, returncode: int, output: str, report_path: Path) -> Exception:
     """The error for a failed ``dvc exp run``: the stage's own user error when it stopped on one, else a crash."""
-
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError):  # no stage got far enough to report
-        report = {}
     tail = output[-3000:]
-    error = report.get("user_error")
-    if error:  # DVC stops at the first failing stage, so a user error in the report is that stage's
-        return StageUserError(report.get("stage", name), returncode, tail, error["kind"], error["message"])
-    return RuntimeError(f"dvc exp run {name} failed:\n{tail}")
+    report = read_stage_report(report_path)
+    return user_error_from(report, name, returncode, tail) or RuntimeError(f"dvc exp run {name} failed:\n{tail}")
 
 
 @task(name="sweep-point", task_run_name="{point.method} l={point.labels_per_class} s={point.seed}",
