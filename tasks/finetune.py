@@ -84,11 +84,13 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
     import torch
     from mlflow.models import infer_signature
 
+    from tasks.mlflow_pytorch import import_mlflow_pytorch
+
     example = model_input(example_images)
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)
-    model_info = mlflow.pytorch.log_model(model, name="classifier", signature=signature, input_example=example,
+    model_info = import_mlflow_pytorch().log_model(model, name="classifier", signature=signature, input_example=example,
                                           pip_requirements=MODEL_REQUIREMENTS,
                                           # a torch.export program: loads without this package installed
                                           serialization_format="pt2",

@@ -39,11 +39,11 @@ def load_model(model_uri: str) -> LoadedModel:
 
     A model that does not exist (or a malformed URI) raises DataError with the URI forms that work.
     """
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
     from ssl_lib.errors import DataError
+    from tasks.mlflow_pytorch import import_mlflow_pytorch
 
     if model_uri.startswith("models:") and not _MODEL_URI.match(model_uri):
         # MLflow reports a malformed models:/ URI as an INTERNAL_ERROR, indistinguishable from a server fault.
@@ -51,7 +51,7 @@ def load_model(model_uri: str) -> LoadedModel:
     try:
         info = get_model_info(model_uri)
         # Logged as a torch.export program: already in inference mode, and .eval() is not supported on it.
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        model = import_mlflow_pytorch().load_model(model_uri, map_location="cpu")
     except MlflowException as err:
         if err.error_code not in _MISSING_MODEL_CODES:
             raise
