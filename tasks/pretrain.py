@@ -61,7 +61,7 @@ def run(params: PipelineParams) -> dict | None:
 def _train(params: PipelineParams, on_epoch: Callable[[dict], None] | None) -> tuple[Any, dict]:
     from ssl_lib.data.prepared import load_pool
     from ssl_lib.pretrain import pretrain
-    from tasks.pseudo_labels import load_pseudo_labels
+    from tasks.pseudo_targets import load_pseudo_labels
     from tasks.settings import pretrain_settings
 
     # Memory-mapped: the engine copies the pool onto the device when it fits, or streams it.

@@ -18,7 +18,8 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
     from ssl_lib.data.prepared import load_pool
     from ssl_lib.io import atomic_path
     from ssl_lib.methods import get_method
-    from ssl_lib.pretrain_plan import make_pseudo_labels, save_preview, subset_indices
+    from ssl_lib.pretrain_plan import make_pseudo_labels, subset_indices
+    from ssl_lib.previews import save_preview
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
@@ -43,16 +44,6 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
         log.info("pseudo-labels for %s: %s", settings.method,
                  {k: (v.shape, str(v.dtype)) for k, v in pseudo.items()})
     return pseudo
-
-
-def load_pseudo_labels() -> dict[str, np.ndarray]:
-    from ssl_lib.errors import DataError
-
-    if not paths.PSEUDO_TARGETS.is_file():
-        raise DataError(f"{paths.PSEUDO_TARGETS} is missing; run the stage first: dvc repro pseudo_labels")
-    with np.load(paths.PSEUDO_TARGETS) as archive:
-        return {key: archive[key] for key in archive.files}
-
 
 
 if __name__ == "__main__":

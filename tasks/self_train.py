@@ -99,35 +99,19 @@ def run(params: PipelineParams) -> dict:
 def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: np.ndarray, class_names: list[str],
                               path, per_side: int = 4) -> None:
     """A PNG, one row per class: its ``per_side`` most confident pool images, then its least confident ones."""
-    import matplotlib
+    from ssl_lib.image_grid import save_image_grid
 
-    matplotlib.use("Agg")  # here, not at import: importing this module must not change global state
-    import matplotlib.pyplot as plt
-
-    from ssl_lib.io import atomic_path
-
-    k = len(class_names)
-    fig, axes = plt.subplots(k, 2 * per_side, figsize=(2 * per_side * 1.1, k * 1.2 + 0.6), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for c in range(k):
+    tiles: list[np.ndarray | None] = []
+    captions: list[str] = []
+    for c in range(len(class_names)):
         members = np.flatnonzero(label == c)
         ranked = members[np.argsort(-confidence[members], kind="stable")]
         picks = list(ranked[:per_side]) + [None] * (per_side - min(per_side, len(ranked)))
         picks += list(ranked[-per_side:][::-1]) if len(ranked) > per_side else [None] * per_side
-        for j, i in enumerate(picks):
-            if i is None:
-                continue
-            image = pool[i]
-            axes[c, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
-            axes[c, j].set_title(f"{confidence[i]:.2f}", fontsize=7)
-        axes[c, 0].text(-0.1, 0.5, class_names[c], transform=axes[c, 0].transAxes, ha="right", va="center",
-                        fontsize=8)
-    fig.suptitle("pseudo-labels per class: most confident (left) and least confident (right)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
+        tiles += [None if i is None else pool[i] for i in picks]
+        captions += ["" if i is None else f"{confidence[i]:.2f}" for i in picks]
+    save_image_grid(tiles, captions, cols=2 * per_side, path=path, row_labels=class_names, dpi=90,
+                    title="pseudo-labels per class: most confident (left) and least confident (right)")
 
 
 

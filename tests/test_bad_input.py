@@ -165,7 +165,7 @@ def test_unavailable_accelerator_is_a_config_error():
 
 
 @pytest.mark.parametrize("loader, stage", [("tasks.finetune:load_encoder_info", "pretrain"),
-                                           ("tasks.pseudo_labels:load_pseudo_labels", "pseudo_labels")])
+                                           ("tasks.pseudo_targets:load_pseudo_labels", "pseudo_labels")])
 def test_missing_upstream_output_is_a_data_error(tmp_path: Path, monkeypatch, loader: str, stage: str):
     import importlib
 

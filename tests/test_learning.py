@@ -15,7 +15,8 @@ from ssl_lib.methods import METHODS, UnknownMethodError, get_method
 from ssl_lib.methods.simclr import normalized_embedding_std, nt_xent_loss
 from ssl_lib.models.backbones import BACKBONES, build_backbone
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels, save_preview
+from ssl_lib.pretrain_plan import make_pseudo_labels
+from ssl_lib.previews import save_preview
 from tests.conftest import BACKBONE, digits_settings
 
 

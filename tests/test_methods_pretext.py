@@ -31,7 +31,8 @@ from ssl_lib.methods.jigsaw import hamming_permutations, min_pairwise_hamming
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
 from ssl_lib.models.vit import ViT, build_vit_tiny
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels, save_preview
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
+from ssl_lib.previews import save_preview
 
 NEW_METHODS = {"jigsaw": "pretext", "inpainting": "pretext", "colorization": "pretext",
                "autoencoder": "generative", "mae": "generative", "autoregressive": "generative"}
