@@ -107,9 +107,11 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     console.print(table)
     ran = ", ".join(s["stage"] for s in summary["stages"] if s["executed"]) or "nothing (all up to date)"
     gain = m.get("self_train_gain", m["ssl_gain"])
-    console.print(f"final model's gain over the baseline: {gain:+.4f}   stages run: {ran}   total {seconds:.0f} s")
-    console.print(f"metrics: {root / 'results/metrics.json'}   MLflow parent run: {summary['mlflow_run_id']} "
-                  f"(make ui)   DVC experiment: {summary['dvc_experiment']}")
+    console.print(f"final model's gain over the baseline: {100 * gain:+.1f} points   stages run: {ran}   "
+                  f"total {seconds:.0f} s")
+    console.print(f"metrics: {root / 'results/metrics.json'}   DVC experiment: {summary['dvc_experiment']}")
+    local = " (start the UI with make ui)" if summary["mlflow_local_ui"] else ""
+    console.print(f"MLflow run {summary['mlflow_run_name']!r}: {summary['mlflow_run_url']}{local}", soft_wrap=True)
 
 
 @app.command()

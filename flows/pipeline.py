@@ -14,16 +14,30 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from flows.stages import StageOutcome, dvc_command, stage_tasks, subprocess_env
 from tasks import paths
+from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
-from tasks.evaluate import headline_metrics
+from tasks.evaluate import RESULT_FILES, headline_metrics
 from tasks.params_file import apply_param_overrides
 from tasks.preflight import check_label_budget
-from tasks.tracking import PARENT_RUN_ENV, PREFECT_RUN_ENV, finish_run, open_parent_run, tag_dataset_hash
+from tasks.run_summary import committed_params, param_changes, run_title
+from tasks.tracking import (
+    DESCRIPTION_TAG,
+    PARENT_RUN_ENV,
+    PREFECT_RUN_ENV,
+    describe_parent_run,
+    finish_run,
+    log_results,
+    open_parent_run,
+    run_url,
+    tag_dataset_hash,
+)
 
+# A sqlite or file store has no UI of its own: the link is where `make ui` (mlflow ui) serves it.
+LOCAL_UI_NOTE = " (a local store: start the UI with `make ui` to open the link)"
 UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values(),
                     paths.SELF_TRAIN_HISTORY)
 
@@ -85,11 +99,13 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     check_label_budget(params)
 
     flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
+    changes = param_changes(params, committed_params(root_path), fallback=overrides)
     parent_id = open_parent_run(params, invocation=f"prefect-{flow_run_id}", owner="prefect",
-                                run_name=f"pipeline {params.pretrain.method} {flow_run.name or ''}".strip(),
+                                run_name=run_title(params, changes, flow_run.name or time.strftime("%H:%M:%S")),
                                 extra_tags={"prefect.flow_run_id": flow_run_id})
     env = {PARENT_RUN_ENV: parent_id, PREFECT_RUN_ENV: flow_run_id, "SSLPIPE_ROOT": str(root_path)}
     outcomes: list[StageOutcome] = []
+    exp_name = None
     succeeded = False
     try:
         for stage, stage_task in stage_tasks().items():
@@ -97,31 +113,41 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
             outcomes.append(stage_task(str(root_path), env, force=rerun))
         if not outcomes[-1].executed:
             # Nothing was re-evaluated: the parent run still carries the results it stands for.
-            from mlflow import MlflowClient
-
             metrics = json.loads((root_path / paths.METRICS).read_text())
-            client = MlflowClient()
-            for key, value in headline_metrics(metrics).items():
-                client.log_metric(parent_id, key, float(value))
-        exp_name = None
+            log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
         if save_experiment:
             exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name))
         succeeded = True
     finally:
         tag_dataset_hash(parent_id)
+        failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
+        describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
+                            skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
+                            failed_stage=failed, overrides=overrides)
         finish_run(parent_id, succeeded)
 
+    from mlflow import MlflowClient
+
     metrics = json.loads((root_path / paths.METRICS).read_text())
-    summary = {"mlflow_run_id": parent_id, "dvc_experiment": exp_name, "metrics": metrics,
+    parent = MlflowClient().get_run(parent_id)
+    url, local_ui = run_url(parent_id, parent.info.experiment_id)
+    summary = {"mlflow_run_id": parent_id, "mlflow_run_name": parent.info.run_name, "mlflow_run_url": url,
+               "mlflow_local_ui": local_ui, "dvc_experiment": exp_name, "metrics": metrics,
                "stages": [_stage_row(o) for o in outcomes]}
     create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
-    semi = (f", SSL + {'+'.join(params.self_train.steps)} **{metrics['self_train']['accuracy']:.4f}** (final model)"
-            if "self_train" in metrics else "")
-    create_markdown_artifact(key="pipeline-result", markdown=(
-        f"Test accuracy: supervised baseline **{metrics['baseline']['accuracy']:.4f}**, SSL fine-tune "
-        f"**{metrics['ssl']['accuracy']:.4f}**{semi} ({params.pretrain.method}, "
-        f"{params.data.labels_per_class or params.data.label_fraction} labels/class). "
-        f"MLflow run `{parent_id}`, DVC experiment `{exp_name}`."))
-    logger.info("baseline %.4f, SSL %.4f%s", metrics["baseline"]["accuracy"], metrics["ssl"]["accuracy"],
-                f", SSL + self-training {metrics['self_train']['accuracy']:.4f}" if "self_train" in metrics else "")
+    create_markdown_artifact(key="pipeline-result", markdown=_result_markdown(parent, url, local_ui, exp_name),
+                             description="Test accuracies, the MLflow run and the DVC experiment")
+    create_link_artifact(key="pipeline-mlflow-run", link=url, link_text=f"MLflow run {parent.info.run_name}",
+                         description="The MLflow parent run of this flow run" + (LOCAL_UI_NOTE if local_ui else ""))
+    logger.info("baseline %.4f, SSL %.4f%s; MLflow run %s", metrics["baseline"]["accuracy"],
+                metrics["ssl"]["accuracy"], f", SSL + self-training {metrics['self_train']['accuracy']:.4f}"
+                if "self_train" in metrics else "", url)
     return summary
+
+
+def _result_markdown(parent: Any, url: str, local_ui: bool, exp_name: str | None) -> str:
+    """The result artifact: the run's description (headline, changes, commit, what DVC did) under a link to it."""
+    link = f"**MLflow run [{parent.info.run_name}]({url})**" + (LOCAL_UI_NOTE if local_ui else "")
+    dvc = (f"DVC experiment `{exp_name}` (`dvc exp show`, `dvc exp apply {exp_name}`)." if exp_name
+           else "Not saved as a DVC experiment.")
+    return "\n\n".join([link, parent.data.tags.get(DESCRIPTION_TAG, ""), dvc])

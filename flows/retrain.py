@@ -7,11 +7,9 @@ A retrain run
 1. re-ingests when the source changed (its fingerprint differs from data/prepared/meta.json): a new DVC
    data version; an unchanged source changes nothing and DVC skips every stage;
 2. runs the pipeline flow (as a subflow);
-3. evaluates the new model version and the current champion on the same test split;
-4. moves `champion` to the new version only if its accuracy beats the champion's by ``margin``.
-The decision and both accuracies are tags on the model version and on the pipeline's MLflow run, and a
-Prefect table artifact with a link to that run. Promotion is the last step, so a failed run leaves the
-champion untouched.
+3. reports what the champion rule (README, *Champion rule*), applied by the pipeline's evaluate stage as in
+   every run, decided for the new version: a Prefect table artifact, with a link to the pipeline's MLflow run.
+The alias moves in the evaluate stage's last step, so a failed run leaves the champion untouched.
 """
 from __future__ import annotations
 
@@ -45,91 +43,55 @@ def source_changed(root: str) -> bool:
     return json.loads(prepared_meta.read_text()).get("source_version") != current
 
 
-@task(name="test-accuracy", retries=1, retry_delay_seconds=5)
-def test_accuracy(root: str, model_uri: str) -> float:
-    """Accuracy of ``model_uri`` on the current test split, computed here so both models share it."""
-    import tempfile
-
-    import pandas as pd
-
-    from ssl_lib.data.prepared import load_prepared
-    from tasks.predict import predict
-
-    prepared = Path(root) / paths.PREPARED
-    with tempfile.TemporaryDirectory() as tmp:
-        table = predict("split:test", model_uri, Path(tmp) / "p.csv", prepared_dir=prepared)
-    data = load_prepared(prepared)
-    _, labels = data.split("test")
-    names = data.class_names
-    predicted = pd.Series(table["predicted_class"]).map({n: i for i, n in enumerate(names)}).to_numpy()
-    return float((predicted == labels).mean())
-
-
-def _ui_link(run_id: str, experiment_id: str) -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 @flow(name="ssl-retrain", log_prints=True)
-def retrain(margin: float = 0.005, overrides: dict[str, Any] | None = None, root: str | None = None) -> dict:
-    """Retrain, compare with the champion on one test split, promote only a better model."""
+def retrain(margin: float | None = None, overrides: dict[str, Any] | None = None, root: str | None = None) -> dict:
+    """Re-ingest if the source changed, rerun the pipeline, and report what the champion rule decided.
+
+    The evaluate stage applies the rule, as in every run; ``margin`` sets ``evaluate.champion_margin`` for this
+    run (an override like any other, written into params.yaml); None keeps params.yaml's.
+    """
     from mlflow import MlflowClient
 
     from flows.pipeline import ssl_pipeline
-    from tasks.registry import CHAMPION, champion_version, promote, record_metrics
+    from ssl_lib.config import apply_overrides, parse_params, read_raw_params
+    from tasks.registry import ACCURACY_TAG, DECISION_TAG, champion_version
+    from tasks.tracking import run_url
 
     configure_environment()
     logger = get_run_logger()
     root_path = str(Path(root).resolve() if root else project_root())
-    from ssl_lib.config import apply_overrides, parse_params, read_raw_params
-
-    params = parse_params(apply_overrides(read_raw_params(Path(root_path) / "params.yaml"), overrides or {}))
+    overrides = {**(overrides or {}), **({"evaluate.champion_margin": margin} if margin is not None else {})}
+    params = parse_params(apply_overrides(read_raw_params(Path(root_path) / "params.yaml"), overrides))
     name = params.finetune.registered_model_name
-    champion = champion_version(name)  # taken before the pipeline, which crowns a first champion itself
+    before = champion_version(name)  # taken before the pipeline, whose evaluate stage may move the alias
+    champion = None if before is None else str(before.version)
     changed = source_changed(root_path)
     logger.info("source %s", "changed: re-ingesting" if changed else "unchanged")
     summary = ssl_pipeline(overrides=overrides, root=root_path, force=False, save_experiment=True,
                            reingest=changed)
 
     version = str(json.loads((Path(root_path) / paths.FINAL_INFO).read_text())["registered_model"]["version"])
-    new_accuracy = test_accuracy(root_path, f"models:/{name}/{version}")
-    retrained = any(s["executed"] for s in summary["stages"] if s["stage"] == "self_train")
-    if not retrained and champion is not None:
-        champion_accuracy, promoted = None, False
-        decision = f"unchanged: source and params unchanged, DVC reran nothing; champion stays v{champion.version}"
-    elif champion is None:
-        champion_accuracy, promoted, decision = None, True, "promoted: no champion yet"
-    elif str(champion.version) == version:
-        champion_accuracy, promoted = new_accuracy, False
+    client = MlflowClient()
+    tags = client.get_model_version(name, version).tags
+    run = client.get_run(summary["mlflow_run_id"])
+    evaluated = any(s["executed"] for s in summary["stages"] if s["stage"] == "evaluate")
+    if not evaluated:
+        decision = ("unchanged: source and params unchanged, DVC reran nothing; "
+                    + (f"champion stays v{champion}" if champion else "no champion"))
+    elif champion == version:
         decision = f"unchanged: nothing to retrain, v{version} is still the champion"
     else:
-        champion_accuracy = test_accuracy(root_path, f"models:/{name}@{CHAMPION}")
-        promoted = new_accuracy > champion_accuracy + margin
-        decision = (f"{'promoted' if promoted else 'kept champion'}: v{version} {new_accuracy:.4f} vs "
-                    f"champion v{champion.version} {champion_accuracy:.4f} (margin {margin})")
-    if promoted:
-        promote(name, version, decision)
-    client = MlflowClient()
-    if retrained or champion is None:  # an unchanged run must not overwrite the version's earlier verdict
-        record_metrics(name, version, {"retrain_test_accuracy": new_accuracy,
-                                       **({"retrain_champion_test_accuracy": champion_accuracy}
-                                          if champion_accuracy is not None else {})})
-        client.set_model_version_tag(name, version, "retrain_decision", decision)
-    run_id = summary["mlflow_run_id"]
-    client.set_tag(run_id, "retrain.decision", decision)
-    client.log_metric(run_id, "retrain_new_test_accuracy", new_accuracy)
-    if champion_accuracy is not None:
-        client.log_metric(run_id, "retrain_champion_test_accuracy", champion_accuracy)
-
-    row = {"model": name, "new_version": version, "new_accuracy": round(new_accuracy, 4),
-           "champion_version": None if champion is None else str(champion.version),
+        decision = tags[DECISION_TAG]  # this run's evaluate stage applied the rule to this version
+    champion_accuracy = run.data.metrics.get("champion_test_accuracy") if evaluated else None
+    row = {"model": name, "new_version": version,
+           "new_accuracy": round(float(tags[ACCURACY_TAG]), 4) if ACCURACY_TAG in tags else None,
+           "champion_version": champion,
            "champion_accuracy": None if champion_accuracy is None else round(champion_accuracy, 4),
-           "margin": margin, "promoted": promoted, "decision": decision}
-    create_table_artifact(key="retrain-decision", table=[row], description="Champion promotion decision")
-    experiment_id = client.get_run(run_id).info.experiment_id
-    create_link_artifact(key="retrain-mlflow-run", link=_ui_link(run_id, experiment_id),
-                         link_text="MLflow run of this retrain")
+           "margin": params.evaluate.champion_margin, "promoted": decision.startswith("promoted"),
+           "decision": decision}
+    create_table_artifact(key="retrain-decision", table=[row], description="What the champion rule decided")
+    url, _ = run_url(run.info.run_id, run.info.experiment_id)
+    create_link_artifact(key="retrain-mlflow-run", link=url, link_text=f"MLflow run {run.info.run_name}")
     logger.info(decision)
     return row
 
@@ -141,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the deployment on a cron schedule (needs PREFECT_API_URL)")
     serve.add_argument("--cron", default=DEFAULT_CRON)
-    serve.add_argument("--margin", type=float, default=0.005)
+    margin_help = "champion margin for this run (default: evaluate.champion_margin in params.yaml)"
+    serve.add_argument("--margin", type=float, default=None, help=margin_help)
     once = sub.add_parser("run", help="retrain once, now")
-    once.add_argument("--margin", type=float, default=0.005)
+    once.add_argument("--margin", type=float, default=None, help=margin_help)
     args = parser.parse_args(argv)
     configure_environment()
     if args.command == "serve":

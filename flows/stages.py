@@ -74,9 +74,8 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """
     configure_environment()
     env = dict(os.environ)
-    # Stage output reaches Prefect's log line by line: a progress bar refreshed 10 times a second would
-    # flood it, so refresh it every 10 s there (tqdm reads its defaults from TQDM_* variables).
-    env.setdefault("TQDM_MININTERVAL", "10")
+    # Stage output reaches Prefect's log line by line, through a pipe: ssl_lib.progress prints its bars there as
+    # a line every $SSLPIPE_PROGRESS_SECONDS, not as carriage-return frames.
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     env.update(extra or {})

@@ -22,6 +22,7 @@ from ssl_lib.augment import nhwc_to_tensor, random_resized_crop, shift_flip
 from ssl_lib.device import select_device
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
+from ssl_lib.progress import progress_bar
 
 MODES = ("full", "linear")
 
@@ -129,8 +130,14 @@ def _prototype_init(model: Classifier, x_train: torch.Tensor, y_train: torch.Ten
 
 
 def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch.Tensor,
-                        settings: FinetuneSettings, generator: torch.Generator) -> None:
-    """Train the head alone on the frozen encoder (eval-mode BatchNorm), cosine lr, same augmentation."""
+                        settings: FinetuneSettings, generator: torch.Generator,
+                        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Train the head alone on the frozen encoder (eval-mode BatchNorm), cosine lr, same augmentation.
+
+    ``on_epoch`` gets a row per epoch (epoch, train_loss, train_acc, val_loss and val_acc with ``val``, seconds);
+    measuring it draws no random numbers, so the trained weights are the same with or without it.
+    """
     model.encoder.eval()
     optimizer = torch.optim.AdamW(decay_groups(model.head.parameters(), settings.lp_lr, settings.weight_decay,
                                                exempt_norm_and_bias=False), lr=settings.lp_lr)
@@ -140,18 +147,32 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
     total = max(1, steps_per_epoch * settings.lp_epochs)
     # No warm-up: the head starts from its (prototype) init and the encoder is frozen.
     scheduler = warmup_cosine_schedule(optimizer, total, 0.0, min_warmup=0)
-    for _ in range(settings.lp_epochs):
+    for epoch in range(settings.lp_epochs):
+        start = time.perf_counter()
         order = torch.randperm(n, generator=generator).to(x_train.device)
+        loss_sum = torch.zeros((), device=x_train.device)
+        correct = torch.zeros((), device=x_train.device, dtype=torch.long)
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             x = _augment(x_train[idx].float().div_(255.0), generator, settings)
             with torch.no_grad():
                 feats = model.features(x)
-            loss = F.cross_entropy(model.head(feats), y_train[idx], label_smoothing=settings.label_smoothing)
+            logits = model.head(feats)
+            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y_train[idx]).sum()
+        if on_epoch is not None:
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
+                                      "train_acc": int(correct) / n}
+            if val is not None:
+                # Leaves the whole model in eval mode: the frozen encoder stays so, and a linear head has no mode.
+                record["val_loss"], record["val_acc"] = _evaluate(model, *val)
+            record["seconds"] = time.perf_counter() - start
+            on_epoch(record)
 
 
 def _evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
@@ -168,15 +189,17 @@ def _evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: i
 def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: np.ndarray,
                      val_images: np.ndarray | None, val_labels: np.ndarray | None, settings: FinetuneSettings,
                      on_epoch: Callable[[dict[str, Any]], None] | None = None,
-                     progress: bool = True) -> tuple[Classifier, list[dict[str, Any]]]:
+                     progress: bool = True,
+                     on_lp_epoch: Callable[[dict[str, Any]], None] | None = None
+                     ) -> tuple[Classifier, list[dict[str, Any]]]:
     """Train ``model`` on uint8 NHWC images; return it with the best-validation-epoch weights, and the history.
 
     Loss: cross entropy (with optional label smoothing) of the head's logits. Model selection:
     highest validation accuracy, ties broken by lower validation loss; without a validation set,
-    the last epoch. History rows: epoch, train_loss, train_acc, val_loss, val_acc, seconds.
+    the last epoch. History rows: epoch, train_loss, train_acc, val_loss, val_acc, seconds, and ``best``
+    (True) on each epoch that became the kept one. The LP-FT head-only epochs are not in the history:
+    ``on_lp_epoch`` gets a row of the same columns (no ``best``) for each of them.
     """
-    from tqdm.auto import tqdm
-
     if settings.mode not in MODES:
         raise ValueError(f"unknown finetune mode {settings.mode!r}; use one of {', '.join(MODES)}")
     if settings.epochs < 1 or settings.batch_size < 2:
@@ -200,7 +223,8 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
         _prototype_init(model, x_train, y_train)
     if settings.lp_epochs > 0:
         model.encoder.requires_grad_(False)
-        _linear_probe_phase(model, x_train, y_train, settings, generator)
+        _linear_probe_phase(model, x_train, y_train, settings, generator, (x_val, y_val) if has_val else None,
+                            on_lp_epoch)
 
     linear = settings.mode == "linear"
     model.encoder.requires_grad_(not linear)
@@ -218,7 +242,7 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     history: list[dict[str, Any]] = []
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    bar = tqdm(range(settings.epochs), disable=not progress, desc=f"train {settings.mode}", unit="epoch")
+    bar = progress_bar(range(settings.epochs), enabled=progress, desc=f"train {settings.mode}", unit="epoch")
     try:
         for epoch in bar:
             start = time.perf_counter()

@@ -195,6 +195,9 @@ class SelfTrainParams(_Section):
 
 class EvaluateParams(_Section):
     knn_k: int = Field(default=20, ge=1)
+    # The champion rule (README): a new model version takes the `champion` alias when its test accuracy beats the
+    # champion's, on the same test split, by more than this.
+    champion_margin: float = Field(default=0.005, ge=0, lt=1)
 
 
 class PipelineParams(_Section):

@@ -80,6 +80,51 @@ def per_class_table(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequenc
                          "support": support.astype(int)})
 
 
+def wide_per_class_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per class: its support, then each model's precision, recall and f1 (``<model>_f1``...), models in
+    the order given. ``tables`` maps a model's name to its ``per_class_table`` (same classes, same order)."""
+    first = next(iter(tables.values()))
+    wide = first[["class", "support"]].copy()
+    for name, table in tables.items():
+        if list(table["class"]) != list(first["class"]):
+            raise ValueError(f"per-class table of {name!r} lists other classes than the first one")
+        for column in ("precision", "recall", "f1"):
+            wide[f"{name}_{column}"] = table[column].to_numpy()
+    return wide
+
+
+def save_per_class_png(tables: dict[str, pd.DataFrame], path: str | Path, labels: dict[str, str] | None = None,
+                       accuracies: dict[str, float] | None = None) -> None:
+    """Write one bar chart, atomically: each class's recall (its share of test images classified right) for every
+    model side by side. ``labels`` name the models in the legend, ``accuracies`` add each one's overall accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # here, not at import: importing this module must not change global state
+    import matplotlib.pyplot as plt
+
+    names = list(tables)
+    classes = list(next(iter(tables.values()))["class"])
+    k, m = len(classes), len(names)
+    width = 0.8 / max(1, m)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * k * m + 2), 4.5))
+    for i, name in enumerate(names):
+        label = (labels or {}).get(name, name)
+        if accuracies and name in accuracies:
+            label = f"{label} ({accuracies[name]:.3f})"
+        ax.bar(np.arange(k) + (i - (m - 1) / 2) * width, tables[name]["recall"].to_numpy(), width, label=label)
+    ax.set_xticks(range(k), labels=classes, rotation=45 if k > 6 else 0, ha="right" if k > 6 else "center",
+                  fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("recall (share of the class classified right)")
+    ax.set_title("per-class test recall" + (" (overall accuracy in the legend)" if accuracies else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
 def save_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
                        path: str | Path, model_name: str | None = None) -> None:
     """Write the confusion matrix (rows: true class, columns: predicted) as a PNG, atomically; the title names

@@ -31,6 +31,7 @@ from ssl_lib.engine import Engine, build_model, data_parallel, make_engine, trai
 from ssl_lib.errors import DataError
 from ssl_lib.methods import get_method
 from ssl_lib.pretrain_plan import PretrainSettings, subset_indices
+from ssl_lib.progress import progress_bar
 
 log = logging.getLogger("ssl_lib.pretrain")
 
@@ -130,8 +131,6 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     already there from the same run is resumed. ``on_step(steps_done)`` runs after each optimizer step.
     Returns the bare encoder's weights.
     """
-    from tqdm.auto import tqdm
-
     get_method(settings.method).resolve_options(settings.options)  # fail on a bad option before any work
     if settings.epochs < 1 or settings.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
@@ -180,8 +179,8 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
         data_parallel(engine)
 
     per_sample = {k: torch.as_tensor(np.asarray(v)) for k, v in pseudo.items() if k != "epoch_seed"}
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and ranks.is_main),
-               desc=f"pretrain {settings.method}", unit="step")
+    bar = progress_bar(total=total_steps, initial=start_step, enabled=progress and ranks.is_main,
+                       desc=f"pretrain {settings.method}", unit="step")
     model.train()
     try:
         for epoch in range(start_step // steps_per_epoch, settings.epochs):

@@ -35,6 +35,7 @@ from ssl_lib.classifier import Classifier
 from ssl_lib.device import select_device
 from ssl_lib.errors import ConfigError
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
+from ssl_lib.progress import progress_bar
 
 log = logging.getLogger("ssl_lib.self_train")
 
@@ -195,8 +196,6 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                        progress: bool) -> Classifier:
     """Train ``model`` (in place) for ``settings.epochs`` passes over the pool; return its EMA copy."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    from tqdm.auto import tqdm
-
     device = pool.device
     n = len(pool)
     batch = min(settings.batch_size, n)
@@ -211,7 +210,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
     targets, weights = (t.to(device) for t in static) if static is not None else (None, None)
 
     step, epoch = 0, 0
-    bar = tqdm(total=total, disable=not progress, desc=f"self_train {method} r{tag['round']}", unit="step")
+    bar = progress_bar(total=total, enabled=progress, desc=f"self_train {method} r{tag['round']}", unit="step")
     try:
         while step < total:
             start = time.perf_counter()

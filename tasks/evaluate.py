@@ -17,6 +17,8 @@ from tasks.common import run_stage_cli
 log = logging.getLogger("sslpipe.evaluate")
 CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
                   "self_train": paths.CONFUSION_FINAL}
+# Logged on the evaluate run and on its parent: the parent run shows the results of the run it stands for.
+RESULT_FILES = (paths.METRICS, paths.PER_CLASS, paths.PER_CLASS_PNG, paths.CONFUSION_FINAL)
 
 
 def _load_classifiers(spec: dict, self_trained: bool) -> dict:
@@ -47,11 +49,18 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.classifier import build_classifier
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
-    from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
+    from ssl_lib.evaluation import (
+        extract_features,
+        knn_accuracy,
+        per_class_table,
+        predict_proba,
+        save_confusion_png,
+        save_per_class_png,
+        wide_per_class_table,
+    )
     from ssl_lib.io import atomic_path, write_json
     from tasks.finetune import load_encoder_info
-    from tasks.registry import crown_if_no_champion, record_metrics
-    from tasks.tracking import stage_run
+    from tasks.tracking import log_results, stage_run
 
     with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
         data = load_prepared(paths.PREPARED)
@@ -63,24 +72,28 @@ def run(params: PipelineParams) -> dict:
         class_names = final_info["class_names"]
         spec = {k: final_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
         models = _load_classifiers(spec, self_trained=final_info["method"] != ["none"])
+        final = "self_train" if "self_train" in models else "ssl"
         k = min(params.evaluate.knn_k, len(known_y))
 
         def knn(model) -> float:
             return knn_accuracy(extract_features(model, known_x), known_y, extract_features(model, test_x), test_y, k=k)
 
         metrics: dict = {}
+        correct: dict[str, int] = {}
         predictions = pd.DataFrame({"actual": [class_names[i] for i in test_y]})
-        tables = []
+        tables = {}
+        labels = _model_labels(params, final_info["method"])
         for kind, model in models.items():
             predicted = predict_proba(model, test_x).argmax(axis=1)
-            table = per_class_table(test_y, predicted, class_names)
-            tables.append(table.assign(model=kind))
-            metrics[kind] = {"accuracy": float((predicted == test_y).mean()), "knn_accuracy": knn(model),
-                             "macro_f1": float(table["f1"].iloc[:len(class_names)].mean())}
+            tables[kind] = per_class_table(test_y, predicted, class_names)
+            correct[kind] = int((predicted == test_y).sum())
+            metrics[kind] = {"accuracy": correct[kind] / len(test_y), "knn_accuracy": knn(model),
+                             "macro_f1": float(tables[kind]["f1"].mean())}
             predictions[kind] = [class_names[i] for i in predicted]
-            title = {"baseline": "supervised-only baseline", "ssl": f"SSL fine-tune ({params.pretrain.method})",
-                     "self_train": f"SSL + {'+'.join(final_info['method'])} (final model)"}[kind]
-            save_confusion_png(test_y, predicted, class_names, CONFUSION_PNGS[kind], model_name=title)
+            save_confusion_png(test_y, predicted, class_names, CONFUSION_PNGS[kind],
+                               model_name=labels[kind] + (" (final model)" if kind == final else ""))
+        if final == "ssl":
+            shutil.copyfile(paths.CONFUSION_SSL, paths.CONFUSION_FINAL)
 
         # Frozen features before any label was seen: what pretraining alone bought over random weights.
         _, encoder_state = load_encoder_info()
@@ -88,30 +101,28 @@ def run(params: PipelineParams) -> dict:
         metrics["pretrained_encoder_knn_accuracy"] = knn(build_classifier(**spec, encoder_state=encoder_state).eval())
         torch.manual_seed(params.seed)
         metrics["random_encoder_knn_accuracy"] = knn(build_classifier(**spec).eval())
-        metrics["ssl_gain"] = metrics["ssl"]["accuracy"] - metrics["baseline"]["accuracy"]
+        # From the counts of right answers: one division, so 0.0246 reads 0.0246, not 0.024599999999999955.
+        metrics["ssl_gain"] = (correct["ssl"] - correct["baseline"]) / len(test_y)
         if "self_train" in metrics:
-            metrics["self_train_gain"] = metrics["self_train"]["accuracy"] - metrics["baseline"]["accuracy"]
+            metrics["self_train_gain"] = (correct["self_train"] - correct["baseline"]) / len(test_y)
         metrics["num_test"] = int(len(test_y))
 
         write_json(paths.METRICS, metrics)
+        ordered = {kind: tables[kind] for kind in ("baseline", "ssl", "self_train") if kind in tables}
         with atomic_path(paths.PER_CLASS) as tmp:
-            pd.concat(tables, ignore_index=True).to_csv(tmp, index=False)
+            wide_per_class_table(ordered).to_csv(tmp, index=False)
+        save_per_class_png(ordered, paths.PER_CLASS_PNG, labels={kind: labels[kind] for kind in ordered},
+                           accuracies={kind: metrics[kind]["accuracy"] for kind in ordered})
         with atomic_path(paths.PREDICTIONS) as tmp:
             predictions.to_csv(tmp, index=False)
 
         flat = headline_metrics(metrics)
         mlflow.log_metrics(flat)
-        client = MlflowClient()
-        parent_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-        if parent_id:
-            for key, value in flat.items():
-                client.log_metric(parent_id, key, value)
-        final = "self_train" if "self_train" in metrics else "ssl"
-        if final == "ssl":
-            shutil.copyfile(paths.CONFUSION_SSL, paths.CONFUSION_FINAL)
-        for artifact in (paths.CONFUSION_BASELINE, paths.CONFUSION_SSL, paths.CONFUSION_FINAL, paths.PER_CLASS,
-                         paths.METRICS):
+        for artifact in (*RESULT_FILES, paths.CONFUSION_BASELINE, paths.CONFUSION_SSL):
             mlflow.log_artifact(str(artifact))
+        parent_id = MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if parent_id:
+            log_results(parent_id, flat, list(RESULT_FILES))
 
         registered = final_info.get("registered_model") or {}
         if registered.get("version") and not _in_registry(registered):
@@ -121,14 +132,51 @@ def run(params: PipelineParams) -> dict:
                         "to register the final model here", registered["name"], registered["version"],
                         mlflow.get_tracking_uri())
         elif registered.get("version"):
-            record_metrics(registered["name"], registered["version"],
-                           {"test_accuracy": metrics[final]["accuracy"],
-                            "baseline_test_accuracy": flat["test_accuracy_baseline"]})
-            crown_if_no_champion(registered["name"], registered["version"])
+            _record_on_registry(params, registered["name"], str(registered["version"]), metrics, final,
+                                labels[final], parent_id)
         log.info("test accuracy: supervised baseline %.4f, SSL fine-tune %.4f%s", flat["test_accuracy_baseline"],
                  flat["test_accuracy_ssl"], f", SSL + {'+'.join(final_info['method'])} "
                  f"{metrics['self_train']['accuracy']:.4f}" if final == "self_train" else "")
     return metrics
+
+
+def _model_labels(params: PipelineParams, self_train_method: list[str]) -> dict[str, str]:
+    """How the figures and the registry name each evaluated model."""
+    return {"baseline": "supervised-only baseline", "ssl": f"SSL fine-tune ({params.pretrain.method})",
+            "self_train": f"SSL + {'+'.join(self_train_method)}"}
+
+
+def _record_on_registry(params: PipelineParams, name: str, version: str, metrics: dict, final: str, label: str,
+                        parent_id: str | None) -> None:
+    """The final model's scores on its logged model (the model pages compare them) and on its registered
+    version, then the champion rule; the decision also goes on the parent run."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tasks.registry import apply_champion_rule, describe_version, logged_model_id, record_metrics
+    from tasks.run_summary import label_budget
+    from tasks.tracking import MODEL_TAG
+
+    client = MlflowClient()
+    scores = metrics[final]
+    model_id = logged_model_id(name, version)
+    if model_id:
+        mlflow.log_metrics({"test_accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"],
+                            "knn_accuracy": scores["knn_accuracy"],
+                            "baseline_test_accuracy": metrics["baseline"]["accuracy"]}, model_id=model_id)
+    record_metrics(name, version, {"baseline_test_accuracy": metrics["baseline"]["accuracy"]})
+    # The alias moves only once the scores are recorded: a failure before leaves the champion as it was.
+    decision = apply_champion_rule(name, version, scores["accuracy"], params.evaluate.champion_margin)
+    gain = scores["accuracy"] - metrics["baseline"]["accuracy"]
+    describe_version(name, version, (
+        f"{label}: {params.pretrain.method} pretraining of {params.pretrain.backbone}, {params.finetune.mode} "
+        f"fine-tune on {label_budget(params)} of {params.data.source}. Test accuracy {scores['accuracy']:.4f} "
+        f"(macro F1 {scores['macro_f1']:.4f}, kNN {scores['knn_accuracy']:.4f}), {100 * gain:+.1f} points over the "
+        f"supervised-only baseline ({metrics['baseline']['accuracy']:.4f}). Champion: {decision.text}."))
+    if parent_id:
+        client.set_tag(parent_id, MODEL_TAG, f"`{name}` v{version}, {decision.text}")
+        if decision.champion_accuracy is not None:
+            client.log_metric(parent_id, "champion_test_accuracy", decision.champion_accuracy)
 
 
 def _in_registry(registered: dict) -> bool:

@@ -52,15 +52,17 @@ def run(params: PipelineParams) -> dict:
         for kind, state in (("ssl", encoder_state), ("baseline", None)):
             settings = finetune_settings(params, baseline=kind == "baseline")
             model = build_classifier(**spec, encoder_state=state, seed=params.seed)
-
-            def on_epoch(row: dict, prefix: str = kind) -> None:
-                mlflow.log_metrics({f"{prefix}_{k}": float(v) for k, v in row.items() if k != "epoch"},
-                                   step=int(row["epoch"]))
-
-            model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings, on_epoch=on_epoch)
+            model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings,
+                                              on_epoch=_epoch_logger(f"{kind}_"),
+                                              on_lp_epoch=_epoch_logger(f"{kind}_lp_"))
             models[kind] = model.cpu().eval()
             with atomic_path(paths.FINETUNE_HISTORY[kind]) as tmp:
                 pd.DataFrame(history).to_csv(tmp, index=False)
+            mlflow.log_artifact(str(paths.FINETUNE_HISTORY[kind]))
+            kept = [row for row in history if row.get("best")]
+            if kept:  # the epoch whose weights were kept: a fact about the run, not a curve
+                mlflow.set_tag(f"{kind}.best_epoch", str(kept[-1]["epoch"]))
+                mlflow.log_metric(f"{kind}_best_val_acc", float(kept[-1]["val_acc"]))
             log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings.mode)
 
         for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
@@ -72,6 +74,20 @@ def run(params: PipelineParams) -> dict:
     return info
 
 
+def _epoch_logger(prefix: str):
+    """An epoch callback that logs a history row's numbers as ``<prefix><column>`` at step = its epoch.
+
+    ``best`` (a flag on the epochs that became the kept one) is no curve: it is logged once, as a tag.
+    """
+    import mlflow
+
+    def log_epoch(row: dict) -> None:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k not in ("epoch", "best")},
+                           step=int(row["epoch"]))
+
+    return log_epoch
+
+
 def model_input(images) -> object:
     """Registry models take float32 (N, C, H, W) in [0, 1]; normalisation lives inside the model."""
     import numpy as np
@@ -79,7 +95,9 @@ def model_input(images) -> object:
     return (np.asarray(images, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
 
 
-def log_classifier(model, example_images, registered_name: str, class_names: list[str]) -> dict:
+def log_classifier(model, example_images, registered_name: str, class_names: list[str],
+                   model_params: dict[str, str] | None = None) -> dict:
+    """Log and register ``model``; ``model_params`` (what it was trained from) go on the logged model."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -94,13 +112,14 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
                                           pip_requirements=MODEL_REQUIREMENTS,
                                           # a torch.export program: loads without this package installed
                                           serialization_format="pt2",
-                                          registered_model_name=registered_name,
+                                          registered_model_name=registered_name, params=model_params,
                                           metadata={"class_names": list(class_names),
                                                     "input": "float32 (N, C, H, W) in [0, 1]"})
     version = getattr(model_info, "registered_model_version", None)
     log.info("registered %s version %s", registered_name, version)
     return {"name": registered_name, "version": str(version) if version is not None else None,
-            "model_uri": model_info.model_uri, "run_id": mlflow.active_run().info.run_id}
+            "model_uri": model_info.model_uri, "model_id": model_info.model_id,
+            "run_id": mlflow.active_run().info.run_id}
 
 
 

@@ -28,6 +28,7 @@ SELF_TRAIN_HISTORY = SELF_TRAIN / "history.csv"
 RESULTS = Path("results")
 METRICS = RESULTS / "metrics.json"
 PER_CLASS = RESULTS / "per_class.csv"
+PER_CLASS_PNG = RESULTS / "per_class.png"
 PREDICTIONS = RESULTS / "predictions.csv"
 CONFUSION_SSL = RESULTS / "confusion_ssl.png"
 CONFUSION_BASELINE = RESULTS / "confusion_baseline.png"

@@ -98,6 +98,34 @@ def _probabilities(model, images: np.ndarray, batch_size: int, num_classes: int)
     return np.concatenate(outputs)
 
 
+def _check_fits(loaded: LoadedModel, images: np.ndarray, source: str) -> None:
+    if images.shape[1:] != (loaded.height, loaded.width, loaded.channels):
+        # Image files are resized to the model's input, so only a prepared split of other data gets here.
+        from ssl_lib.errors import DataError
+
+        raise DataError(f"{source}: images are {images.shape[1:]} but the model takes "
+                        f"{(loaded.height, loaded.width, loaded.channels)}; predict with a model trained on "
+                        "this data, or pass a folder of images instead of a split")
+
+
+def split_accuracy(model_uri: str, prepared_dir: str | Path = paths.PREPARED, split: str = "test",
+                   batch_size: int = 512) -> float:
+    """Accuracy of a registered model on a split of the prepared data (DataError when it was trained for other
+    images or other classes)."""
+    from ssl_lib.data.prepared import load_prepared
+    from ssl_lib.errors import DataError
+
+    loaded = load_model(model_uri)
+    data = load_prepared(Path(prepared_dir))
+    images, labels = data.split(split)
+    _check_fits(loaded, np.asarray(images), f"{SPLIT_PREFIX}{split}")
+    if list(loaded.class_names) != list(data.class_names):
+        raise DataError(f"model {model_uri!r} predicts the classes {loaded.class_names}, the data has "
+                        f"{data.class_names}")
+    probs = _probabilities(loaded.model, np.asarray(images), batch_size, len(loaded.class_names))
+    return float((probs.argmax(1) == np.asarray(labels)).mean()) if len(labels) else float("nan")
+
+
 def predict(source: str, model_uri: str, output: str | Path, prepared_dir: str | Path = paths.PREPARED,
             batch_size: int = 512) -> pd.DataFrame:
     """Write ``output`` (CSV): id, predicted class, one probability column per class, status and error.
@@ -108,13 +136,7 @@ def predict(source: str, model_uri: str, output: str | Path, prepared_dir: str |
 
     loaded = load_model(model_uri)
     ids, images, failed = _source_images(source, loaded, Path(prepared_dir))
-    if images.shape[1:] != (loaded.height, loaded.width, loaded.channels):
-        # Image files are resized to the model's input, so only a prepared split of other data gets here.
-        from ssl_lib.errors import DataError
-
-        raise DataError(f"{source}: images are {images.shape[1:]} but the model takes "
-                        f"{(loaded.height, loaded.width, loaded.channels)}; predict with a model trained on "
-                        "this data, or pass a folder of images instead of a split")
+    _check_fits(loaded, images, source)
     probs = _probabilities(loaded.model, images, batch_size, len(loaded.class_names))
     table = pd.DataFrame({"id": ids, "predicted_class": [loaded.class_names[i] for i in probs.argmax(1)],
                           "confidence": probs.max(1) if len(probs) else [], "status": "ok", "error": ""})

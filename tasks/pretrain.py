@@ -48,6 +48,8 @@ def run(params: PipelineParams) -> dict | None:
 
         result, meta = _train(params, on_epoch)
         info = _write_outputs(result, meta, settings)
+        for artifact in (paths.PRETRAIN_HISTORY, paths.ENCODER_INFO):
+            mlflow.log_artifact(str(artifact))
         last = result.history[-1]
         mlflow.log_metrics({"final_loss": float(last["loss"]),
                             "total_seconds": float(sum(r.get("seconds", 0.0) for r in result.history))})

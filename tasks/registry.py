@@ -1,24 +1,81 @@
-"""Model-registry bookkeeping: test metrics on each model version, and the `champion` alias.
+"""Model-registry bookkeeping: what each version is, what it scored, and the one rule that moves `champion`.
 
-A pipeline run only crowns a first champion (so `models:/NAME@champion` always resolves); moving the
-alias to a newer version is the retraining flow's decision, made against a margin on one test split.
+The champion rule (README, *Champion rule*): after a run registers a version, the evaluate stage measures the
+current champion on that run's test split; the new version takes the alias when there is no champion yet, or
+when its test accuracy beats the champion's by more than ``evaluate.champion_margin``. Every run applies it:
+`sslpipe run`, `dvc repro`, `dvc exp run`, a sweep point and the retrain flow alike.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.registry")
 
 CHAMPION = "champion"
+# Version tags the rule writes: the decision, and both accuracies on the test split it was taken on.
+DECISION_TAG = "champion_decision"
 ACCURACY_TAG = "test_accuracy"
+CHAMPION_ACCURACY_TAG = "champion_test_accuracy"
 
 
-def record_metrics(name: str, version: str, metrics: dict[str, float]) -> None:
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    text: str  # starts with "promoted", "kept champion" or "unchanged"
+    champion: str | None = None  # the champion version it was compared with
+    champion_accuracy: float | None = None
+
+
+def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]:
+    """What a registered version was trained from: method, label budget, data (and its DVC version).
+
+    ``root`` is the workspace whose dvc.lock holds the data version (a stage runs in its own, temp or not).
+    """
+    from tasks.run_summary import label_budget
+    from tasks.tracking import dataset_hash
+
+    info = {"method": params.pretrain.method, "backbone": params.pretrain.backbone,
+            "finetune_mode": params.finetune.mode, "self_train": "+".join(params.self_train.steps) or "none",
+            "label_budget": label_budget(params), "data_source": params.data.source}
+    data_version = dataset_hash(root)
+    if data_version:
+        info["data_version"] = data_version
+    return info
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    for key, value in metrics.items():
-        client.set_model_version_tag(name, version, key, f"{value:.6f}")
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def record_metrics(name: str, version: str, metrics: dict[str, float]) -> None:
+    tag_version(name, version, {key: f"{value:.6f}" for key, value in metrics.items()})
+
+
+def describe_version(name: str, version: str, text: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().update_model_version(name, version, description=text)
+
+
+def logged_model_id(name: str, version: str) -> str | None:
+    """The id of the logged model behind a registered version (MLflow 3), which its metrics are logged on."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient().get_model_version(name, version)
+    if found.model_id:
+        return found.model_id
+    # A SQL registry does not keep the id, but the version's source is the logged model's URI: models:/<id>.
+    source = found.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def champion_version(name: str):
@@ -32,22 +89,55 @@ def champion_version(name: str):
         return None
 
 
-def crown_if_no_champion(name: str, version: str) -> bool:
-    """Point `champion` at ``version`` when the model has no champion yet; report whether it did."""
+def decide(version: str, accuracy: float, champion: str | None, champion_accuracy: float | None, margin: float,
+           why_not_measured: str | None = None) -> Decision:
+    """The champion rule, as a pure function of the two versions and their accuracies on one test split."""
+    if champion is None:
+        return Decision(True, f"promoted: first champion (v{version}, test accuracy {accuracy:.4f})")
+    if champion == version:
+        return Decision(False, f"unchanged: v{version} is the champion (test accuracy {accuracy:.4f})", champion)
+    if champion_accuracy is None:
+        return Decision(False, f"kept champion: v{champion} cannot be measured on this run's test split "
+                               f"({why_not_measured}); v{version} scored {accuracy:.4f}", champion)
+    promoted = accuracy > champion_accuracy + margin
+    verb = "promoted" if promoted else "kept champion"
+    relation = "beats" if promoted else "does not beat"
+    return Decision(promoted, f"{verb}: v{version} {accuracy:.4f} {relation} champion v{champion} "
+                              f"{champion_accuracy:.4f} by more than the margin {margin:g}", champion,
+                    champion_accuracy)
+
+
+def apply_champion_rule(name: str, version: str, accuracy: float, margin: float,
+                        measure: Callable[[str], float] | None = None) -> Decision:
+    """Decide for ``version`` (test accuracy ``accuracy``), move the alias if it wins, and tag the version.
+
+    ``measure(model_uri)`` is the test accuracy of a registered model on the same test split (by default the
+    prepared data's test split, in the working directory); a ``UserError`` from it (the champion takes other
+    images or predicts other classes, or its files are gone) means it cannot be compared here, and it stays.
+    """
     from mlflow import MlflowClient
 
-    if champion_version(name) is not None:
-        return False
-    client = MlflowClient()
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promotion_decision", "promoted: first champion")
-    log.info("%s v%s is the first champion", name, version)
-    return True
+    from ssl_lib.errors import UserError
+    from tasks.predict import split_accuracy
 
+    measure = measure or split_accuracy
 
-def promote(name: str, version: str, reason: str) -> None:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    client.set_model_version_tag(name, version, "promotion_decision", f"promoted: {reason}")
-    client.set_registered_model_alias(name, CHAMPION, version)
+    current = champion_version(name)
+    champion = None if current is None else str(current.version)
+    champion_accuracy, why = None, None
+    if champion is not None and champion != version:
+        try:
+            champion_accuracy = measure(f"models:/{name}/{champion}")
+        except UserError as err:
+            why = str(err).split("\n")[0]
+    decision = decide(version, accuracy, champion, champion_accuracy, margin, why)
+    if decision.promoted:
+        MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+    tags = {ACCURACY_TAG: f"{accuracy:.6f}"}
+    if champion != version:  # re-evaluating the champion itself keeps the decision that made it one
+        tags[DECISION_TAG] = decision.text
+        if champion_accuracy is not None:
+            tags[CHAMPION_ACCURACY_TAG] = f"{champion_accuracy:.6f}"
+    tag_version(name, version, tags)
+    log.info("%s v%s: %s", name, version, decision.text)
+    return decision

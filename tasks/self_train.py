@@ -32,6 +32,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.self_train import self_train
     from tasks.finetune import log_classifier
+    from tasks.registry import provenance, tag_version
     from tasks.settings import self_train_settings
     from tasks.tracking import stage_run
 
@@ -86,10 +87,14 @@ def run(params: PipelineParams) -> dict:
         with atomic_path(paths.SELF_TRAIN_HISTORY) as tmp:
             pd.DataFrame(history, columns=None if history else ["round", "method", "epoch", "val_acc"]).to_csv(
                 tmp, index=False)
+        mlflow.log_artifact(str(paths.SELF_TRAIN_HISTORY))
         save_torch(model.state_dict(), paths.FINAL_CLASSIFIER)
         train_x, _ = data.split("labeled")
+        trained_from = provenance(params)
         registered = log_classifier(model, train_x[:4], params.finetune.registered_model_name,
-                                    class_names=data.class_names)
+                                    class_names=data.class_names, model_params=trained_from)
+        if registered["version"]:
+            tag_version(registered["name"], registered["version"], trained_from)
         ran = list(settings.steps) if settings.steps and settings.rounds > 0 else ["none"]
         write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": ran,
                                       "rounds": settings.rounds, "registered_model": registered})

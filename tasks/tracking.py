@@ -4,7 +4,8 @@ A pipeline execution is either a Prefect flow run (the flow opens the parent run
 to the stages through ``$SSLPIPE_PARENT_RUN_ID``) or one ``dvc repro`` / ``dvc exp run`` process
 (the first stage it runs opens the parent, tagged with that DVC process's identity, and later
 stages of the same process find it). Run ids cross process boundaries explicitly because MLflow's
-active run is per thread.
+active run is per thread. A parent run is named and described by tasks.run_summary: what differs from the
+committed params, and its result.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from typing import Any
 import yaml
 
 from ssl_lib.config import PipelineParams
+from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
+from tasks.run_summary import committed_params, describe, flatten, param_changes, run_title
 
 PARENT_RUN_ENV = "SSLPIPE_PARENT_RUN_ID"
 PREFECT_RUN_ENV = "SSLPIPE_PREFECT_FLOW_RUN_ID"
@@ -29,6 +32,12 @@ INVOCATION_TAG = "sslpipe.invocation"
 OWNER_TAG = "sslpipe.parent_owner"
 PREPARED_DATA = "data/prepared"
 DATASET_FILES = ("images.npy", "manifest.csv")
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses, and may guess GenAI.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # what the run page shows as the run's description
+MODEL_TAG = "sslpipe.model"  # on a parent run: the registered version and its champion decision, in words
+LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` (mlflow ui) serves a local store
 
 
 def experiment_name() -> str:
@@ -36,7 +45,13 @@ def experiment_name() -> str:
 
 
 def experiment_id(name: str | None = None) -> str:
+    """The id of experiment ``name`` (default: $MLFLOW_EXPERIMENT_NAME or ssl-pipeline), created if missing.
+
+    It is made to open in MLflow's model-training view: tagged so on creation, and an experiment of ours without
+    the tag (made by an earlier version) gets it. A kind someone chose in the UI is left alone.
+    """
     import mlflow
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     configure_environment()
@@ -48,21 +63,22 @@ def experiment_id(name: str | None = None) -> str:
         # inside DVC's temp workspaces and vanish with them.
         artifacts = (project_root() / "mlartifacts").as_uri()
         try:
-            return mlflow.create_experiment(name, artifact_location=artifacts)
+            return mlflow.create_experiment(name, artifact_location=artifacts,
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException:
             experiment = mlflow.get_experiment_by_name(name)  # created meanwhile by a concurrent stage
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
 
 
-def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+def run_url(run_id: str, experiment: str) -> tuple[str, bool]:
+    """The MLflow UI's page of a run, and whether it is the local UI's (a sqlite or file store, shown by
+    `make ui`) rather than the tracking server's own."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    local = not uri.startswith(("http://", "https://"))
+    base = LOCAL_UI if local else uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}", local
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -134,7 +150,9 @@ def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_nam
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
-    name = run_name or f"pipeline {params.pretrain.method} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    # A `dvc exp run` names its experiment; a plain `dvc repro` gets the time, to tell its runs apart.
+    suffix = os.environ.get("DVC_EXP_NAME") or time.strftime("%Y-%m-%d %H:%M:%S")
+    name = run_name or run_title(params, param_changes(params, committed_params(project_root())), suffix)
     tags = {**common_tags(params), **(extra_tags or {}), INVOCATION_TAG: invocation, OWNER_TAG: owner,
             "mlflow.runName": name}
     run = client.create_run(exp_id, run_name=name, tags=tags)
@@ -153,6 +171,47 @@ def finish_run(run_id: str, succeeded: bool) -> None:
     from mlflow import MlflowClient
 
     MlflowClient().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
+def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | None = None,
+                        skipped: list[str] | None = None, dvc_experiment: str | None = None,
+                        failed_stage: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """Write the parent run's description from what it holds (metrics, commit, model) and what DVC did.
+
+    ``ran``/``skipped`` are the stages DVC ran and found up to date; without them (a `dvc repro` parent) the
+    stages with a nested run ran, and the rest were up to date. ``overrides`` name the changes when the
+    committed params.yaml cannot be read. Returns the text.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if ran is None:
+        children = client.search_runs([run.info.experiment_id],
+                                      filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+        executed = {child.data.tags.get("sslpipe.stage") for child in children}
+        ran = [stage for stage in STAGES if stage in executed]
+        skipped = [stage for stage in STAGES if stage not in executed]
+    changes = param_changes(params, committed_params(project_root()), overrides)
+    text = describe(params, run.data.metrics, changes, run.data.tags.get("mlflow.source.git.commit"), ran,
+                    skipped or [], dvc_experiment=dvc_experiment, model=run.data.tags.get(MODEL_TAG),
+                    failed_stage=failed_stage)
+    client.set_tag(run_id, DESCRIPTION_TAG, text)
+    return text
+
+
+def log_results(run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
+    """Log the headline metrics and result files (those that exist) on ``run_id``: the parent run shows the
+    results of the run it stands for, whichever stage computed them."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
+    for path in files:
+        if Path(path).is_file():
+            client.log_artifact(run_id, str(path))
 
 
 def tag_dataset_hash(run_id: str) -> None:
@@ -193,6 +252,7 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
         succeeded = True
     finally:
         if owns_parent:
-            # Each stage closes the parent: the last stage of the invocation leaves it final.
+            # Each stage closes (and describes) the parent: the last stage of the invocation leaves it final.
             tag_dataset_hash(parent_id)
+            describe_parent_run(parent_id, params, failed_stage=None if succeeded else stage)
             finish_run(parent_id, succeeded)

@@ -15,6 +15,8 @@ from tests.conftest import make_project, run_cmd, use_project
 pytestmark = pytest.mark.slow
 
 STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "evaluate")
+# The conftest params have lp_epochs 2: the run's name must say that it differs.
+FLOW_OVERRIDES = {"pretrain.method": "rotation", "finetune.lp_epochs": 3}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def flow_run(tmp_path_factory, prefect_server):
     use_project(project)
     from flows.pipeline import ssl_pipeline
 
-    summary = ssl_pipeline(overrides={"pretrain.method": "rotation"}, root=str(project))
+    summary = ssl_pipeline(overrides=FLOW_OVERRIDES, root=str(project))
     return project, summary
 
 
@@ -88,6 +90,142 @@ def test_mlflow_has_parent_with_nested_stage_runs(flow_run):
     evaluate = next(r for r in children if r.data.tags["sslpipe.stage"] == "evaluate")
     artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     assert {"confusion_ssl.png", "per_class.csv"} <= artifacts
+
+
+def test_mlflow_names_and_describes_the_run(flow_run):
+    """The runs table tells runs apart by name; the run page says what happened; the experiment opens in the
+    model-training view."""
+    project, summary = flow_run
+    client = _client()
+    parent = client.get_run(summary["mlflow_run_id"])
+    name = parent.info.run_name
+    assert name == summary["mlflow_run_name"]
+    assert name.startswith("rotation 5/class lp_epochs=3 · "), name  # method, label budget, the override
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    description = parent.data.tags["mlflow.note.content"]
+    assert f"test accuracy {metrics['self_train']['accuracy']:.4f}" in description, description
+    assert "`finetune.lp_epochs=3`" in description and "`pretrain.method=rotation`" in description
+    commit = run_cmd(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert f"Git commit: `{commit[:12]}`" in description
+    assert "DVC ran ingest, pseudo_labels, pretrain, finetune, self_train, evaluate" in description
+    assert summary["dvc_experiment"] in description
+    assert "`test-classifier` v1, promoted: first champion" in description
+    # The parent run carries the results it stands for: metrics and the result files.
+    assert {"per_class.png", "per_class.csv", "metrics.json", "confusion_final.png"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_stage_runs_log_their_histories_and_the_lp_phase(flow_run):
+    import pandas as pd
+
+    project, summary = flow_run
+    client = _client()
+    children = {r.data.tags["sslpipe.stage"]: r for r in client.search_runs(
+        [_experiment_id(client)], filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")}
+    pretrain = children["pretrain"].info.run_id
+    assert {"history.csv", "encoder.json"} <= {a.path for a in client.list_artifacts(pretrain)}
+    finetune = children["finetune"]
+    assert [m.step for m in client.get_metric_history(finetune.info.run_id, "ssl_lp_val_acc")] == [1, 2, 3]
+    assert not [key for key in finetune.data.metrics if key.endswith("_best")]  # a flag is no curve
+    assert 1 <= int(finetune.data.tags["ssl.best_epoch"]) <= 4
+    assert {"history_ssl.csv", "history_baseline.csv"} <= {a.path for a in client.list_artifacts(finetune.info.run_id)}
+    # per_class.csv is wide: one row per class, each model's columns side by side.
+    table = pd.read_csv(project / "results/per_class.csv")
+    assert len(table) == 10 and table["class"].is_unique
+    assert {"support", "baseline_f1", "ssl_f1", "self_train_f1", "ssl_recall"} <= set(table.columns)
+    assert (project / "results/per_class.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_logged_model_and_version_carry_the_scores(flow_run):
+    import mlflow
+
+    from tasks.registry import logged_model_id
+
+    project, _ = flow_run
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    version = _client().get_model_version("test-classifier", "1")
+    model_id = json.loads((project / "artifacts/self_train/final.json").read_text())["registered_model"]["model_id"]
+    assert logged_model_id("test-classifier", "1") == model_id
+    logged = mlflow.get_logged_model(model_id)
+    scores = {m.key: m.value for m in logged.metrics}
+    assert scores["test_accuracy"] == pytest.approx(metrics["self_train"]["accuracy"])
+    assert scores["macro_f1"] == pytest.approx(metrics["self_train"]["macro_f1"])
+    assert scores["knn_accuracy"] == pytest.approx(metrics["self_train"]["knn_accuracy"])
+    assert logged.params["method"] == "rotation" and logged.params["label_budget"] == "5/class"
+    assert version.tags["method"] == "rotation" and version.tags["label_budget"] == "5/class"
+    assert len(version.tags["data_version"]) == 32  # the DVC md5 digest of the prepared data
+    assert f"Test accuracy {metrics['self_train']['accuracy']:.4f}" in version.description
+    assert "Champion: promoted: first champion" in version.description
+
+
+def test_prefect_result_links_to_the_mlflow_run(flow_run):
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    _, summary = flow_run
+    parent = _client().get_run(summary["mlflow_run_id"])
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[UUID(parent.data.tags["prefect.flow_run_id"])])))
+    by_key = {a.key: a for a in artifacts}
+    url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert summary["mlflow_run_url"] == url  # a sqlite store: the address `make ui` serves it at
+    result = by_key["pipeline-result"].data
+    assert f"]({url})" in result and f"DVC experiment `{summary['dvc_experiment']}`" in result
+    assert by_key["pipeline-mlflow-run"].data == f"[MLflow run {parent.info.run_name}]({url})"
+
+
+def test_champion_rule_in_both_directions(flow_run):
+    """The rule that every run's evaluate stage applies: better by more than the margin moves the alias, else not."""
+    from mlflow import MlflowClient
+
+    from tasks.registry import apply_champion_rule
+
+    project, _ = flow_run
+    client = MlflowClient()
+    client.create_registered_model("rule-test")
+    for _ in range(4):
+        client.create_model_version("rule-test", source=str(project / "mlartifacts"))
+    scores = {"1": 0.70}
+
+    def measure(uri: str) -> float:  # the champion's accuracy on "this run's" test split
+        return scores[uri.rsplit("/", 1)[1]]
+
+    first = apply_champion_rule("rule-test", "1", 0.70, 0.005, measure)
+    assert first.promoted and first.text.startswith("promoted: first champion")
+    better = apply_champion_rule("rule-test", "2", 0.72, 0.005, measure)
+    assert better.promoted and better.champion == "1" and better.champion_accuracy == 0.70
+    assert str(client.get_model_version_by_alias("rule-test", "champion").version) == "2"
+    scores["2"] = 0.72
+    worse = apply_champion_rule("rule-test", "3", 0.69, 0.005, measure)
+    assert not worse.promoted and worse.text.startswith("kept champion")
+    tags = client.get_model_version("rule-test", "3").tags
+    assert tags["champion_decision"] == worse.text and float(tags["champion_test_accuracy"]) == 0.72
+    within_margin = apply_champion_rule("rule-test", "4", 0.724, 0.005, measure)
+    assert not within_margin.promoted
+    assert str(client.get_model_version_by_alias("rule-test", "champion").version) == "2"
+    # Re-evaluating the champion itself keeps the decision that made it one.
+    again = apply_champion_rule("rule-test", "2", 0.72, 0.005, measure)
+    assert again.text.startswith("unchanged")
+    assert client.get_model_version("rule-test", "2").tags["champion_decision"] == better.text
+
+
+def test_an_experiment_of_ours_opens_in_the_model_training_view(flow_run):
+    from mlflow import MlflowClient
+
+    from tasks.tracking import experiment_id
+
+    client = MlflowClient()
+    old = client.create_experiment("made-by-an-older-version")  # no kind tag, as before this change
+    chosen = client.create_experiment("kind-chosen-in-the-ui", tags={"mlflow.experimentKind": "genai_development"})
+    assert experiment_id("made-by-an-older-version") == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment_id("kind-chosen-in-the-ui")
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_registered_model_loads_by_champion_alias(flow_run):
@@ -189,10 +327,18 @@ def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
     children = [r for r in new_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["sslpipe.stage"] for r in children) == ["evaluate", "finetune", "self_train"]
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
-    # A second registered version exists, with its metrics; only retraining moves the champion alias.
+    # The dvc-owned parent is named and described too: the change from the committed params shows.
+    parent = client.get_run(parents[0].info.run_id)
+    assert parent.info.run_name.startswith("rotation 5/class") and "finetune.epochs=5" in parent.info.run_name
+    assert "DVC ran finetune, self_train, evaluate" in parent.data.tags["mlflow.note.content"]
+    # A second registered version exists, with its metrics, and the champion rule decided for it as in any run.
     versions = client.search_model_versions("name = 'test-classifier'")
     assert len(versions) == 2 and all("test_accuracy" in v.tags for v in versions)
-    assert str(client.get_model_version_by_alias("test-classifier", "champion").version) == "1"
+    v1, v2 = (client.get_model_version("test-classifier", v) for v in ("1", "2"))
+    better = float(v2.tags["test_accuracy"]) > float(v2.tags["champion_test_accuracy"]) + 0.005
+    assert v2.tags["champion_decision"].startswith("promoted" if better else "kept champion")
+    assert float(v2.tags["champion_test_accuracy"]) == pytest.approx(float(v1.tags["test_accuracy"]), abs=1e-6)
+    assert str(client.get_model_version_by_alias("test-classifier", "champion").version) == ("2" if better else "1")
 
 
 def test_pseudo_labels_cover_the_pool_and_never_val_or_test(flow_run):

@@ -1,0 +1,119 @@
+"""How a run is named, described and shown, without running one: run names, descriptions, the MLflow link,
+the per-class table, progress lines in a log, and the LP-FT phase's epoch rows."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from ssl_lib.config import parse_params
+from tasks.run_summary import describe, headline, param_changes, run_title
+
+BASE = {"data": {"source": "digits", "labels_per_class": 10, "label_fraction": None}}
+
+
+def _params(**sections):
+    raw = {key: dict(value) for key, value in BASE.items()}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return parse_params(raw)
+
+
+def test_a_run_name_says_what_differs_from_the_committed_params():
+    params = _params(finetune={"lp_epochs": 40})
+    changes = param_changes(params, BASE)
+    assert changes == {"finetune.lp_epochs": 40}
+    assert run_title(params, changes, "papaya-pelican") == "simclr 10/class lp_epochs=40 · papaya-pelican"
+    # A key several sections share is qualified; the method and the budget lead the name instead of repeating.
+    params = _params(pretrain={"method": "rotation", "epochs": 3}, data={"labels_per_class": 50})
+    title = run_title(params, param_changes(params, BASE), "x")
+    assert title == "rotation 50/class pretrain.epochs=3 · x"
+    params = _params(data={"labels_per_class": None, "label_fraction": 0.05}, self_train={"method": "none"})
+    assert run_title(params, param_changes(params, BASE)) == "simclr 5% labeled self_train.method=none"
+
+
+def test_a_long_list_of_changes_is_cut_and_a_missing_baseline_falls_back_to_the_overrides():
+    params = _params(finetune={"lp_epochs": 1, "lp_lr": 0.1, "head_init": "random", "augment": False})
+    title = run_title(params, param_changes(params, BASE))
+    assert title.endswith("+1 more") and title.count("=") == 3
+    assert param_changes(params, None, fallback={"finetune.lp_epochs": 1}) == {"finetune.lp_epochs": 1}
+    # A committed params.yaml this code no longer accepts is no baseline either.
+    assert param_changes(params, {"no_such_section": {}}, fallback={}) == {}
+
+
+def test_the_description_rounds_the_result_and_says_what_ran():
+    params = _params()
+    metrics = {"test_accuracy_ssl": 0.7093, "test_accuracy_baseline": 0.6962, "test_accuracy_self_train": 0.7475,
+               "ssl_gain": 0.013100000000000056}
+    text = describe(params, metrics, {"finetune.lp_epochs": 40}, "0123456789abcdef0123", ["finetune", "evaluate"],
+                    ["ingest"], dvc_experiment="simclr-papaya", model="`m` v2, promoted: first champion")
+    assert "**SSL + label_propagation: test accuracy 0.7475**, +5.1 points" in text
+    assert "`finetune.lp_epochs=40`" in text and "`0123456789ab`" in text
+    assert "DVC ran finetune, evaluate; skipped ingest (up to date); saved as DVC experiment `simclr-papaya`" in text
+    assert "Model: `m` v2" in text
+    assert "000000" not in text  # no float noise anywhere
+    assert headline(params, {}).startswith("No test result")
+    assert describe(params, {}, {}, None, ["ingest"], [], failed_stage="pretrain").startswith("**Failed in stage")
+
+
+def test_the_link_to_a_run_is_the_server_or_the_local_ui(monkeypatch):
+    from tasks.tracking import run_url
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/mlflow.db")
+    assert run_url("abc", "7") == ("http://127.0.0.1:5000/#/experiments/7/runs/abc", True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/")
+    assert run_url("abc", "7") == ("https://mlflow.example.org/#/experiments/7/runs/abc", False)
+
+
+def test_per_class_table_is_wide(tmp_path):
+    from ssl_lib.evaluation import per_class_table, save_per_class_png, wide_per_class_table
+
+    names = ["zero", "one", "two"]
+    truth = np.array([0, 0, 1, 2])
+    tables = {"baseline": per_class_table(truth, np.array([0, 1, 1, 1]), names),
+              "ssl": per_class_table(truth, np.array([0, 0, 1, 2]), names)}
+    wide = wide_per_class_table(tables)
+    assert list(wide.columns) == ["class", "support", "baseline_precision", "baseline_recall", "baseline_f1",
+                                  "ssl_precision", "ssl_recall", "ssl_f1"]
+    assert list(wide["class"]) == names and list(wide["ssl_recall"]) == [1.0, 1.0, 1.0]
+    save_per_class_png(tables, tmp_path / "per_class.png", accuracies={"ssl": 1.0, "baseline": 0.5})
+    assert (tmp_path / "per_class.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_in_a_log_is_whole_lines():
+    from ssl_lib.progress import progress_bar
+
+    out = io.StringIO()  # not a terminal, as a log file or a pipe
+    bar = progress_bar(total=5, stream=out, desc="pretrain", disable=False, mininterval=0, maxinterval=0)
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    text = out.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0].startswith("pretrain:   0%") and "5/5" in lines[-1]
+    silent = io.StringIO()
+    progress_bar(range(3), stream=silent, enabled=False).close()
+    assert silent.getvalue() == ""
+
+
+def test_the_lp_phase_reports_its_epochs_without_changing_the_weights(digits):
+    import torch
+
+    from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+
+    images, labels, mean, std = digits
+    train, val = np.arange(0, 60), np.arange(60, 90)
+    settings = FinetuneSettings(mode="full", epochs=1, batch_size=32, lr=1e-3, weight_decay=0.0, seed=0,
+                                device="cpu", head_init="prototype", lp_epochs=2, lp_lr=1e-2)
+    rows: list[dict] = []
+    states = []
+    for callback in (None, rows.append):
+        model = build_classifier("convnet_small", 1, 16, 10, mean, std, seed=0)
+        model, _ = train_classifier(model, images[train], labels[train], images[val], labels[val], settings,
+                                    progress=False, on_lp_epoch=callback)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    assert 0.0 <= rows[-1]["val_acc"] <= 1.0
