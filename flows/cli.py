@@ -60,7 +60,7 @@ def _validate(root: Path, overrides: dict[str, Any]):
 
     params = parse_params(apply_overrides(read_raw_params(root / "params.yaml"), overrides),
                           origin=f"{root / 'params.yaml'}" + (f" with --set {overrides}" if overrides else ""))
-    check_label_budget(params)
+    check_label_budget(params, root)
     return params
 
 
