@@ -4,11 +4,12 @@
     python -m flows.retrain run --margin 0.01            # one retrain now
 
 A retrain run
-1. re-ingests when the source changed (its fingerprint differs from data/prepared/meta.json): a new DVC
-   data version; an unchanged source changes nothing and DVC skips every stage;
-2. runs the pipeline flow (as a subflow);
-3. evaluates the new model version and the current champion on the same test split;
-4. moves `champion` to the new version only if its accuracy beats the champion's by ``margin``.
+1. runs the pipeline flow (as a subflow). Its ingest step runs the fingerprint stage first, so DVC re-ingests
+   exactly when the source's files changed (a new data version) and skips every stage when nothing did;
+2. evaluates the new model version and the current champion on the same test images: the current test split
+   less any image either model has trained or been selected on (each registered model records what it saw).
+   Splits are stable across data versions, so that is normally the whole test split;
+3. moves `champion` to the new version only if its accuracy beats the champion's by ``margin``.
 The decision and both accuracies are tags on the model version and on the pipeline's MLflow run, and a
 Prefect table artifact with a link to that run. Promotion is the last step, so a failed run leaves the
 champion untouched.
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
@@ -33,21 +35,64 @@ DEPLOYMENT_NAME = "nightly-retrain"
 
 @task(name="source-changed", retries=1, retry_delay_seconds=5)
 def source_changed(root: str) -> bool:
-    """Whether the configured source differs from what data/prepared was built from."""
-    from ssl_lib.config import load_params
-    from ssl_lib.data.sources import load_source
+    """Whether the configured source differs from what data/prepared was built from (same fingerprint as DVC's)."""
+    from ssl_lib.config import load_data_params
+    from tasks.fingerprint import fingerprint
 
     prepared_meta = Path(root) / paths.PREPARED / "meta.json"
     if not prepared_meta.is_file():
         return True
-    params = load_params(Path(root) / "params.yaml")
-    current = load_source(params.data.source, params.data.path).source_version
+    current = fingerprint(load_data_params(Path(root) / "params.yaml"), Path(root))["source_version"]
     return json.loads(prepared_meta.read_text()).get("source_version") != current
 
 
+def _seen_keys(name: str, version: str) -> np.ndarray | None:
+    """The key digests model ``name`` v``version`` was trained and selected on, or None if it did not record them."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ssl_lib.data.prepared import SEEN_KEYS_FILE
+
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SEEN_KEYS_FILE, dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return np.load(local, allow_pickle=False)
+
+
+@task(name="fair-test-split", retries=1, retry_delay_seconds=5)
+def fair_test_split(root: str, name: str, versions: list[str]) -> dict[str, Any]:
+    """Positions in the current test split of the images none of model ``name``'s ``versions`` has seen.
+
+    Also how many test images there are, how many were left out, and the versions that recorded nothing (then
+    only the test split's stability across data versions vouches for them).
+    """
+    from ssl_lib.data.prepared import key_digests, load_prepared
+
+    data = load_prepared(Path(root) / paths.PREPARED)
+    test = data.indices("test")
+    digests = key_digests(data.manifest["key"].to_numpy()[test].tolist())
+    keep = np.ones(len(test), dtype=bool)
+    unknown = []
+    for version in versions:
+        seen = _seen_keys(name, version)
+        if seen is None:
+            unknown.append(version)
+        else:
+            keep &= ~np.isin(digests, seen)
+    return {"rows": np.flatnonzero(keep).tolist(), "test_images": len(test), "excluded": int((~keep).sum()),
+            "unrecorded_versions": unknown}
+
+
 @task(name="test-accuracy", retries=1, retry_delay_seconds=5)
-def test_accuracy(root: str, model_uri: str) -> float:
-    """Accuracy of ``model_uri`` on the current test split, computed here so both models share it."""
+def test_accuracy(root: str, model_uri: str, rows: list[int]) -> float:
+    """Accuracy of ``model_uri`` on the test images at ``rows`` (positions in the test split), computed here so
+    both models share them."""
     import tempfile
 
     import pandas as pd
@@ -62,7 +107,7 @@ def test_accuracy(root: str, model_uri: str) -> float:
     _, labels = data.split("test")
     names = data.class_names
     predicted = pd.Series(table["predicted_class"]).map({n: i for i, n in enumerate(names)}).to_numpy()
-    return float((predicted == labels).mean())
+    return float((predicted[rows] == labels[rows]).mean()) if rows else float("nan")
 
 
 def _ui_link(run_id: str, experiment_id: str) -> str:
@@ -87,13 +132,17 @@ def retrain(margin: float = 0.005, overrides: dict[str, Any] | None = None, root
     params = parse_params(apply_overrides(read_raw_params(Path(root_path) / "params.yaml"), overrides or {}))
     name = params.finetune.registered_model_name
     champion = champion_version(name)  # taken before the pipeline, which crowns a first champion itself
-    changed = source_changed(root_path)
-    logger.info("source %s", "changed: re-ingesting" if changed else "unchanged")
-    summary = ssl_pipeline(overrides=overrides, root=root_path, force=False, save_experiment=True,
-                           reingest=changed)
+    logger.info("source %s", "changed: DVC re-ingests it" if source_changed(root_path) else "unchanged")
+    summary = ssl_pipeline(overrides=overrides, root=root_path, force=False, save_experiment=True)
 
     version = str(json.loads((Path(root_path) / paths.FINAL_INFO).read_text())["registered_model"]["version"])
-    new_accuracy = test_accuracy(root_path, f"models:/{name}/{version}")
+    compared = [version] + ([str(champion.version)] if champion is not None and str(champion.version) != version
+                            else [])
+    fair = fair_test_split(root_path, name, compared)
+    rows = fair["rows"]
+    new_accuracy = test_accuracy(root_path, f"models:/{name}/{version}", rows)
+    on = (f"on the {len(rows)} of {fair['test_images']} test images neither model has seen"
+          + (f" (unrecorded for v{', v'.join(fair['unrecorded_versions'])})" if fair["unrecorded_versions"] else ""))
     retrained = any(s["executed"] for s in summary["stages"] if s["stage"] == "self_train")
     if not retrained and champion is not None:
         champion_accuracy, promoted = None, False
@@ -103,11 +152,16 @@ def retrain(margin: float = 0.005, overrides: dict[str, Any] | None = None, root
     elif str(champion.version) == version:
         champion_accuracy, promoted = new_accuracy, False
         decision = f"unchanged: nothing to retrain, v{version} is still the champion"
+    elif not rows:
+        champion_accuracy, promoted = None, False
+        decision = (f"kept champion: no test image left that neither v{version} nor champion v{champion.version} "
+                    f"has seen ({fair['excluded']} excluded); the test split changed (seed, test_fraction or test/ "
+                    "folder), so the models cannot be compared fairly")
     else:
-        champion_accuracy = test_accuracy(root_path, f"models:/{name}@{CHAMPION}")
+        champion_accuracy = test_accuracy(root_path, f"models:/{name}@{CHAMPION}", rows)
         promoted = new_accuracy > champion_accuracy + margin
         decision = (f"{'promoted' if promoted else 'kept champion'}: v{version} {new_accuracy:.4f} vs "
-                    f"champion v{champion.version} {champion_accuracy:.4f} (margin {margin})")
+                    f"champion v{champion.version} {champion_accuracy:.4f} (margin {margin}) {on}")
     if promoted:
         promote(name, version, decision)
     client = MlflowClient()
@@ -119,10 +173,12 @@ def retrain(margin: float = 0.005, overrides: dict[str, Any] | None = None, root
     run_id = summary["mlflow_run_id"]
     client.set_tag(run_id, "retrain.decision", decision)
     client.log_metric(run_id, "retrain_new_test_accuracy", new_accuracy)
+    client.log_metric(run_id, "retrain_test_images", len(rows))
     if champion_accuracy is not None:
         client.log_metric(run_id, "retrain_champion_test_accuracy", champion_accuracy)
 
     row = {"model": name, "new_version": version, "new_accuracy": round(new_accuracy, 4),
+           "test_images": len(rows), "test_images_excluded": fair["excluded"],
            "champion_version": None if champion is None else str(champion.version),
            "champion_accuracy": None if champion_accuracy is None else round(champion_accuracy, 4),
            "margin": margin, "promoted": promoted, "decision": decision}

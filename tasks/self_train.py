@@ -90,6 +90,16 @@ def run(params: PipelineParams) -> dict:
         train_x, _ = data.split("labeled")
         registered = log_classifier(model, train_x[:4], params.finetune.registered_model_name,
                                     class_names=data.class_names)
+        # What this model has seen, so that the retrain flow compares it with another model only on test images
+        # neither has seen (flows/retrain.py).
+        import tempfile
+        from pathlib import Path
+
+        from ssl_lib.data.prepared import SEEN_KEYS_FILE
+
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / SEEN_KEYS_FILE, data.seen_keys(), allow_pickle=False)
+            mlflow.log_artifact(str(Path(tmp) / SEEN_KEYS_FILE))
         ran = list(settings.steps) if settings.steps and settings.rounds > 0 else ["none"]
         write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": ran,
                                       "rounds": settings.rounds, "registered_model": registered})
