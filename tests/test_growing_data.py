@@ -79,7 +79,8 @@ def test_adding_images_keeps_every_split_and_fills_only_from_new_ones(folder: Pa
     # membership depends on each image alone, not on the history.
     fresh = tmp_path / "fresh"
     ingest("folder", folder, **BUDGET, out_dir=fresh, workers=1)
-    assert (fresh / "images.npy").read_bytes() == (out / "images.npy").read_bytes()
+    for name in ("images.npy", "pool_indices.npy", "meta.json"):  # meta: its statistics were updated, not redone
+        assert (fresh / name).read_bytes() == (out / name).read_bytes(), name
     assert (_manifest(fresh).split == "test").equals(after.split == "test")
 
 
@@ -122,6 +123,8 @@ def test_removing_images_keeps_the_other_splits(folder: Path, tmp_path: Path):
     for cls in range(3):
         counts = after[after.label == cls].split.value_counts()
         assert counts["labeled"] == 4 and counts["val"] == 3
+    ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
+    assert (tmp_path / "fresh" / "meta.json").read_bytes() == (out / "meta.json").read_bytes()
 
 
 def test_a_new_seed_draws_new_splits(folder: Path, tmp_path: Path):
@@ -157,7 +160,8 @@ def test_parallel_ingest_equals_a_single_worker_and_reports_bad_files(folder: Pa
     _add_images(folder, {"cat": 5, "eel": 5}, "new")
     ingest("folder", folder, **BUDGET, out_dir=tmp_path / "two", workers=2)
     ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
-    assert (tmp_path / "two" / "images.npy").read_bytes() == (tmp_path / "fresh" / "images.npy").read_bytes()
+    for name in ("images.npy", "meta.json", "report.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
 
 
 _MEASURE = textwrap.dedent("""

@@ -49,14 +49,14 @@ def to_array(img, mode: str, size_wh: tuple[int, int]) -> np.ndarray:
 
 
 def is_colour(pixels: np.ndarray) -> bool:
-    """Whether decoded uint8 (..., C) pixels hold colour: 3 channels that are not all equal.
+    """Whether decoded uint8 (..., C) pixels (one image or several) hold colour: 3 channels not all equal.
 
     A colour-mode file with equal channels (a grey JPEG saved as RGB) is grey. Judged on the decoded, resized
     pixels, so it can be read back from a prepared images.npy.
     """
     if pixels.shape[-1] != 3:
         return False
-    return not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2]))
+    return bool(np.any(pixels[..., 0] != pixels[..., 1]) or np.any(pixels[..., 1] != pixels[..., 2]))
 
 
 def probe(data: bytes, path: str | os.PathLike[str]) -> tuple[int, int, str]:

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_path
@@ -19,9 +19,10 @@ from .decode import probe
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 _CACHE_FORMAT = 1
+_CHUNK = 256  # files per thread task
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one of these per file, 100,000s of them
 class FileRecord:
     """One image file of a folder; ``error`` is why it cannot be used ("" when it can)."""
 
@@ -47,23 +48,28 @@ def default_workers() -> int:
 def walk_images(root: Path) -> list[str]:
     """Relative POSIX paths of image files under ``root``, sorted; hidden entries are ignored."""
     found: list[str] = []
+    # Plain strings, not pathlib: this runs once per file of folders with 100,000s of them.
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(prefix + name)
     return sorted(found)
 
 
 def _read(root: Path, rel: str, st: os.stat_result) -> FileRecord:
     meta = (rel, st.st_size, st.st_mtime_ns, st.st_ino)
+    path = os.path.join(root, rel)
     try:
-        data = (root / rel).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         return FileRecord(*meta, sha256="", width=0, height=0, mode="", error=f"unreadable: {exc}")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        width, height, mode = probe(data, root / rel)
+        width, height, mode = probe(data, root / rel)  # names the file as Path(root) / rel, as decoding does
     except Exception as exc:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
         return FileRecord(*meta, sha256=digest, width=0, height=0, mode="",
                           error=f"not a readable image: {type(exc).__name__}: {exc}")
@@ -90,7 +96,8 @@ def _load_cache(cache_file: Path | None, root: Path) -> dict[str, FileRecord]:
 
 
 def _save_cache(cache_file: Path, root: Path, records: Iterable[FileRecord]) -> None:
-    files = {r.rel: list(astuple(r))[1:] for r in records if not r.error.startswith("unreadable")}
+    files = {r.rel: [r.size, r.mtime_ns, r.inode, r.sha256, r.width, r.height, r.mode, r.error]
+             for r in records if not r.error.startswith("unreadable")}
     with atomic_path(cache_file) as tmp:
         tmp.write_text(json.dumps({"key": _cache_key(root), "files": files}, separators=(",", ":")))
 
@@ -109,7 +116,7 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
     todo: list[tuple[str, os.stat_result]] = []
     for rel in walk_images(root):
         try:
-            st = (root / rel).stat()
+            st = os.stat(os.path.join(root, rel))
         except OSError as exc:  # vanished or unreadable between listing and stat
             records[rel] = FileRecord(rel, 0, 0, 0, "", 0, 0, "", f"unreadable: {exc}")
             continue
@@ -119,9 +126,11 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
         else:
             todo.append((rel, st))
     if todo:
+        # Files go to the threads in chunks: one future per file would cost more memory than its record.
+        chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
         with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            for record in pool.map(lambda item: _read(root, *item), todo):
-                records[record.rel] = record
+            for chunk in pool.map(lambda part: [_read(root, *item) for item in part], chunks):
+                records.update((record.rel, record) for record in chunk)
     result = [records[rel] for rel in sorted(records)]
     if cache_path is not None and (todo or len(cached) != len(result)):
         _save_cache(cache_path, root, result)

@@ -1,19 +1,22 @@
 """images.npy written and read in blocks of rows, so memory stays flat whatever the number of images.
 
 The file is preallocated (``np.lib.format.open_memmap``: the .npy header, then space for every row) and filled
-block by block: each block of rows is memory-mapped alone, written, flushed and unmapped, in this process or in
-a pool of worker processes (one per core) that decode files or copy rows of a previous images.npy straight
-into their block. Nothing ever holds more than one block: a process's resident memory does not grow with
-the file, as it would through one map of the whole file, whose touched pages all count as resident.
+block by block, in this process or in a pool of worker processes (one per core): each block of rows is
+memory-mapped alone, files are decoded straight into it, and rows of a previous images.npy are copied into the
+file by the kernel (``copy_file_range``), then the block is unmapped. Nothing ever holds more than one block:
+a process's resident memory does not grow with the file, as it would through one map of the whole file, whose
+touched pages all count as resident. Reading goes the same way, block by block into a reused buffer.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from .decode import is_colour, open_image, to_array
 
 _BLOCK_BYTES = 8 << 20  # a block of rows is about this many bytes of pixels
 _MAX_BLOCK_ROWS = 1024
+_SQUARED_AT_ONCE = 1 << 22  # pixel values squared at a time by pixel_sums
 # Fewer files than this decode in this process: starting worker processes (an interpreter and imports each)
 # costs more than it saves.
 MIN_PARALLEL_DECODES = 1000
@@ -28,7 +32,7 @@ MIN_PARALLEL_DECODES = 1000
 
 @dataclass(frozen=True)
 class OldRows:
-    """Rows of a previous images.npy that may be copied instead of decoding their files again."""
+    """Where the rows of a uint8 .npy file are."""
 
     path: str
     offset: int                  # bytes before the first row (the .npy header)
@@ -36,10 +40,70 @@ class OldRows:
 
 
 @dataclass(frozen=True)
+class PixelSums:
+    """Exact per-channel sums of pixel values and of their squares, over ``count`` pixels (per channel).
+
+    Integers, so adding and removing images in any order gives the same result: meta.json's mean and std come
+    out byte-identical on any machine, and a re-ingest can update the previous version's sums instead of
+    reading every image again.
+    """
+
+    count: int
+    total: tuple[int, ...]
+    total_sq: tuple[int, ...]
+
+    @classmethod
+    def zero(cls, channels: int) -> PixelSums:
+        return cls(0, (0,) * channels, (0,) * channels)
+
+    def __add__(self, other: PixelSums) -> PixelSums:
+        return PixelSums(self.count + other.count, tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
+                         tuple(a + b for a, b in zip(self.total_sq, other.total_sq, strict=True)))
+
+    def times(self, weight: int) -> PixelSums:
+        return PixelSums(self.count * weight, tuple(v * weight for v in self.total),
+                         tuple(v * weight for v in self.total_sq))
+
+    def first_channel(self) -> PixelSums:
+        """The sums of channel 0 alone: those of grey images stored as one channel instead of three equal ones."""
+        return PixelSums(self.count, self.total[:1], self.total_sq[:1])
+
+
+def pixel_sums(blocks: Iterable[np.ndarray], channels: int) -> PixelSums:
+    """The PixelSums of uint8 image blocks (each (n, H, W, C)); temporaries are a small multiple of one block."""
+    total = np.zeros(channels, dtype=np.uint64)
+    total_sq = np.zeros(channels, dtype=np.uint64)
+    count = 0
+    squares_buffer: np.ndarray | None = None  # one buffer, however many blocks
+    for block in blocks:
+        # Reduce over images, each a row of H*W*C values: long contiguous adds, then the few per-channel sums.
+        rows = np.asarray(block).reshape(len(block), -1)
+        if not rows.size:
+            continue
+        total += rows.sum(axis=0, dtype=np.uint64).reshape(-1, channels).sum(axis=0)
+        if squares_buffer is None or squares_buffer.shape[1] != rows.shape[1]:
+            squares_buffer = np.empty((max(1, _SQUARED_AT_ONCE // rows.shape[1]), rows.shape[1]), dtype=np.uint16)
+        for start in range(0, len(rows), len(squares_buffer)):
+            part = rows[start:start + len(squares_buffer)]
+            squares = np.square(part, out=squares_buffer[:len(part)], dtype=np.uint16)  # 255**2 fits in 16 bits
+            total_sq += squares.sum(axis=0, dtype=np.uint64).reshape(-1, channels).sum(axis=0)
+        count += rows.size // channels
+    return PixelSums(count, tuple(int(v) for v in total), tuple(int(v) for v in total_sq))
+
+
+class Reuse(NamedTuple):
+    """An item of ``fill``: copy ``row`` of the previous images.npy; ``sha1`` of its pixels if known (else "")."""
+
+    row: int
+    sha1: str
+
+
+@dataclass(frozen=True)
 class FillResult:
     sha1: list[str]              # of each written row's pixel bytes ("" for a failed row)
-    colour: np.ndarray           # bool per row: the decoded pixels hold colour (decode.is_colour)
+    colour: bool                 # some row holds colour (decode.is_colour)
     failed: dict[int, str]       # row -> why its file could not be decoded
+    decoded_sums: PixelSums      # over the decoded rows that were asked to be counted
 
 
 def create(path: str | os.PathLike[str], shape: tuple[int, ...]) -> OldRows:
@@ -78,54 +142,103 @@ def _window(target: OldRows, start: int, count: int) -> np.memmap:
                      shape=(count, *target.shape))
 
 
-def _fill_block(job: tuple[OldRows, int, list[str | int], str, tuple[int, int], OldRows | None]) -> FillResult:
-    """Fill rows ``start..`` of ``target``: a str item is an image file to decode, an int a row of ``old``."""
-    target, start, items, mode, size_wh, old = job
+def _read_into(fd: int, target: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(target):  # a read may return less than asked
+        got = os.preadv(fd, [target[done:]], offset + done)
+        if not got:
+            raise ValueError("the previous images.npy is shorter than its header says")
+        done += got
+
+
+def _copy_run(old_fd: int, old: OldRows, first: int, target_fd: int, target: OldRows, start: int,
+              window: np.ndarray) -> None:
+    """Rows ``first..`` of ``old`` into rows ``start..`` of ``target`` (``window`` maps those rows).
+
+    The kernel copies the bytes file to file where it can; grey rows going into an RGB file are replicated.
+    """
+    source = old.offset + first * _row_bytes(old.shape)
+    if window.shape[1:] != old.shape:
+        grey = np.empty((len(window), *old.shape), dtype=np.uint8)
+        _read_into(old_fd, grey.reshape(-1).data, source)
+        window[:] = grey  # broadcasts the one channel over three
+        return
+    size, done = len(window) * _row_bytes(old.shape), 0
+    destination = target.offset + start * _row_bytes(target.shape)
+    try:
+        while done < size:
+            got = os.copy_file_range(old_fd, target_fd, size - done, source + done, destination + done)
+            if not got:
+                raise OSError("copy_file_range copied nothing")
+            done += got
+    except (OSError, AttributeError):  # not Linux, or a file system that cannot: read through the window
+        _read_into(old_fd, window.reshape(-1).data[done:], source + done)
+
+
+_Job = tuple[OldRows, int, list["str | Reuse"], list[bool], str, tuple[int, int], "OldRows | None"]
+
+
+def _fill_block(job: _Job) -> FillResult:
+    """Fill rows ``start..`` of ``target``: a str item is an image file to decode, a Reuse a row of ``old``."""
+    target, start, items, count, mode, size_wh, old = job
     window = _window(target, start, len(items))
     sha1: list[str] = []
-    colour = np.zeros(len(items), dtype=bool)
+    colour = False
     failed: dict[int, str] = {}
-    old_file = open(old.path, "rb") if old is not None else None  # noqa: SIM115 (closed below, after the loop)
-    try:
-        for i, item in enumerate(items):
+    decoded: list[int] = []  # rows of this block decoded here and to be counted in the sums
+    with open(target.path, "r+b", buffering=0) as target_file, \
+            open(old.path if old is not None else os.devnull, "rb", buffering=0) as old_file:
+        i = 0
+        while i < len(items):
+            item = items[i]
             if isinstance(item, str):
                 try:
-                    pixels = to_array(open_image(item), mode, size_wh)
+                    pixels = np.ascontiguousarray(to_array(open_image(item), mode, size_wh))
                 except Exception as exc:  # PIL raises many types for bad files; reported, never fatal
                     failed[start + i] = f"not a readable image: {type(exc).__name__}: {exc}"
                     sha1.append("")
-                    continue
-            else:
-                assert old is not None and old_file is not None
-                size = _row_bytes(old.shape)
-                raw = os.pread(old_file.fileno(), size, old.offset + item * size)
-                pixels = np.frombuffer(raw, dtype=np.uint8).reshape(old.shape)
-                if pixels.shape[-1] != target.shape[-1]:  # a grey row reused in an RGB file
-                    pixels = np.repeat(pixels, target.shape[-1], axis=-1)
-            window[i] = pixels
-            sha1.append(hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest())
-            colour[i] = is_colour(pixels)
-    finally:
-        if old_file is not None:
-            old_file.close()
-        window.flush()
-        del window
-    return FillResult(sha1, colour, failed)
+                else:
+                    window[i] = pixels
+                    sha1.append(hashlib.sha1(pixels.data).hexdigest())
+                    colour = colour or is_colour(pixels)
+                    if count[i]:
+                        decoded.append(i)
+                i += 1
+                continue
+            # Reused rows usually follow each other in the previous file too: copy each such run at once.
+            run = [item]
+            for following in itertools.islice(items, i + 1, None):
+                if not isinstance(following, Reuse) or following.row != run[-1].row + 1:
+                    break
+                run.append(following)
+            end = i + len(run)
+            assert old is not None
+            _copy_run(old_file.fileno(), old, item.row, target_file.fileno(), target, start + i, window[i:end])
+            same = old.shape == target.shape
+            sha1.extend(r.sha1 if same and r.sha1 else hashlib.sha1(window[k].data).hexdigest()
+                        for k, r in zip(range(i, end), run, strict=True))
+            colour = colour or is_colour(window[i:end])  # reads the rows only until one has colour
+            i = end
+        sums = pixel_sums([window[decoded]], target.shape[-1]) if decoded else PixelSums.zero(target.shape[-1])
+    del window  # unmapped; the kernel writes the pages back in its own time (no msync: nothing needs them on disk)
+    return FillResult(sha1, colour, failed, sums)
 
 
-def fill(target: OldRows, items: Sequence[str | int], *, mode: str, size_wh: tuple[int, int],
-         old: OldRows | None = None, workers: int = 1) -> FillResult:
-    """Fill every row of ``target`` from ``items`` (file paths to decode, or row numbers of ``old``).
+def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: tuple[int, int],
+         count: Sequence[bool] | None = None, old: OldRows | None = None, workers: int = 1) -> FillResult:
+    """Fill every row of ``target`` from ``items`` (file paths to decode, or rows of ``old`` to copy).
 
-    ``workers`` > 1 runs the blocks in that many processes (when there are at least ``MIN_PARALLEL_DECODES`` files
-    to decode); the result is the same as with one. Worker processes are spawned: a script that calls this needs
-    the usual ``if __name__ == "__main__":`` guard.
+    ``count``: which rows the returned ``decoded_sums`` cover, if decoded (default all). ``workers`` > 1 runs the
+    blocks in that many processes (when at least ``MIN_PARALLEL_DECODES`` files are to be decoded); the result is
+    the same as with one. Worker processes are spawned: a script that calls this needs the usual
+    ``if __name__ == "__main__":`` guard.
     """
+    flags = [True] * len(items) if count is None else list(count)
     if sum(isinstance(item, str) for item in items) < MIN_PARALLEL_DECODES:
         workers = 1
     step = block_rows(target.shape, len(items), workers)
-    jobs = [(target, start, list(items[start:start + step]), mode, size_wh, old)
-            for start in range(0, len(items), step)]
+    jobs: list[_Job] = [(target, start, list(items[start:start + step]), flags[start:start + step], mode, size_wh,
+                         old) for start in range(0, len(items), step)]
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: the parent may hold threads (MLflow's) whose locks a forked child would inherit.
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
@@ -133,9 +246,11 @@ def fill(target: OldRows, items: Sequence[str | int], *, mode: str, size_wh: tup
             parts = list(pool.map(_fill_block, jobs))
     else:
         parts = [_fill_block(job) for job in jobs]
-    return FillResult(sha1=[s for p in parts for s in p.sha1],
-                      colour=np.concatenate([p.colour for p in parts]) if parts else np.zeros(0, bool),
-                      failed={row: why for p in parts for row, why in p.failed.items()})
+    sums = PixelSums.zero(target.shape[-1])
+    for part in parts:
+        sums = sums + part.decoded_sums
+    return FillResult(sha1=[s for p in parts for s in p.sha1], colour=any(p.colour for p in parts),
+                      failed={row: why for p in parts for row, why in p.failed.items()}, decoded_sums=sums)
 
 
 def write_array(target: OldRows, images: np.ndarray) -> list[str]:
@@ -146,33 +261,33 @@ def write_array(target: OldRows, images: np.ndarray) -> list[str]:
         block = np.ascontiguousarray(images[start:start + step], dtype=np.uint8)
         window = _window(target, start, len(block))
         window[:] = block
-        window.flush()
         del window
-        sha1.extend(hashlib.sha1(row.tobytes()).hexdigest() for row in block)
+        sha1.extend(hashlib.sha1(row.data).hexdigest() for row in block)
     return sha1
 
 
 def iter_blocks(source: OldRows, count: int, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """The rows of ``source`` (all ``count``, or those in sorted ``rows``) in blocks read into one reused buffer."""
+    """The rows of ``source`` (all ``count``, or those in sorted ``rows``) in blocks read into reused buffers.
+
+    Each block is only valid until the next one is read.
+    """
     step = block_rows(source.shape, count)
     size = _row_bytes(source.shape)
     buffer = np.empty((step, *source.shape), dtype=np.uint8)
+    picked_buffer = np.empty_like(buffer) if rows is not None else buffer  # reused, as the buffer is
     with open(source.path, "rb", buffering=0) as f:
         for start in range(0, count, step):
             n = min(step, count - start)
+            if rows is not None:
+                picked = rows[(rows >= start) & (rows < start + n)] - start
+                if not len(picked):
+                    continue  # nothing wanted here: not even read
             view = buffer[:n]
-            target, done = view.reshape(-1).data, 0
-            while done < n * size:  # a read may return less than asked
-                got = os.preadv(f.fileno(), [target[done:]], source.offset + start * size + done)
-                if not got:
-                    raise ValueError(f"{source.path} ends before row {start + n}")
-                done += got
+            _read_into(f.fileno(), view.reshape(-1).data, source.offset + start * size)
             if rows is None:
                 yield view
             else:
-                picked = rows[(rows >= start) & (rows < start + n)] - start
-                if len(picked):
-                    yield view[picked]
+                yield np.take(view, picked, axis=0, out=picked_buffer[:len(picked)], mode="clip")  # "raise" copies
 
 
 def drop_rows(target: OldRows, count: int, keep: np.ndarray) -> int:
@@ -213,9 +328,7 @@ def narrow_channels(source: OldRows, count: int, target_path: str | os.PathLike[
         grey = np.ascontiguousarray(block[..., :1])
         window = _window(target, start, len(grey))
         window[:] = grey
-        window.flush()
         del window
-        sha1.extend(hashlib.sha1(row.tobytes()).hexdigest() for row in grey)
+        sha1.extend(hashlib.sha1(row.data).hexdigest() for row in grey)
         start += len(grey)
     return target, sha1
-

@@ -11,6 +11,7 @@ atomically, so a failure leaves the previous version as it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -43,27 +44,15 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def channel_stats(blocks: Any, channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 image blocks (each (n, H, W, C)), in [0, 1] units.
-
-    Exact integer sums (from per-channel histograms) make the result independent of summation order, so
-    meta.json is byte-identical on any machine.
-    """
-    hist = np.zeros((channels, 256), dtype=np.int64)
-    for block in blocks:
-        flat = np.asarray(block).reshape(-1, channels)
-        for ch in range(channels):
-            hist[ch] += np.bincount(flat[:, ch], minlength=256)
-    values = np.arange(256, dtype=np.int64)
-    count = int(hist[0].sum()) if channels else 0
+def mean_std(sums: image_file.PixelSums) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units, from exact integer sums: the same on any machine."""
+    channels, count = len(sums.total), sums.count
     if count == 0:
         return [0.0] * channels, [0.0] * channels
-    total = [int(h @ values) for h in hist]
-    total_sq = [int(h @ (values * values)) for h in hist]
-    means = [round(s / count / 255.0, 6) for s in total]
+    means = [round(s / count / 255.0, 6) for s in sums.total]
     # Var * count^2 in integers: exact, never negative.
     stds = [round(float(np.sqrt((q * count - s * s) / (count * count))) / 255.0, 6)
-            for s, q in zip(total, total_sq, strict=True)]
+            for s, q in zip(sums.total, sums.total_sq, strict=True)]
     return means, stds
 
 
@@ -76,9 +65,11 @@ class _Previous:
     lineage: dict[str, Any]
     rows: dict[str, int]                 # key -> row in its images.npy
     split: dict[str, tuple[str, int]]    # key -> (split, label)
+    sha1: dict[str, str]                 # key -> sha1 of its pixels
     version: dict[str, int]              # key -> data version at which it entered
     by_source_id: dict[str, str]         # source_id -> key
     images: image_file.OldRows
+    counted: np.ndarray                  # per row: in its pixel sums (a non-test image)
 
 
 def _read_previous(out_dir: Path) -> _Previous | None:
@@ -98,9 +89,11 @@ def _read_previous(out_dir: Path) -> _Previous | None:
         lineage=lineage,
         rows=dict(zip(keys, m["index"].tolist(), strict=True)),
         split={k: (s, int(y)) for k, s, y in zip(keys, m["split"].tolist(), m["label"].tolist(), strict=True)},
+        sha1=dict(zip(keys, m["sha1"].tolist(), strict=True)),
         version=dict(zip(keys, m["version"].tolist(), strict=True)),
         by_source_id=dict(zip(m["source_id"].tolist(), keys, strict=True)),
         images=images,
+        counted=m["split"].to_numpy() != "test",
     )
 
 
@@ -132,13 +125,20 @@ class _Pixels:
     decode: dict[str, Any] | None
     reused: int
     decoded: int
+    old_rows: np.ndarray      # per written row: the previous version's row it was copied from, or -1
+    # PixelSums (in the written file's channels) over the decoded rows that fill was asked to count; None when
+    # nothing was summed while writing (in-memory sources)
+    decoded_sums: image_file.PixelSums | None
+    copied_channels: int      # channels of the rows as they were copied (before any narrowing to grey)
 
 
-def _write_pixels(target: Path, source: SourceIndex, previous: _Previous | None, workers: int) -> _Pixels:
+def _write_pixels(target: Path, source: SourceIndex, previous: _Previous | None, workers: int,
+                  count: np.ndarray) -> _Pixels:
     if isinstance(source, RawDataset):
         images = image_file.create(target, source.images.shape)
         sha1 = image_file.write_array(images, source.images)
-        return _Pixels(images, len(sha1), np.ones(len(sha1), bool), sha1, [], None, 0, len(sha1))
+        n = len(sha1)
+        return _Pixels(images, n, np.ones(n, bool), sha1, [], None, 0, n, np.full(n, -1), None, images.shape[-1])
     if not isinstance(source, FolderSource):
         raise TypeError(f"cannot write pixels of a {type(source).__name__}")
 
@@ -146,28 +146,73 @@ def _write_pixels(target: Path, source: SourceIndex, previous: _Previous | None,
     decode = {"mode": source.decode_mode, "size": [width, height]}
     channels = 3 if source.decode_mode == "RGB" else 1
     # Rows of the previous images.npy are reusable when its files were decoded the same way.
-    reusable = previous is not None and previous.lineage.get("decode") == decode
-    items: list[str | int] = []
+    old = previous if previous is not None and previous.lineage.get("decode") == decode else None
+    # Their pixels' sha1 carries over when the rows are copied unchanged (same channels).
+    carry_sha1 = old is not None and old.images.shape[-1] == channels
+    items: list[str | image_file.Reuse] = []
     for key, record in zip(source.identities, source.records, strict=True):
-        row = previous.rows.get(key) if reusable and previous is not None else None
-        items.append(row if row is not None else str(source.root / record.rel))
-    reused = sum(isinstance(item, int) for item in items)
+        row = old.rows.get(key) if old is not None else None
+        if row is None:
+            items.append(os.path.join(source.root, record.rel))
+        else:
+            items.append(image_file.Reuse(row, old.sha1[key] if old is not None and carry_sha1 else ""))
     n = len(items)
+    old_rows = np.array([item.row if isinstance(item, image_file.Reuse) else -1 for item in items], dtype=np.int64)
+    reused = int((old_rows >= 0).sum())
     images = image_file.create(target, (n, height, width, channels))
-    result = image_file.fill(images, items, mode=source.decode_mode, size_wh=source.size_wh,
-                             old=previous.images if reusable and previous is not None else None, workers=workers)
+    result = image_file.fill(images, items, mode=source.decode_mode, size_wh=source.size_wh, count=count.tolist(),
+                             old=old.images if old is not None else None, workers=workers)
     kept = np.ones(n, dtype=bool)
     kept[list(result.failed)] = False
     failed = [(source.source_ids[row], why) for row, why in sorted(result.failed.items())]
-    count = image_file.drop_rows(images, n, kept)
+    written = image_file.drop_rows(images, n, kept)
     sha1 = [s for s, k in zip(result.sha1, kept, strict=True) if k]
-    if channels == 3 and not result.colour[kept].any():
+    sums = result.decoded_sums
+    if channels == 3 and not result.colour:
         # Every image turned out grey: store one channel, as a folder of grey files would be.
         narrowed = target.with_name(f".{target.name}.grey")
-        grey, sha1 = image_file.narrow_channels(images, count, narrowed)
+        grey, sha1 = image_file.narrow_channels(images, written, narrowed)
         os.replace(narrowed, target)
         images = image_file.OldRows(str(target), grey.offset, grey.shape)
-    return _Pixels(images, count, kept, sha1, failed, decode, reused, n - reused)
+        sums = sums.first_channel()  # grey rows: three equal channels
+    return _Pixels(images, written, kept, sha1, failed, decode, reused, n - reused, old_rows[kept], sums, channels)
+
+
+def _non_test_sums(pixels: _Pixels, counted: np.ndarray, previous: _Previous | None) -> image_file.PixelSums:
+    """PixelSums over the written rows where ``counted``, reading as few rows as it can.
+
+    Decoded rows were summed while written. Rows copied from the previous version are not read again: the
+    previous version's sums (lineage.json) are corrected by the few rows whose membership changed (removed
+    files, crossings between test and training), read from the previous images.npy.
+    """
+    channels = pixels.images.shape[-1]
+
+    def read(source: image_file.OldRows, count: int, rows: np.ndarray) -> image_file.PixelSums:
+        return image_file.pixel_sums(image_file.iter_blocks(source, count, rows), source.shape[-1])
+
+    if pixels.decoded_sums is None:
+        return read(pixels.images, pixels.count, np.flatnonzero(counted))
+    copied = counted & (pixels.old_rows >= 0)
+    carried = _carried_sums(previous, pixels.old_rows[copied], pixels.copied_channels)
+    if carried is None:
+        return pixels.decoded_sums + read(pixels.images, pixels.count, np.flatnonzero(copied))
+    return pixels.decoded_sums + (carried if channels == len(carried.total) else carried.first_channel())
+
+
+def _carried_sums(previous: _Previous | None, old_rows: np.ndarray, channels: int) -> image_file.PixelSums | None:
+    """The sums over the previous version's ``old_rows`` (with repeats), from its own sums; None if it has none."""
+    recorded = previous.lineage.get("pixel_sums") if previous is not None else None
+    if previous is None or not recorded or recorded.get("scope") != "non-test" \
+            or previous.images.shape[-1] != channels or len(recorded.get("sum", ())) != channels:
+        return None
+    sums = image_file.PixelSums(int(recorded["count"]), tuple(recorded["sum"]), tuple(recorded["sum_sq"]))
+    n_old = len(previous.counted)
+    # Each old row should count as often as it is copied now, instead of once if it was counted before.
+    change = np.bincount(old_rows, minlength=n_old) - previous.counted.astype(np.int64)
+    for weight in np.unique(change[change != 0]).tolist():
+        rows = np.flatnonzero(change == weight)
+        sums = sums + image_file.pixel_sums(image_file.iter_blocks(previous.images, n_old, rows), channels).times(weight)
+    return sums
 
 
 # --------------------------------------------------------------------------- lineage
@@ -215,14 +260,16 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     previous = _read_previous(out)
     keys = raw.identities
     split_args = (seed, labels_per_class, label_fraction, val_per_class, test_fraction)
-    # An impossible budget fails here, before any decoding.
-    assign_splits(raw.labels, raw.predefined_test, *split_args, keys=raw.keys,
-                  previous=_previous_roles(keys, raw.labels, previous, seed), class_names=raw.class_names)
+    # An impossible budget fails here, before any decoding. Test membership is already final (it depends on each
+    # image alone), so the normalisation statistics can be summed while the images are written.
+    planned = assign_splits(raw.labels, raw.predefined_test, *split_args, keys=raw.keys,
+                            previous=_previous_roles(keys, raw.labels, previous, seed), class_names=raw.class_names)
+    planned_counted = _counted(planned)
 
     with atomic_dir(out) as tmp:
         # mkdtemp makes the directory 0700; give it normal permissions so others can read it.
         os.chmod(tmp, 0o755)
-        pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, workers or default_workers())
+        pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, workers or default_workers(), planned_counted)
         kept = pixels.kept
         keys = [k for k, ok in zip(keys, kept, strict=True) if ok]
         source_ids = [s for s, ok in zip(raw.source_ids, kept, strict=True) if ok]
@@ -232,7 +279,14 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
         splits = assign_splits(labels, predefined_test, *split_args,
                                keys=None if raw.keys is None else keys,
                                previous=_previous_roles(keys, labels, previous, seed), class_names=raw.class_names)
+        non_test = splits != "test"
+        counted = _counted(splits)
+        if pixels.decoded_sums is not None and not np.array_equal(counted, planned_counted[kept]):
+            pixels = dataclasses.replace(pixels, decoded_sums=None)  # not what was summed: read them all
+        sums = _non_test_sums(pixels, counted, previous)
         lineage = _lineage(raw, previous, seed, test_fraction, pixels.decode, source_ids, keys)
+        lineage["pixel_sums"] = {"scope": "non-test" if non_test.any() else "all", "count": sums.count,
+                                 "sum": list(sums.total), "sum_sq": list(sums.total_sq)}
         data_version = lineage["data_version"]
         before_versions = previous.version if previous is not None else {}
         manifest = pd.DataFrame({
@@ -245,11 +299,8 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
             "version": np.array([before_versions.get(k, data_version) for k in keys], dtype=np.int64),
         }, columns=MANIFEST_COLUMNS)
 
-        non_test = splits != "test"
-        # Normalisation must not peek at test pixels; a test-only source falls back to all images.
-        stats_rows = np.flatnonzero(non_test) if non_test.any() else None
         shape = [pixels.count, *pixels.images.shape]
-        mean, std = channel_stats(image_file.iter_blocks(pixels.images, pixels.count, stats_rows), shape[-1])
+        mean, std = mean_std(sums)
         skipped = sorted([*raw.skipped, *pixels.failed])
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -276,6 +327,12 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     return {**meta, "split_counts": split_counts(splits), "skipped": skipped, "data_version": data_version,
             "added": latest["added"], "changed": latest["changed"], "removed": latest["removed"],
             "reused": pixels.reused, "decoded": pixels.decoded, **crossed}
+
+
+def _counted(splits: np.ndarray) -> np.ndarray:
+    """The images the normalisation statistics cover: never test pixels; a test-only source falls back to all."""
+    non_test = splits != "test"
+    return non_test if non_test.any() else np.ones(len(splits), dtype=bool)
 
 
 def _crossings(previous: _Previous | None, keys: list[str], splits: np.ndarray) -> dict[str, int]:
