@@ -164,6 +164,31 @@ def test_parallel_ingest_equals_a_single_worker_and_reports_bad_files(folder: Pa
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
 
 
+def test_the_fingerprint_moves_with_the_data_alone_and_reads_only_changed_files(folder: Path, tmp_path: Path,
+                                                                               monkeypatch):
+    from ssl_lib.data import files
+    from ssl_lib.data.sources import source_fingerprint
+
+    cache = tmp_path / "hashes.json"
+    first = source_fingerprint("folder", folder, cache_file=cache)
+    read = files._read
+
+    def no_reading(root, rel, st):
+        raise AssertionError(f"{rel} was read although its size, mtime and inode are cached")
+
+    monkeypatch.setattr(files, "_read", no_reading)
+    assert source_fingerprint("folder", folder, cache_file=cache) == first
+    monkeypatch.setattr(files, "_read", read)
+    os.utime(folder / "cat" / "a000.png", (1, 1))  # read again (its mtime changed), same content: same fingerprint
+    assert source_fingerprint("folder", folder, cache_file=cache) == first
+    (folder / "fox").mkdir()  # a new, still empty class
+    assert source_fingerprint("folder", folder, cache_file=cache)["class_names"] == ["cat", "dog", "eel", "fox"]
+    (folder / "fox").rmdir()
+    _add_images(folder, {"cat": 1}, "a", seed=1)  # cat/a000.png rewritten with other pixels
+    changed = source_fingerprint("folder", folder, cache_file=cache)
+    assert changed["source_version"] != first["source_version"] and changed["num_files"] == first["num_files"]
+
+
 _MEASURE = textwrap.dedent("""
     import resource, sys
     from ssl_lib.data.ingest import ingest

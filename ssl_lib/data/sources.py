@@ -126,15 +126,17 @@ def load_source(name: str, path: str | os.PathLike[str] | None = None, *,
 
 def source_fingerprint(name: str, path: str | os.PathLike[str] | None = None, *,
                        cache_file: str | os.PathLike[str] | None = None) -> dict[str, object]:
-    """What identifies the source's data: its name, data version and file count. Decodes no image.
+    """What identifies the source's data: its name, data version, classes and file count. Decodes no image.
 
     A folder's version digests every file's path and content hash (hashes cached by file metadata); a fixed
-    release's digests its decoded arrays (digits: the scikit-learn release). The same data always gives the same
+    release's digests its decoded arrays (digits: the scikit-learn release). The classes are there too, since a
+    folder's (empty) class directories name classes without adding a file. The same data always give the same
     fingerprint, so the ingest stage (which depends on it) reruns exactly when the data changed.
     """
     source = load_source(name, path, cache_file=cache_file)
     count = len(source.records) + len(source.skipped) if isinstance(source, FolderSource) else len(source.labels)
-    return {"source": source.source, "source_version": source.source_version, "num_files": count}
+    return {"source": source.source, "source_version": source.source_version, "class_names": source.class_names,
+            "num_files": count}
 
 
 # --------------------------------------------------------------------------- fashion-mnist
