@@ -78,7 +78,9 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from flows.retrain import retrain
+    from flows.retrain import _seen_keys, fair_test_split, retrain
+    from ssl_lib.data.ingest import ingest
+    from ssl_lib.data.prepared import key_digests, load_prepared
 
     digits = load_digits()
     images = tmp_path / "images"
@@ -96,6 +98,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     again = retrain(margin=0.0, root=str(project))  # nothing changed: nothing reruns
     assert again["decision"].startswith("unchanged") and (project / "dvc.lock").read_text() == lock_before
 
+    before = load_prepared(project / "data/prepared").manifest.set_index("key")
     for i, (image, label) in enumerate(zip(digits.images[400:450], digits.target[400:450], strict=True)):
         Image.fromarray((image * 255 / 16).astype(np.uint8)).save(images / str(label) / f"new{i}.png")
     changed = retrain(margin=0.0, root=str(project))
@@ -103,3 +106,25 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     assert new_meta["num_images"] == meta["num_images"] + 50
     assert new_meta["source_version"] != meta["source_version"]
     assert int(changed["new_version"]) == int(first["new_version"]) + 1
+
+    # The comparison used the whole new test split, and neither model had seen any of it: the champion trained on
+    # the first data version, whose images all kept their splits, the new model on the second.
+    data = load_prepared(project / "data/prepared")
+    after = data.manifest.set_index("key")
+    assert after.loc[before.index, "split"].tolist() == before["split"].tolist()
+    test_digests = key_digests(data.manifest.loc[data.manifest.split == "test", "key"].tolist())
+    assert changed["test_images"] == len(test_digests) > 0 and changed["test_images_excluded"] == 0, changed
+    assert changed["decision"].endswith(f"on the {len(test_digests)} of {len(test_digests)} test images neither "
+                                        "model has seen"), changed
+    for version in (first["new_version"], changed["new_version"]):
+        seen = _seen_keys("folder-classifier", version)
+        assert seen is not None and len(seen) > 0 and not np.isin(test_digests, seen).any()
+
+    # Had the test split moved (a new seed), the images either model saw would be left out of the comparison.
+    ingest("folder", images, 1, 3, None, 2, 0.2, project / "data/prepared", workers=1)
+    fair = fair_test_split.fn(str(project), "folder-classifier", [first["new_version"], changed["new_version"]])
+    moved = load_prepared(project / "data/prepared").manifest
+    moved_test = key_digests(moved.loc[moved.split == "test", "key"].tolist())
+    seen = np.union1d(_seen_keys("folder-classifier", first["new_version"]),
+                      _seen_keys("folder-classifier", changed["new_version"]))
+    assert fair["excluded"] > 0 and fair["rows"] == np.flatnonzero(~np.isin(moved_test, seen)).tolist()
