@@ -60,7 +60,7 @@ def _validate(root: Path, overrides: dict[str, Any]):
 
     params = parse_params(apply_overrides(read_raw_params(root / "params.yaml"), overrides),
                           origin=f"{root / 'params.yaml'}" + (f" with --set {overrides}" if overrides else ""))
-    check_label_budget(params)
+    check_label_budget(params, root)
     return params
 
 
@@ -118,7 +118,7 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
 def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain, finetune, self_train or evaluate"),
           force: bool = typer.Option(False, help="Rerun even if DVC finds it up to date."),
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
-    """Run one stage through DVC (`dvc repro --single-item NAME`)."""
+    """Run one stage through DVC (`dvc repro --single-item NAME`; ingest with the fingerprint stage before it)."""
     from flows.stages import run_dvc_stage
     from tasks.common import STAGES
 

@@ -38,8 +38,8 @@ from tasks.tracking import (
 
 # A sqlite or file store has no UI of its own: the link is where `make ui` (mlflow ui) serves it.
 LOCAL_UI_NOTE = " (a local store: start the UI with `make ui` to open the link)"
-UNCACHED_OUTPUTS = (paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY, *paths.FINETUNE_HISTORY.values(),
-                    paths.SELF_TRAIN_HISTORY)
+UNCACHED_OUTPUTS = (paths.SOURCE_FINGERPRINT, paths.METRICS, paths.PREDICTIONS, paths.PRETRAIN_HISTORY,
+                    *paths.FINETUNE_HISTORY.values(), paths.SELF_TRAIN_HISTORY)
 
 
 def save_dvc_experiment(root: Path, name: str) -> str | None:
@@ -78,13 +78,13 @@ def _stage_row(outcome: StageOutcome) -> dict[str, Any]:
 @flow(name="ssl-pipeline", log_prints=True)
 def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = None, epochs: int | None = None,
                  labels_per_class: int | None = None, root: str | None = None, force: bool = False,
-                 save_experiment: bool = True, reingest: bool = False) -> dict[str, Any]:
+                 save_experiment: bool = True) -> dict[str, Any]:
     """Run ingest → pseudo_labels → pretrain → finetune → evaluate, skipping what DVC finds up to date.
 
     ``overrides`` are dotted params (``{"pretrain.method": "rotation"}``); ``method``, ``epochs`` (pretraining)
     and ``labels_per_class`` are shortcuts for the common ones. All are validated and written into
-    params.yaml before any compute, as `dvc exp run -S` would. ``reingest`` reruns ingest although its params
-    are unchanged (the source's files changed); DVC then reruns only what the new data invalidates.
+    params.yaml before any compute, as `dvc exp run -S` would. A source whose files changed is re-ingested
+    (the fingerprint stage tells DVC), and DVC reruns only what the new data invalidate.
     """
     from prefect.runtime import flow_run
 
@@ -96,7 +96,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     if labels_per_class is not None:
         overrides["data.label_fraction"] = None
     params = apply_param_overrides(root_path / "params.yaml", overrides)
-    check_label_budget(params)
+    check_label_budget(params, root_path)
 
     flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
     changes = param_changes(params, committed_params(root_path), fallback=overrides)
@@ -108,9 +108,8 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     exp_name = None
     succeeded = False
     try:
-        for stage, stage_task in stage_tasks().items():
-            rerun = force or (reingest and stage == "ingest")
-            outcomes.append(stage_task(str(root_path), env, force=rerun))
+        for stage_task in stage_tasks().values():
+            outcomes.append(stage_task(str(root_path), env, force=force))
         if not outcomes[-1].executed:
             # Nothing was re-evaluated: the parent run still carries the results it stands for.
             metrics = json.loads((root_path / paths.METRICS).read_text())

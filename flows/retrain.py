@@ -4,9 +4,10 @@
     python -m flows.retrain run --margin 0.01            # one retrain now
 
 A retrain run
-1. re-ingests when the source changed (its fingerprint differs from data/prepared/meta.json): a new DVC
-   data version; an unchanged source changes nothing and DVC skips every stage;
-2. runs the pipeline flow (as a subflow);
+1. runs the pipeline flow (as a subflow). Its ingest step runs the fingerprint stage first, so DVC re-ingests
+   exactly when the source's files changed (a new data version) and skips every stage when nothing did;
+2. (the pipeline's evaluate stage compares the new version with the champion on this data version's test split:
+   splits are stable across data versions, so no test image was ever trained or selected on by either model);
 3. reports what the champion rule (README, *Champion rule*), applied by the pipeline's evaluate stage as in
    every run, decided for the new version: a Prefect table artifact, with a link to the pipeline's MLflow run.
 The alias moves in the evaluate stage's last step, so a failed run leaves the champion untouched.
@@ -31,15 +32,14 @@ DEPLOYMENT_NAME = "nightly-retrain"
 
 @task(name="source-changed", retries=1, retry_delay_seconds=5)
 def source_changed(root: str) -> bool:
-    """Whether the configured source differs from what data/prepared was built from."""
-    from ssl_lib.config import load_params
-    from ssl_lib.data.sources import load_source
+    """Whether the configured source differs from what data/prepared was built from (same fingerprint as DVC's)."""
+    from ssl_lib.config import load_data_params
+    from tasks.fingerprint import fingerprint
 
     prepared_meta = Path(root) / paths.PREPARED / "meta.json"
     if not prepared_meta.is_file():
         return True
-    params = load_params(Path(root) / "params.yaml")
-    current = load_source(params.data.source, params.data.path).source_version
+    current = fingerprint(load_data_params(Path(root) / "params.yaml"), Path(root))["source_version"]
     return json.loads(prepared_meta.read_text()).get("source_version") != current
 
 
@@ -65,10 +65,8 @@ def retrain(margin: float | None = None, overrides: dict[str, Any] | None = None
     name = params.finetune.registered_model_name
     before = champion_version(name)  # taken before the pipeline, whose evaluate stage may move the alias
     champion = None if before is None else str(before.version)
-    changed = source_changed(root_path)
-    logger.info("source %s", "changed: re-ingesting" if changed else "unchanged")
-    summary = ssl_pipeline(overrides=overrides, root=root_path, force=False, save_experiment=True,
-                           reingest=changed)
+    logger.info("source %s", "changed: DVC re-ingests it" if source_changed(root_path) else "unchanged")
+    summary = ssl_pipeline(overrides=overrides, root=root_path, force=False, save_experiment=True)
 
     version = str(json.loads((Path(root_path) / paths.FINAL_INFO).read_text())["registered_model"]["version"])
     client = MlflowClient()

@@ -107,10 +107,13 @@ def user_error_from(report: dict[str, Any] | None, stage: str, returncode: int, 
 
 def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = None, force: bool = False,
                   echo: Callable[[str], None] = print) -> StageOutcome:
-    """``dvc repro --single-item STAGE``: DVC decides whether the stage is stale and records it in dvc.lock."""
+    """``dvc repro --single-item STAGE`` (ingest: ``dvc repro ingest``, with the fingerprint stage before it): DVC
+    decides whether the stage is stale and records it in dvc.lock."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    # ingest brings its upstream, the fingerprint stage that dvc.yaml runs on every repro (it tells DVC whether the
+    # source's data changed); every other stage runs alone.
+    args = ["repro", *([] if stage == "ingest" else ["--single-item"]), stage] + (["--force"] if force else [])
     with tempfile.TemporaryDirectory(prefix="sslpipe-stage-") as tmp:
         report_path = Path(tmp) / "report.json"
         env = subprocess_env({**(env_extra or {}), STAGE_REPORT_ENV: str(report_path)})
@@ -129,7 +132,8 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
     if returncode != 0:
         tail = "\n".join(lines[-40:])
         raise user_error_from(report, stage, returncode, tail) or StageFailed(stage, returncode, tail)
-    if report is None:  # DVC found the stage up to date (or restored it from its run cache)
+    if report is None or report.get("stage") != stage:
+        # DVC found the stage up to date (or restored it from its run cache); only the fingerprint may have run.
         return StageOutcome(stage=stage, executed=False, seconds=seconds)
     return StageOutcome(stage=stage, executed=True, seconds=seconds,
                         startup_seconds=report["work_started"] - report["process_started"],

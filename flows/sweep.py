@@ -189,7 +189,8 @@ def sweep(methods: list[str], labels_per_class: list[int], seeds: list[int] = (0
         raise ConfigError("the sweep grid is empty: give at least one method, label budget and seed")
     raw = read_raw_params(root_path / "params.yaml")
     for point in points:  # every point is validated before the first one runs
-        check_label_budget(parse_params(apply_overrides(raw, point.overrides), origin=f"sweep point {point}"))
+        check_label_budget(parse_params(apply_overrides(raw, point.overrides), origin=f"sweep point {point}"),
+                           root_path)
     if workers > 1 and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
         raise ConfigError("parallel sweep points need an MLflow tracking server (SQLite takes one writer): "
                           "start `mlflow server` and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000, or use workers=1")

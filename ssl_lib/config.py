@@ -30,6 +30,9 @@ class DataParams(_Section):
     label_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     val_per_class: int = Field(default=10, ge=0)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # Decoding processes for a folder source; None = one per core. Not a dependency of ingest (dvc.yaml): the
+    # output is the same with any number.
+    workers: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_label_budget(self) -> DataParams:
@@ -202,12 +205,14 @@ class EvaluateParams(_Section):
 
 class PipelineParams(_Section):
     seed: int = Field(default=0, ge=0)
-    data: DataParams = DataParams()
-    pseudo_labels: PseudoLabelParams = PseudoLabelParams()
-    pretrain: PretrainParams = PretrainParams()
-    finetune: FinetuneParams = FinetuneParams()
-    self_train: SelfTrainParams = SelfTrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    # Factories, not instances: building PretrainParams() here would import the method registry (and torch)
+    # with this module, and every process that only reads params would pay for it.
+    data: DataParams = Field(default_factory=DataParams)
+    pseudo_labels: PseudoLabelParams = Field(default_factory=PseudoLabelParams)
+    pretrain: PretrainParams = Field(default_factory=PretrainParams)
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+    self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
 
 
 def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tuple[str, ...] = ()) -> str:
@@ -261,6 +266,19 @@ def read_raw_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 def load_params(path: str | Path = "params.yaml") -> PipelineParams:
     """Read and validate params.yaml."""
     return parse_params(read_raw_params(path), origin=str(path))
+
+
+def load_data_params(path: str | Path = "params.yaml") -> DataParams:
+    """Read and validate params.yaml's data section alone: cheap (no method registry, no torch) for a process
+    that needs nothing else, such as the fingerprint stage that runs on every `dvc repro`."""
+    raw = read_raw_params(path)
+    section = raw.get("data", {}) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: data must be a mapping (source, path, labels_per_class, ...)")
+    try:
+        return DataParams.model_validate(section)
+    except ValidationError as err:
+        raise ConfigError(format_validation_errors(err, str(path), loc_prefix=("data",))) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -13,8 +13,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ssl_lib.config import PipelineParams, load_params
+from ssl_lib.config import load_params
 from ssl_lib.errors import UserError
 from tasks.environment import configure_environment
 
@@ -39,17 +40,18 @@ def _write_report(report: dict) -> None:
         Path(target).write_text(json.dumps(report))
 
 
-def run_stage_cli(stage: str, body: Callable[[PipelineParams], object]) -> None:
+def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str], Any] = load_params) -> None:
     """Entry point of ``python -m tasks.<stage>``: what dvc.yaml calls.
 
-    A ``UserError`` is printed as one line and the process exits 2; anything else is a bug (or a transient
-    failure) and keeps its traceback.
+    ``load`` reads params.yaml for ``body``: all of it (PipelineParams) by default, or one section. A
+    ``UserError`` is printed as one line and the process exits 2; anything else is a bug (or a transient failure)
+    and keeps its traceback.
     """
     configure_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = {"stage": stage, "process_started": process_start_time(), "work_started": time.time()}
     try:
-        params = load_params("params.yaml")  # DVC runs each stage in the repository root
+        params = load("params.yaml")  # DVC runs each stage in the repository root
         body(params)
     except UserError as err:
         _write_report({**report, "user_error": {"kind": type(err).__name__, "message": str(err)}})

@@ -5,23 +5,29 @@ writes nothing, and turns an impossible combination into one UserError before an
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ssl_lib.config import PipelineParams
 
 
-def check_label_budget(params: PipelineParams) -> None:
+def check_label_budget(params: PipelineParams, root: Path | None = None) -> None:
     """Fail before any compute when the data cannot serve the params, with a UserError naming the fix.
 
     A label budget the classes cannot meet raises LabelBudgetError (from assign_splits), a knn_k above the
-    self-training pool ConfigError, a method that cannot use these images MethodRequirementError. It reads
-    the source once without writing anything, so a bad budget leaves no partial outputs.
+    self-training pool ConfigError, a method that cannot use these images MethodRequirementError. It lists the
+    source without decoding a folder's images (file hashes from the cache of the project at ``root``) and
+    writes nothing, so a bad budget leaves no partial outputs. Files that fail only when decoded are counted
+    here; ingest, which drops them, checks the budget again.
     """
-    from ssl_lib.data.sources import load_source
+    from ssl_lib.data.sources import RawDataset, load_source
     from ssl_lib.data.splits import assign_splits
+    from tasks import paths
 
     data = params.data
-    raw = load_source(data.source, data.path)
+    raw = load_source(data.source, data.path, cache_file=None if root is None else root / paths.SOURCE_HASH_CACHE)
     splits = assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class,
-                           data.label_fraction, data.val_per_class, data.test_fraction, class_names=raw.class_names)
+                           data.label_fraction, data.val_per_class, data.test_fraction, keys=raw.keys,
+                           class_names=raw.class_names)
     from ssl_lib.errors import ConfigError, MethodRequirementError
 
     pool_size = int(((splits == "unlabeled") | (splits == "labeled")).sum())
@@ -31,8 +37,11 @@ def check_label_budget(params: PipelineParams) -> None:
     from ssl_lib.methods import get_method
 
     needed = get_method(params.pretrain.method).required_channels
-    if needed and raw.images.shape[-1] != needed:
+    # A folder holding no file that can store colour is grey; one that does is decoded as RGB (and narrowed to
+    # grey by ingest only if every image turns out grey: the method's own check catches that).
+    channels = raw.images.shape[-1] if isinstance(raw, RawDataset) else 3 if raw.decode_mode == "RGB" else 1
+    if needed and channels != needed:
         raise MethodRequirementError(
             f"pretrain.method {params.pretrain.method!r} needs {needed}-channel images, but data.source "
-            f"{data.source!r} has {raw.images.shape[-1]}: use a colour dataset (e.g. data.source=folder with "
+            f"{data.source!r} has {channels}: use a colour dataset (e.g. data.source=folder with "
             "RGB images) or another method")

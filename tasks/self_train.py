@@ -95,6 +95,16 @@ def run(params: PipelineParams) -> dict:
                                     class_names=data.class_names, model_params=trained_from)
         if registered["version"]:
             tag_version(registered["name"], registered["version"], trained_from)
+        # What this model has seen (digests of every non-test image's key): the record that lets anyone check
+        # a comparison with another model was made on images neither has seen.
+        import tempfile
+        from pathlib import Path
+
+        from ssl_lib.data.prepared import SEEN_KEYS_FILE
+
+        with tempfile.TemporaryDirectory() as tmp:
+            np.save(Path(tmp) / SEEN_KEYS_FILE, data.seen_keys(), allow_pickle=False)
+            mlflow.log_artifact(str(Path(tmp) / SEEN_KEYS_FILE))
         ran = list(settings.steps) if settings.steps and settings.rounds > 0 else ["none"]
         write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": ran,
                                       "rounds": settings.rounds, "registered_model": registered})

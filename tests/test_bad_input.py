@@ -198,7 +198,7 @@ def test_predict_with_a_missing_model_is_one_line(tmp_path: Path):
 def test_a_bug_in_a_command_is_not_shown_as_a_user_error(project: Path, monkeypatch):
     import tasks.preflight
 
-    def buggy(params):
+    def buggy(params, root=None):
         raise ValueError("list index out of range, say")
 
     monkeypatch.setattr(tasks.preflight, "check_label_budget", buggy)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from pathlib import Path
 
@@ -252,10 +253,11 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-def test_folder_source(image_folder):
-    raw = load_source("folder", image_folder)
+def test_folder_source(image_folder, tmp_path):
+    raw = load_source("folder", image_folder)  # listed and hashed, not decoded
     assert raw.class_names == ["cat", "dog", "eel"]
-    assert raw.images.shape == (17, 4, 6, 3)  # any colour -> RGB; most common size (w6, h4)
+    assert len(raw.source_ids) == 17 and raw.size_wh == (6, 4)  # most common size (w6, h4), from the headers
+    assert raw.keys == [hashlib.sha256((image_folder / s).read_bytes()).hexdigest() for s in raw.source_ids]
     ids = dict(zip(raw.source_ids, raw.labels.tolist(), strict=True))
     assert ids["stray.png"] == -1 and ids["unlabeled/u0.webp"] == -1
     assert ids["cat/c0.png"] == 0 and ids["dog/d3.JPG"] == 1 and ids["eel/e0.bmp"] == 2
@@ -266,8 +268,13 @@ def test_folder_source(image_folder):
     skipped = dict(raw.skipped)
     assert set(skipped) == {"dog/broken.png", "test/loose.png"}
     assert "not a readable image" in skipped["dog/broken.png"]
-    grey = raw.images[raw.source_ids.index("eel/e1.bmp")]
+    ingest("folder", str(image_folder), 0, 1, None, 1, 0.5, tmp_path / "prep", workers=1)
+    prepared = load_prepared(tmp_path / "prep")
+    assert prepared.images.shape == (17, 4, 6, 3)  # any colour -> RGB
+    assert prepared.manifest["source_id"].tolist() == raw.source_ids and prepared.manifest["key"].tolist() == raw.keys
+    grey = prepared.images[raw.source_ids.index("eel/e1.bmp")]
     assert np.all(grey == 101)  # grey images are replicated into all three channels
+    assert np.all(prepared.images[raw.source_ids.index("dog/odd.png")] == (1, 2, 3))  # resized
 
 
 def test_folder_ingest_reports_skipped(image_folder, tmp_path):
@@ -285,10 +292,10 @@ def test_folder_ingest_reports_skipped(image_folder, tmp_path):
 
 def test_folder_greyscale_and_explicit_size(tmp_path):
     for i in range(2):
-        _save(tmp_path / "a" / f"{i}.png", 10, size=(8, 8), mode="L")
-        _save(tmp_path / "b" / f"{i}.gif", (30, 30, 30), size=(5, 7))  # grey content in RGB mode
-    raw = load_source("folder", tmp_path, image_size=(3, 4))
-    assert raw.images.shape == (4, 3, 4, 1)
+        _save(tmp_path / "src" / "a" / f"{i}.png", 10, size=(8, 8), mode="L")
+        _save(tmp_path / "src" / "b" / f"{i}.gif", (30, 30, 30), size=(5, 7))  # grey content in RGB mode
+    meta = ingest("folder", tmp_path / "src", 0, 1, None, 0, 0.0, tmp_path / "out", image_size=(3, 4))
+    assert meta["shape"] == [3, 4, 1]  # every image grey (the RGB gifs too): one channel
 
 
 # --------------------------------------------------------------------------- bad input
@@ -415,7 +422,6 @@ def test_corrupt_idx_file_is_a_user_error(tmp_path):
 
 def test_broken_internal_invariants_are_not_user_errors(tmp_path):
     """A loader or caller bug keeps a plain ValueError (and its traceback), never a one-line user error."""
-    from ssl_lib.data.ingest import write_prepared
     from ssl_lib.data.sources import RawDataset
     from ssl_lib.errors import UserError
 
@@ -423,10 +429,8 @@ def test_broken_internal_invariants_are_not_user_errors(tmp_path):
         RawDataset(images=np.zeros((2, 4, 4), np.uint8), labels=np.zeros(2, np.int64), source_ids=["a", "b"],
                    predefined_test=np.zeros(2, bool), class_names=["x"], source="test", source_version="0")
     assert not isinstance(info.value, UserError)
-    raw = RawDataset(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.zeros(2, np.int64), source_ids=["a", "b"],
-                     predefined_test=np.zeros(2, bool), class_names=["x"], source="test", source_version="0")
     with pytest.raises(ValueError) as info:
-        write_prepared(tmp_path / "out", raw, np.array(["labeled"]))
+        assign_splits(np.zeros(2, np.int64), np.zeros(2, bool), 0, 1, None, 0, 0.2, keys=["a"])
     assert not isinstance(info.value, UserError)
     with pytest.raises(ValueError) as info:
         assign_splits(np.zeros((2, 2), np.int64), np.zeros(4, bool), 0, 1, None, 0, 0.2)

@@ -81,6 +81,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     from sklearn.datasets import load_digits
 
     from flows.retrain import retrain
+    from ssl_lib.data.prepared import key_digests, load_prepared
 
     digits = load_digits()
     images = tmp_path / "images"
@@ -98,6 +99,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     again = retrain(margin=0.0, root=str(project))  # nothing changed: nothing reruns
     assert again["decision"].startswith("unchanged") and (project / "dvc.lock").read_text() == lock_before
 
+    before = load_prepared(project / "data/prepared").manifest.set_index("key")
     for i, (image, label) in enumerate(zip(digits.images[400:450], digits.target[400:450], strict=True)):
         Image.fromarray((image * 255 / 16).astype(np.uint8)).save(images / str(label) / f"new{i}.png")
     changed = retrain(margin=0.0, root=str(project))
@@ -105,3 +107,30 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     assert new_meta["num_images"] == meta["num_images"] + 50
     assert new_meta["source_version"] != meta["source_version"]
     assert int(changed["new_version"]) == int(first["new_version"]) + 1
+
+    # The evaluate stage compared the two on the new test split, which neither model had seen: the champion
+    # trained on the first data version, whose images all kept their splits, the new model on the second.
+    data = load_prepared(project / "data/prepared")
+    after = data.manifest.set_index("key")
+    assert after.loc[before.index, "split"].tolist() == before["split"].tolist()
+    test_digests = key_digests(data.manifest.loc[data.manifest.split == "test", "key"].tolist())
+    assert len(test_digests) > 0
+    for version in (first["new_version"], changed["new_version"]):
+        seen = _seen_keys("folder-classifier", version)
+        assert len(seen) > 0 and not np.isin(test_digests, seen).any(), version
+    assert "champion" in changed["decision"] or changed["decision"].startswith("promoted"), changed
+
+
+def _seen_keys(name: str, version: str):
+    """The key digests registered model ``name`` v``version`` recorded as seen (its run's seen_keys.npy)."""
+    import tempfile
+
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from ssl_lib.data.prepared import SEEN_KEYS_FILE
+
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        return np.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SEEN_KEYS_FILE, dst_path=tmp))

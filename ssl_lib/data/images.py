@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .sources import IMAGE_EXTENSIONS, _open_image, _to_array, _walk_images
+from .decode import open_image, to_array
+from .files import IMAGE_EXTENSIONS, walk_images
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
         return [root.name] if root.suffix.lower() in IMAGE_EXTENSIONS else []
     if not root.is_dir():
         raise DataError(f"{str(root)!r} is neither a folder of images nor an image file")
-    return _walk_images(root)
+    return walk_images(root)
 
 
 def read_images(root: str | os.PathLike[str], channels: int, height: int, width: int) -> ImageBatch:
@@ -38,7 +39,7 @@ def read_images(root: str | os.PathLike[str], channels: int, height: int, width:
     paths, arrays, failed = [], [], []
     for rel in list_images(root):
         try:
-            arrays.append(_to_array(_open_image(base / rel), mode, (width, height)))
+            arrays.append(to_array(open_image(base / rel), mode, (width, height)))
             paths.append(rel)
         except Exception as err:  # any decoder error means "unreadable"; it is reported, not raised
             failed.append((rel, f"{type(err).__name__}: {err}"))

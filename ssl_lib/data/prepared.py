@@ -1,8 +1,10 @@
 """Reading the prepared dataset (layout in ``ssl_lib.data.layout``, written by ``ssl_lib.data.ingest``)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,16 @@ import numpy as np
 import pandas as pd
 
 from .errors import DataError
-from .layout import IMAGES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, META_FILE, POOL_FILE, SPLITS
+from .layout import IMAGES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, META_FILE, POOL_FILE, SPLITS, read_manifest
 
 _FIX = "run the ingest stage: dvc repro ingest"
+SEEN_KEYS_FILE = "seen_keys.npy"  # the name a model's seen keys are recorded under (``PreparedDataset.seen_keys``)
+
+
+def key_digests(keys: Sequence[str]) -> np.ndarray:
+    """A 64-bit digest of each image key (manifest's ``key``): compact enough to record with every model."""
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") for k in keys],
+                    dtype=np.uint64)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays and DataFrames have no plain ==
@@ -39,6 +48,15 @@ class PreparedDataset:
         idx = self.indices(name)
         return np.asarray(self.images[idx]), self.manifest["label"].to_numpy(dtype=np.int64)[idx]
 
+    def seen_keys(self) -> np.ndarray:
+        """Sorted key digests of every image a model built on this data may have trained or been selected on.
+
+        That is every non-test image: pretraining and self-training use the unlabeled ones too. A model recorded
+        with these can later be compared with another only on test images neither has seen.
+        """
+        keys = self.manifest["key"].to_numpy()[self.manifest["split"].to_numpy() != "test"]
+        return np.unique(key_digests(keys.tolist()))
+
     def pretrain_pool(self) -> np.ndarray:
         """Images of every non-test split (unlabeled + labeled + val): the self-supervised pool."""
         idx = np.flatnonzero(self.manifest["split"].to_numpy() != "test")
@@ -55,9 +73,7 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
         raise DataError(f"prepared dataset {root} lacks {', '.join(missing)}; {_FIX}")
     try:
         meta = json.loads((root / META_FILE).read_text())
-        manifest = pd.read_csv(root / MANIFEST_FILE, keep_default_na=False,
-                               dtype={"split": str, "source_id": str, "sha1": str, "label": np.int64,
-                                      "index": np.int64})
+        manifest = read_manifest(root / MANIFEST_FILE)
         images = np.load(root / IMAGES_FILE, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, TypeError, pd.errors.ParserError) as exc:
         raise DataError(f"prepared dataset {root} is corrupt ({type(exc).__name__}: {exc}); {_FIX}") from exc

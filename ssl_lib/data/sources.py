@@ -1,7 +1,9 @@
-"""Load a raw image source (Fashion-MNIST, sklearn digits, or a folder of images) into memory.
+"""Open a raw image source: Fashion-MNIST, sklearn digits, or a folder of images.
 
-Every source ends up as the same ``RawDataset`` so the split and prepare steps never need to
-know where the pixels came from.
+The fixed releases (Fashion-MNIST, digits) are small and load into memory (``RawDataset``). A folder is only
+listed, hashed and its headers read (``FolderSource``): ingest decodes its files once, in parallel, straight into
+the prepared images.npy. Both describe their images the same way (``SourceIndex``), so splits never need to
+know where the pixels come from. ``source_fingerprint`` identifies a source's data without decoding it.
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .decode import GREY_MODES
 from .errors import DataError
+from .files import IMAGE_EXTENSIONS, FileRecord, folder_version, scan_files
 from .idx import read_idx
 
 SOURCES: tuple[str, ...] = ("fashion-mnist", "digits", "folder")
@@ -25,7 +29,6 @@ FASHION_MNIST_CLASSES: list[str] = [
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_DIR = Path("~/.cache/ssl-pipeline")
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 # Reserved folder names inside a `folder` source; everything else at the top level is a class.
 TEST_DIR = "test"
 UNLABELED_DIR = "unlabeled"
@@ -38,46 +41,78 @@ _FASHION_FILES = {
 }
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is ambiguous
-class RawDataset:
-    """All images of a source, in a deterministic order, before any split is chosen."""
+@dataclass(frozen=True, eq=False, kw_only=True)  # eq=False: comparing numpy arrays with == is ambiguous
+class SourceIndex:
+    """Every image of a source, in a deterministic order, before any split is chosen."""
 
-    images: np.ndarray            # uint8 (N, H, W, C)
     labels: np.ndarray            # int64 (N,), -1 = unlabeled
-    source_ids: list[str]         # stable id per image, e.g. "train/00123" or "cat/001.png"
+    source_ids: list[str]         # id per image, e.g. "train/00123" or "cat/001.png"
     predefined_test: np.ndarray   # bool (N,), True where the source itself says "test"
     class_names: list[str]
     source: str
-    source_version: str
+    source_version: str           # the source's data version (its fingerprint)
+    # Identity per image for splits and reuse: a content hash; None for a fixed release, whose images are
+    # identified by their position (their source_id).
+    keys: list[str] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
     def __post_init__(self) -> None:
         # The loaders check the user's files (with DataError) before building this: what fails here is a
         # loader's bug, so it stays a plain ValueError with its traceback.
-        n = len(self.images)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"{self.source}: images must be uint8 (N, H, W, C), "
-                             f"got {self.images.dtype} {self.images.shape}")
-        if self.labels.shape != (n,) or self.predefined_test.shape != (n,) or len(self.source_ids) != n:
-            raise ValueError(f"{self.source}: images, labels, predefined_test and source_ids "
+        n = len(self.source_ids)
+        if self.labels.shape != (n,) or self.predefined_test.shape != (n,) \
+                or (self.keys is not None and len(self.keys) != n):
+            raise ValueError(f"{self.source}: labels, predefined_test, source_ids and keys "
                              "must all have one entry per image")
         if n and (self.labels.min() < -1 or self.labels.max() >= len(self.class_names)):
             raise ValueError(f"{self.source}: labels must be -1 (unlabeled) or a class index "
                              f"below {len(self.class_names)}")
 
+    @property
+    def identities(self) -> list[str]:
+        """The key of each image: its content key, or its source id for a fixed release."""
+        return list(self.keys) if self.keys is not None else list(self.source_ids)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RawDataset(SourceIndex):
+    """A source held in memory with its pixels."""
+
+    images: np.ndarray            # uint8 (N, H, W, C)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"{self.source}: images must be uint8 (N, H, W, C), "
+                             f"got {self.images.dtype} {self.images.shape}")
+        if len(self.images) != len(self.source_ids):
+            raise ValueError(f"{self.source}: images, labels, predefined_test and source_ids "
+                             "must all have one entry per image")
+        super().__post_init__()
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class FolderSource(SourceIndex):
+    """A folder's usable image files (not decoded) and how ingest decodes them."""
+
+    root: Path
+    records: list[FileRecord]     # one per image, aligned with source_ids
+    size_wh: tuple[int, int]      # every image is resized to this (width, height)
+    decode_mode: str              # "L" when no file can hold colour, else "RGB" (grey results are narrowed later)
+
 
 def load_source(name: str, path: str | os.PathLike[str] | None = None, *,
-                image_size: int | tuple[int, int] | None = None) -> RawDataset:
-    """Load source ``name`` ("fashion-mnist", "digits" or "folder") from ``path``.
+                image_size: int | tuple[int, int] | None = None,
+                cache_file: str | os.PathLike[str] | None = None) -> RawDataset | FolderSource:
+    """Open source ``name`` ("fashion-mnist", "digits" or "folder") at ``path``.
 
-    ``image_size`` ((height, width) or one int for square) only applies to "folder"; the other
-    sources have a fixed native size.
+    ``image_size`` ((height, width) or one int for square) only applies to "folder"; the other sources have a
+    fixed native size. ``cache_file`` keeps a folder's file hashes between calls (``files.scan_files``).
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in SOURCES:
         raise DataError(f"unknown data source {name!r}; set data.source to one of: {', '.join(SOURCES)}")
     if key == "folder":
-        return load_folder(path, image_size=image_size)
+        return load_folder(path, image_size=image_size, cache_file=cache_file)
     if image_size is not None:
         raise DataError(f"data.image_size only applies to the 'folder' source; "
                         f"remove it (set it to null) for {key!r}")
@@ -87,6 +122,21 @@ def load_source(name: str, path: str | os.PathLike[str] | None = None, *,
                             "set data.path to null")
         return load_digits()
     return load_fashion_mnist(path)
+
+
+def source_fingerprint(name: str, path: str | os.PathLike[str] | None = None, *,
+                       cache_file: str | os.PathLike[str] | None = None) -> dict[str, object]:
+    """What identifies the source's data: its name, data version, classes and file count. Decodes no image.
+
+    A folder's version digests every file's path and content hash (hashes cached by file metadata); a fixed
+    release's digests its decoded arrays (digits: the scikit-learn release). The classes are there too, since a
+    folder's (empty) class directories name classes without adding a file. The same data always give the same
+    fingerprint, so the ingest stage (which depends on it) reruns exactly when the data changed.
+    """
+    source = load_source(name, path, cache_file=cache_file)
+    count = len(source.records) + len(source.skipped) if isinstance(source, FolderSource) else len(source.labels)
+    return {"source": source.source, "source_version": source.source_version, "class_names": source.class_names,
+            "num_files": count}
 
 
 # --------------------------------------------------------------------------- fashion-mnist
@@ -203,17 +253,6 @@ def load_digits() -> RawDataset:
 
 # --------------------------------------------------------------------------- folder
 
-def _walk_images(root: Path) -> list[str]:
-    """Relative POSIX paths of image files under ``root``, sorted; hidden entries are ignored."""
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                found.append((Path(dirpath) / name).relative_to(root).as_posix())
-    return sorted(found)
-
-
 def _class_dirs(directory: Path, reserved: set[str]) -> list[str]:
     if not directory.is_dir():
         return []
@@ -234,43 +273,6 @@ def _role(rel: str, class_index: dict[str, int]) -> tuple[int, bool] | str:
     return class_index[parts[0]], False
 
 
-def _open_image(path: Path):  # -> PIL.Image.Image, kept untyped so PIL is imported lazily
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.load()  # decode now so a truncated file fails here, not later
-        # Copy before the file closes: a closed PIL image refuses all further operations.
-        upright = ImageOps.exif_transpose(img)
-        return upright if upright is not None else img.copy()
-
-
-def _is_colour(img) -> bool:
-    if img.mode in ("1", "L", "LA", "I", "I;16", "F"):
-        return False
-    rgb = np.asarray(img.convert("RGB"))
-    # A colour-mode file whose channels are all equal (e.g. a grey JPEG saved as RGB) is grey.
-    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
-
-
-def _to_array(img, mode: str, size_wh: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Flatten transparency onto white; a plain convert would expose arbitrary hidden colours.
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    elif img.mode in ("I", "I;16", "F"):
-        # Wide grey modes: PIL's convert("L") clips instead of rescaling, so rescale by hand.
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode == "I;16" or values.max() > 255 else 255.0
-        img = Image.fromarray(np.rint(values.clip(0, top) * (255.0 / top)).astype(np.uint8))
-    img = img.convert(mode)
-    if img.size != size_wh:
-        img = img.resize(size_wh, Image.Resampling.BILINEAR)
-    array = np.asarray(img, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
-
-
 def _normalise_size(image_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
     """(height, width) from an int or a pair; None means 'use the most common size'."""
     if image_size is None:
@@ -286,14 +288,15 @@ def _normalise_size(image_size: int | tuple[int, int] | list[int] | None) -> tup
     return h, w
 
 
-def load_folder(path: str | os.PathLike[str] | None, *,
-                image_size: int | tuple[int, int] | None = None) -> RawDataset:
+def load_folder(path: str | os.PathLike[str] | None, *, image_size: int | tuple[int, int] | None = None,
+                cache_file: str | os.PathLike[str] | None = None) -> FolderSource:
     """Images from a directory tree: ``<class>/...`` labeled, root files or ``unlabeled/...``
-    unlabeled, ``test/<class>/...`` the predefined test set.
+    unlabeled, ``test/<class>/...`` the predefined test set. Lists them; decodes nothing.
 
-    Corrupt or unusable files are listed in ``skipped`` and left out, never fatal. All images get
-    one mode (RGB if any image has colour, else L) and one size (``image_size`` as (height, width),
-    else the most common size), resized bilinearly.
+    Unusable files (unreadable, not an image, a test image without a class) are listed in ``skipped``, never
+    fatal; files that fail only when decoded are skipped by ingest. All images get one mode (RGB if any image
+    has colour, else L) and one size (``image_size`` as (height, width), else the most common size, read from
+    the headers), resized bilinearly. Each image's key is the sha256 of its file.
     """
     if path is None:
         raise DataError("the 'folder' source needs a directory: set data.path")
@@ -307,58 +310,42 @@ def load_folder(path: str | os.PathLike[str] | None, *,
                          | set(_class_dirs(root / TEST_DIR, {UNLABELED_DIR})))
     class_index = {name: i for i, name in enumerate(class_names)}
 
+    records = scan_files(root, cache_file)
     skipped: list[tuple[str, str]] = []
-    digest = hashlib.sha256()
-    candidates: list[tuple[str, int, bool, tuple[int, int], bool]] = []  # rel, label, test, (w,h), colour
-    # First pass only inspects, so memory stays at one decoded image however large the files are.
-    for rel in _walk_images(root):
-        file = root / rel
-        try:
-            raw = file.read_bytes()
-        except OSError as exc:
-            skipped.append((rel, f"unreadable: {exc}"))
-            continue
-        digest.update(rel.encode() + b"\0" + hashlib.sha256(raw).digest())
-        role = _role(rel, class_index)
-        if isinstance(role, str):
-            skipped.append((rel, role))
-            continue
-        try:
-            img = _open_image(file)
-            candidates.append((rel, role[0], role[1], img.size, _is_colour(img)))
-        except Exception as exc:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
-            skipped.append((rel, f"not a readable image: {type(exc).__name__}: {exc}"))
-
-    if not candidates:
+    kept: list[tuple[FileRecord, int, bool]] = []
+    for record in records:
+        # The order of the checks decides the reason reported: unreadable, then misplaced, then not an image.
+        role = _role(record.rel, class_index)
+        if record.error.startswith("unreadable"):
+            skipped.append((record.rel, record.error))
+        elif isinstance(role, str):
+            skipped.append((record.rel, role))
+        elif record.error:
+            skipped.append((record.rel, record.error))
+        else:
+            kept.append((record, role[0], role[1]))
+    if not kept:
         raise DataError(f"no readable images found under {root} ({len(skipped)} skipped); put image files "
                         f"({', '.join(sorted(IMAGE_EXTENSIONS))}) in one sub-folder per class")
 
-    mode = "RGB" if any(c[4] for c in candidates) else "L"
     if target_hw is None:
         # Most common size; ties go to the smallest so the choice never depends on file order.
-        counts = Counter(c[3] for c in candidates)
+        counts = Counter((r.width, r.height) for r, _, _ in kept)
         size_wh = min(counts, key=lambda wh: (-counts[wh], wh[1] * wh[0], wh))
     else:
         size_wh = (target_hw[1], target_hw[0])
-
-    arrays: list[np.ndarray] = []
-    kept: list[tuple[str, int, bool]] = []
-    for rel, label, is_test, _, _ in candidates:
-        try:
-            arrays.append(_to_array(_open_image(root / rel), mode, size_wh))
-            kept.append((rel, label, is_test))
-        except Exception as exc:  # the file changed between passes; treat it like any bad file
-            skipped.append((rel, f"not a readable image: {type(exc).__name__}: {exc}"))
-    if not arrays:
-        raise DataError(f"no readable images found under {root}; see the skipped files")
-
-    return RawDataset(
-        images=np.stack(arrays),
+    decode_mode = "L" if all(r.mode in GREY_MODES for r, _, _ in kept) else "RGB"
+    return FolderSource(
         labels=np.array([k[1] for k in kept], dtype=np.int64),
-        source_ids=[k[0] for k in kept],
+        source_ids=[k[0].rel for k in kept],
         predefined_test=np.array([k[2] for k in kept], dtype=bool),
         class_names=class_names,
         source="folder",
-        source_version=f"sha256:{digest.hexdigest()}",
+        source_version=folder_version(records),
+        keys=[k[0].sha256 for k in kept],
         skipped=sorted(skipped),
+        root=root,
+        records=[k[0] for k in kept],
+        size_wh=size_wh,
+        decode_mode=decode_mode,
     )

@@ -1,0 +1,146 @@
+"""A folder's image files, identified without decoding them: listing, content hashes and image headers.
+
+Each file is read once for its sha256 and its header (size, mode). Those are cached by file metadata (size,
+mtime, inode), as DVC caches its own hashes, so listing an unchanged folder of 100,000 files costs a ``stat``
+per file, not a read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io import atomic_path
+from .decode import probe
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+_CACHE_FORMAT = 1
+_CHUNK = 256  # files per thread task
+
+
+@dataclass(frozen=True, slots=True)  # slots: one of these per file, 100,000s of them
+class FileRecord:
+    """One image file of a folder; ``error`` is why it cannot be used ("" when it can)."""
+
+    rel: str          # POSIX path relative to the folder
+    size: int
+    mtime_ns: int
+    inode: int
+    sha256: str       # hex digest of the file's bytes; "" when unreadable
+    width: int        # upright size and PIL mode from the header; 0, 0, "" when it is not an image
+    height: int
+    mode: str
+    error: str
+
+
+def default_workers() -> int:
+    """One worker per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def walk_images(root: Path) -> list[str]:
+    """Relative POSIX paths of image files under ``root``, sorted; hidden entries are ignored."""
+    found: list[str] = []
+    # Plain strings, not pathlib: this runs once per file of folders with 100,000s of them.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(prefix + name)
+    return sorted(found)
+
+
+def _read(root: Path, rel: str, st: os.stat_result) -> FileRecord:
+    meta = (rel, st.st_size, st.st_mtime_ns, st.st_ino)
+    path = os.path.join(root, rel)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return FileRecord(*meta, sha256="", width=0, height=0, mode="", error=f"unreadable: {exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        width, height, mode = probe(data, root / rel)  # names the file as Path(root) / rel, as decoding does
+    except Exception as exc:  # PIL raises many types for bad files (OSError, SyntaxError, ...)
+        return FileRecord(*meta, sha256=digest, width=0, height=0, mode="",
+                          error=f"not a readable image: {type(exc).__name__}: {exc}")
+    return FileRecord(*meta, sha256=digest, width=width, height=height, mode=mode, error="")
+
+
+def _cache_key(root: Path) -> dict[str, object]:
+    import PIL
+
+    # Headers are read by PIL: another release may read them differently.
+    return {"format": _CACHE_FORMAT, "root": str(root.resolve()), "pillow": PIL.__version__}
+
+
+def _load_cache(cache_file: Path | None, root: Path) -> dict[str, FileRecord]:
+    if cache_file is None or not cache_file.is_file():
+        return {}
+    try:
+        data = json.loads(cache_file.read_text())
+        if data.get("key") != _cache_key(root):
+            return {}
+        return {rel: FileRecord(rel, *row) for rel, row in data["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {}  # a damaged cache only costs a re-read
+
+
+def _save_cache(cache_file: Path, root: Path, records: Iterable[FileRecord]) -> None:
+    files = {r.rel: [r.size, r.mtime_ns, r.inode, r.sha256, r.width, r.height, r.mode, r.error]
+             for r in records if not r.error.startswith("unreadable")}
+    with atomic_path(cache_file) as tmp:
+        tmp.write_text(json.dumps({"key": _cache_key(root), "files": files}, separators=(",", ":")))
+
+
+def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] | None = None,
+               workers: int | None = None) -> list[FileRecord]:
+    """Every image file under ``root`` (sorted by path) with its hash and header.
+
+    Files whose size, mtime and inode match ``cache_file`` are not read again; the cache is rewritten when
+    anything changed. ``workers`` threads read and hash (hashlib and file reads release the GIL).
+    """
+    root = Path(root)
+    cache_path = Path(cache_file) if cache_file is not None else None
+    cached = _load_cache(cache_path, root)
+    records: dict[str, FileRecord] = {}
+    todo: list[tuple[str, os.stat_result]] = []
+    for rel in walk_images(root):
+        try:
+            st = os.stat(os.path.join(root, rel))
+        except OSError as exc:  # vanished or unreadable between listing and stat
+            records[rel] = FileRecord(rel, 0, 0, 0, "", 0, 0, "", f"unreadable: {exc}")
+            continue
+        hit = cached.get(rel)
+        if hit is not None and (hit.size, hit.mtime_ns, hit.inode) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            records[rel] = hit
+        else:
+            todo.append((rel, st))
+    if todo:
+        # Files go to the threads in chunks: one future per file would cost more memory than its record.
+        chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
+        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+            for chunk in pool.map(lambda part: [_read(root, *item) for item in part], chunks):
+                records.update((record.rel, record) for record in chunk)
+    result = [records[rel] for rel in sorted(records)]
+    if cache_path is not None and (todo or len(cached) != len(result)):
+        _save_cache(cache_path, root, result)
+    return result
+
+
+def folder_version(records: Iterable[FileRecord]) -> str:
+    """The folder's content version: a digest of every readable file's path and content hash."""
+    digest = hashlib.sha256()
+    for r in records:
+        if r.sha256:
+            digest.update(r.rel.encode() + b"\0" + bytes.fromhex(r.sha256))
+    return f"sha256:{digest.hexdigest()}"
