@@ -104,6 +104,9 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
 
     from tasks.mlflow_pytorch import import_mlflow_pytorch
 
+    # Exported as it is: a model left in training mode would normalise each batch by its own statistics, and the
+    # registered model would then disagree with the one that was evaluated (a self_train.method: none bug, now tested).
+    model = model.eval()
     example = model_input(example_images)
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()

@@ -445,7 +445,8 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
     names = [str(i) for i in range(10)]
     predicted = table["predicted_class"].astype(str).map(names.index).to_numpy()
     accuracy = float((predicted == test["label"].to_numpy()).mean())
-    assert accuracy == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6)
+    versions = {v.version: v.tags for v in _client().search_model_versions("name = 'test-classifier'")}
+    assert accuracy == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6), (version.version, versions)
 
 
 def test_a_new_label_budget_reuses_the_pretrained_encoder(flow_run):
