@@ -45,7 +45,6 @@ def run(params: PipelineParams) -> dict:
         spec = {k: info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
         model = build_classifier(**spec)
         model.load_state_dict(torch.load(paths.SSL_CLASSIFIER, weights_only=True, map_location="cpu"))
-        model.eval()  # with method none this is the final model as it is registered
         settings = self_train_settings(params)
         splits = data.manifest["split"].to_numpy()
         rows = pool_rows(splits)
