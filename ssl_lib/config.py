@@ -175,6 +175,7 @@ class SelfTrainParams(_Section):
     temperature: float = Field(default=1.0, gt=0)
     knn_k: int = Field(default=20, ge=1)
     alpha: float = Field(default=0.99, gt=0, lt=1)
+    balance: bool = True
     device: str = "auto"
 
     @field_validator("method")

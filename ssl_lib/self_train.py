@@ -4,8 +4,9 @@ A round turns a teacher into a student through one or more steps, each of which 
 further on the pool (unlabeled + labeled images; never val or test) plus the labeled set:
 
 - ``label_propagation`` (Iscen et al., 2019): a kNN graph of the teacher's features spreads the few
-  labels over the pool by diffusion; each pool image gets the propagated class, weighted by its
-  certainty (1 - entropy / log C) and by the inverse frequency of that class.
+  labels over the pool by diffusion, the result rebalanced (Sinkhorn) to the labeled set's class shares
+  (``balance``); each pool image gets the propagated class, weighted by its certainty (1 - entropy / log C)
+  and by the inverse frequency of that class.
 - ``distill`` (SimCLRv2): the teacher's soft predictions on the pool (at ``temperature``) are the targets.
 - ``fixmatch`` (Sohn et al., 2020): the EMA model's prediction on a weak view (shift + flip) becomes a
   hard pseudo-label where its confidence reaches ``threshold``; the student learns it on a strong view
@@ -58,6 +59,7 @@ class SelfTrainSettings:
     temperature: float = 1.0  # distill
     knn_k: int = 20  # label_propagation
     alpha: float = 0.99  # label_propagation: diffusion strength
+    balance: bool = True  # label_propagation: rebalance propagated labels to the labeled set's class shares
     seed: int = 0
     device: str = "auto"
     warmup_fraction: float = 0.05
@@ -137,10 +139,34 @@ def propagate_labels(features: torch.Tensor, labeled_rows: np.ndarray, labels: n
     return torch.from_numpy(z).float()
 
 
-def propagation_targets(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard targets and weights from propagated scores: certainty x inverse class frequency (Iscen et al.)."""
+def balance_to_prior(probs: torch.Tensor, prior: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp: rescale the classes' columns so that the pool's total mass per class follows ``prior``,
+    each row staying a distribution. Diffusion favours classes whose seeds sit in dense regions of the graph;
+    this undoes it (the labeled set's class shares estimate the pool's)."""
+    probs = probs.clamp_min(1e-12)
+    target = prior.to(probs) * len(probs)
+    for _ in range(iterations):
+        probs = probs * (target / probs.sum(0))
+        probs = probs / probs.sum(1, keepdim=True)
+    return probs
+
+
+def class_prior(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """The class shares of the labeled images."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return torch.from_numpy(counts / counts.sum()).float()
+
+
+def propagated_probabilities(scores: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Propagated scores as per-image class distributions, rebalanced to ``prior`` when given."""
     probs = scores.clamp_min(0)
     probs = probs / probs.sum(1, keepdim=True).clamp_min(1e-12)
+    return probs if prior is None else balance_to_prior(probs, prior)
+
+
+def propagation_targets(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard targets and weights from propagated class distributions: certainty x inverse class frequency
+    (Iscen et al.)."""
     num_classes = probs.shape[1]
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
     certainty = 1.0 - entropy / math.log(num_classes)
@@ -297,10 +323,11 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
             if method == "label_propagation":
                 scores = propagate_labels(feats, labeled_rows, labeled_y.cpu().numpy(), model.num_classes,
                                           k=settings.knn_k, alpha=settings.alpha)
-                static = propagation_targets(scores)
-                pseudo = _pseudo_labels(scores.clamp_min(0) / scores.clamp_min(0).sum(1, keepdim=True)
-                                        .clamp_min(1e-12), static[1])
-                val_acc = _propagated_val_accuracy(model, feats, scores, val, settings.knn_k)
+                prior = class_prior(labeled_y.cpu().numpy(), model.num_classes) if settings.balance else None
+                propagated = propagated_probabilities(scores, prior)
+                static = propagation_targets(propagated)
+                pseudo = _pseudo_labels(propagated, static[1])
+                val_acc = _propagated_val_accuracy(model, feats, propagated, val, settings.knn_k)
             else:
                 if method == "distill":
                     static = (probs, torch.ones(len(probs)))

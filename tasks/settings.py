@@ -41,4 +41,4 @@ def self_train_settings(params: PipelineParams) -> SelfTrainSettings:
                              labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
                              unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
                              distribution_alignment=s.distribution_alignment, temperature=s.temperature,
-                             knn_k=s.knn_k, alpha=s.alpha, seed=params.seed, device=s.device)
+                             knn_k=s.knn_k, alpha=s.alpha, balance=s.balance, seed=params.seed, device=s.device)

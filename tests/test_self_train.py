@@ -12,7 +12,10 @@ from ssl_lib.config import ConfigError, parse_params
 from ssl_lib.self_train import (
     SelfTrainSettings,
     accuracy,
+    balance_to_prior,
+    class_prior,
     propagate_labels,
+    propagated_probabilities,
     propagation_targets,
     self_train,
     validate_settings,
@@ -97,8 +100,24 @@ def test_label_propagation_spreads_one_label_per_cluster():
     labeled = np.array([0, 100, 200])
     scores = propagate_labels(torch.from_numpy(feats), labeled, truth[labeled], 3, k=10)
     assert (scores.argmax(1).numpy() == truth).mean() > 0.98
-    targets, weights = propagation_targets(scores)
+    targets, weights = propagation_targets(propagated_probabilities(scores))
     assert targets.shape == (300, 3) and torch.all(weights >= 0)
+
+
+def test_balancing_restores_the_labeled_class_shares():
+    """Diffusion that floods a dense class (here 2/3 of the mass to class 0) is pulled back to the labeled
+    set's shares, each image keeping a distribution, and images whose class is clear keep it."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(3), 100)
+    probs = torch.from_numpy(np.eye(3)[truth] * 0.4 + rng.uniform(size=(300, 3)) * 0.2).float()
+    probs[:, 0] += 0.4  # a bias toward class 0: about half of classes 1 and 2 now argmax to 0
+    probs = probs / probs.sum(1, keepdim=True)
+    assert (probs.argmax(1).numpy() == truth).mean() < 0.8
+    prior = class_prior(np.array([0, 1, 2, 0, 1, 2]), 3)
+    balanced = balance_to_prior(probs, prior)
+    assert torch.allclose(balanced.sum(1), torch.ones(300), atol=1e-5)
+    assert torch.allclose(balanced.sum(0) / 300, prior, atol=0.02)
+    assert (balanced.argmax(1).numpy() == truth).mean() > 0.95
 
 
 def test_strong_augmentation_keeps_shape_and_range():
