@@ -680,11 +680,14 @@ def main(argv: list[str] | None = None) -> None:
         log(f"lightly {lightly_version}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # lightly's transforms draw from the global RNG
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # e.g. make bench-gpu on a CPU machine
+        raise SystemExit(f"throughput: --device {args.device}, but CUDA is not available here "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); run it on a CUDA machine")
     try:
         device = select_device(args.device)
         accel = resolve_acceleration(device, args.precision, channels_last=_on_off(args.channels_last),
                                      compile=_on_off(args.compile))
-    except ConfigError as err:  # no CUDA where it was asked for: one line, not a traceback
+    except ConfigError as err:  # a device this machine lacks: one line, not a traceback
         raise SystemExit(f"throughput: {err}") from None
     images = load_images(Path(args.data_dir), args.images)
     mean, std = mean_std(images)
