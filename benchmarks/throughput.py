@@ -51,7 +51,7 @@ both are torch's allocated tensor memory instead.
     .venv/bin/python benchmarks/throughput.py                                   # convnet and resnet18, batch 256
     .venv/bin/python benchmarks/throughput.py --models convnet --warmup 2 --steps 5 --lightly-workers 0
     .venv/bin/python benchmarks/throughput.py --quick                           # smoke run, seconds
-    .venv/bin/python benchmarks/throughput.py --models convnet --variants contiguous,compile
+    .venv/bin/python benchmarks/throughput.py --variants contiguous,compile --variant-models convnet --steps resnet18=2
     .venv/bin/python benchmarks/throughput.py --device cuda --precision bf16 --channels-last on --compile on
 
 Without lightly installed (``pip install -e '.[bench]'``) it measures ours alone.
@@ -586,14 +586,44 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+ANY_MODEL = "*"
+
+
+def per_model_count(text: str) -> dict[str, int]:
+    """``N`` (every model) or ``model=N,...`` (the others keep their defaults), as {model or ANY_MODEL: N}."""
+    counts: dict[str, int] = {}
+    try:
+        for part in _csv(text):
+            model, _, count = part.rpartition("=")
+            counts[model or ANY_MODEL] = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or model=N,...") from None
+    if not counts or min(counts.values()) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or model=N,... with N >= 0")
+    return counts
+
+
+def steps_for(model: str, warmup: dict[str, int] | None, steps: dict[str, int] | None) -> tuple[int, int]:
+    """(warm-up, timed) steps of ``model``: what --warmup/--steps give it, else DEFAULT_STEPS."""
+    default_warmup, default_steps = DEFAULT_STEPS.get(model, FALLBACK_STEPS)
+
+    def pick(given: dict[str, int] | None, default: int) -> int:
+        given = given or {}
+        return given.get(model, given.get(ANY_MODEL, default))
+
+    return pick(warmup, default_warmup), pick(steps, default_steps)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="convnet,resnet18", help="backbones, comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help="simclr and/or byol")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for both sides")
-    parser.add_argument("--warmup", type=int, default=None, help=f"untimed steps per side (default {DEFAULT_STEPS})")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
+    parser.add_argument("--warmup", type=per_model_count, default=None,
+                        help=f"untimed steps per side: N, or model=N,... (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=per_model_count, default=None,
+                        help="timed steps per side: N, or per model as convnet=10,resnet18=2")
     parser.add_argument("--rounds", type=int, default=2,
                         help="blocks the timed steps are split into, alternating sides")
     parser.add_argument("--lightly-workers", default="0,2", help="DataLoader num_workers for lightly; one row each")
@@ -620,7 +650,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_size, args.images, args.rounds = "convnet", 16, 256, 1
-        args.warmup, args.steps, args.lightly_workers, args.peak_size = 1, 1, "0", 1024
+        args.warmup, args.steps, args.lightly_workers, args.peak_size = {ANY_MODEL: 1}, {ANY_MODEL: 1}, "0", 1024
     unknown = sorted(set(_csv(args.methods)) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; lightly counterparts exist here for {', '.join(METHODS)}")
@@ -699,9 +729,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results: list[tuple[str, str, SideResult]] = []
     for model in _csv(args.models):
-        warmup, steps = DEFAULT_STEPS.get(model, FALLBACK_STEPS)
-        warmup = args.warmup if args.warmup is not None else warmup
-        steps = args.steps if args.steps is not None else steps
+        warmup, steps = steps_for(model, args.warmup, args.steps)
         total = warmup + steps + args.rounds  # schedules' length, the workers' priming steps included
         for method in _csv(args.methods):
             log(f"{model} / {method}: {warmup} warm-up + {steps} timed steps per side, batch {args.batch_size}")

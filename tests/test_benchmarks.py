@@ -90,3 +90,18 @@ def test_compiled_and_eager_steps_agree_on_the_loss():
 
     eager = resolve_acceleration(cpu, "fp32", channels_last=True, compile=False)
     assert losses(replace(eager, compile=True)) == pytest.approx(losses(eager), rel=1e-3)
+
+
+def test_throughput_steps_can_be_given_per_model():
+    # The README's run times ResNet-18 (~15-30 s a step on 2 cores) for fewer steps than the ConvNet.
+    from benchmarks.throughput import DEFAULT_STEPS, parse_args, steps_for
+
+    def steps(*argv: str) -> dict[str, tuple[int, int]]:
+        args = parse_args(list(argv))
+        return {model: steps_for(model, args.warmup, args.steps) for model in ("convnet", "resnet18")}
+
+    assert steps() == {model: DEFAULT_STEPS[model] for model in ("convnet", "resnet18")}
+    assert steps("--steps", "convnet=10,resnet18=2") == {"convnet": (3, 10), "resnet18": (1, 2)}
+    assert steps("--steps", "4", "--warmup", "resnet18=2") == {"convnet": (3, 4), "resnet18": (2, 4)}
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "resnet18=two"])
