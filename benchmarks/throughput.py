@@ -8,8 +8,8 @@ the same seed), the same batch size, the same optimizer (AdamW) and the same ``t
   ``ssl_lib.pretrain`` runs - the images live on the device as one uint8 tensor (``ssl_lib.batches``), a batch
   is an index gather plus ``.float().div_(255)``, the loss augments the two views batched on the device, under
   the precision, memory layout and compile that ``ssl_lib.acceleration`` picks for the device (``--precision``,
-  ``--compile``; on a CPU fp32, channels_last, no compile), AdamW with the decay/no-decay groups, LR schedule,
-  ``model.after_step`` (BYOL's EMA).
+  ``--channels-last``, ``--compile``; on a CPU fp32, channels_last, no compile), AdamW with the decay/no-decay
+  groups, LR schedule, ``model.after_step`` (BYOL's EMA).
 * lightly: as in lightly's examples (examples/pytorch/simclr.py, byol.py) - a torch DataLoader over PIL
   grayscale images with ``SimCLRTransform`` / ``BYOLTransform`` (per-sample torchvision transforms),
   ``SimCLRProjectionHead`` + ``NTXentLoss``, or BYOL's heads, ``NegativeCosineSimilarity``,
@@ -30,6 +30,18 @@ step's duration). "fwd+bwd+opt" is the rest of the step. With DataLoader workers
 fresh iterator and one untimed priming step; the workers' start-up is not timed, and the batches they
 prefetch during that step slightly favour lightly.
 Images/s is the batch size over the median step time; the other columns are medians over the timed steps.
+
+Utilisation. Each side's first warm-up step runs under ``torch.utils.flop_counter.FlopCounterMode`` (untimed):
+"GFLOP/step" is what it counts over the whole step, forward and backward (matmuls and convolutions; the
+optimizer, elementwise ops and normalisation count nothing), "GFLOP/s" that over the median step time, and
+"% of peak" that over the machine's measured peak: a large square matmul (4096 on a CPU, 8192 on CUDA) in our
+step's precision (fp32 on a CPU, bf16 on CUDA), at the same thread count, timed before and after the rows in
+the same run (median of ``--peak-reps`` each; the higher of the two is the peak). A side that compiles
+compiles on the warm-up step after the counted one (Dynamo does not compile under the counter).
+
+Variants (``--variants``): extra rows of ours with another memory layout or compile (``VARIANTS``), timed in
+the same alternating blocks as the other sides, so that eager, compiled, channels_last and contiguous steps
+are compared in one run; ``--variant-models`` limits them to some models (compiling ResNet-18 takes minutes).
 Peak memory on CPU is the process's peak resident set during that side's timed steps (the peak is reset with
 /proc/self/clear_refs before each block, after a malloc_trim); it includes what both sides share (the
 interpreter, torch, the data, both models), so "step MB" - the peak minus the resident set at the start of
@@ -39,6 +51,8 @@ both are torch's allocated tensor memory instead.
     .venv/bin/python benchmarks/throughput.py                                   # convnet and resnet18, batch 256
     .venv/bin/python benchmarks/throughput.py --models convnet --warmup 2 --steps 5 --lightly-workers 0
     .venv/bin/python benchmarks/throughput.py --quick                           # smoke run, seconds
+    .venv/bin/python benchmarks/throughput.py --variants contiguous,compile --variant-models convnet --steps resnet18=2
+    .venv/bin/python benchmarks/throughput.py --device cuda --precision bf16 --channels-last on --compile on
 
 Without lightly installed (``pip install -e '.[bench]'``) it measures ours alone.
 """
@@ -47,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import resource
 import statistics
@@ -70,6 +85,7 @@ from ssl_lib.data.idx import read_idx  # noqa: E402
 from ssl_lib.data.sources import DEBIAN_FASHION_MNIST_DIR  # noqa: E402
 from ssl_lib.device import select_device  # noqa: E402
 from ssl_lib.engine import build_model, make_engine, train_step  # noqa: E402
+from ssl_lib.errors import ConfigError  # noqa: E402
 from ssl_lib.io import atomic_path  # noqa: E402
 from ssl_lib.methods import get_method  # noqa: E402
 from ssl_lib.models.backbones import build_backbone  # noqa: E402
@@ -80,6 +96,15 @@ FALLBACK_STEPS = (2, 5)
 LR, WEIGHT_DECAY = 3e-3, 1e-4  # params.yaml's pretrain values; they do not change the cost of a step
 WARMUP_FRACTION = 0.05
 METHODS = ("simclr", "byol")
+# Extra rows of ours (--variants): the step's precision stays; memory layout and compile are set per variant.
+VARIANTS: dict[str, dict[str, bool]] = {
+    "contiguous": {"channels_last": False, "compile": False},
+    "channels_last": {"channels_last": True, "compile": False},
+    "compile": {"channels_last": True, "compile": True},
+    "compile-contiguous": {"channels_last": False, "compile": True},
+}
+# Side of the square matmul that measures the peak: large enough to run at the BLAS's full rate.
+PEAK_SIZE = {"cpu": 4096, "cuda": 8192}
 
 
 class Clock:
@@ -104,6 +129,7 @@ class Runner(Protocol):
     """One implementation's training loop, stepped from outside so that the sides can take turns."""
 
     label: str
+    compiles: bool  # its first un-counted step compiles, so it must be a warm-up step
 
     def start_block(self) -> None: ...
 
@@ -184,8 +210,9 @@ class OursRunner:
     """The engine's step, as ``ssl_lib.pretrain`` runs it."""
 
     def __init__(self, method: str, backbone: str, images: np.ndarray, mean: list[float], std: list[float],
-                 batch_size: int, device: torch.device, seed: int, total_steps: int, accel: Acceleration) -> None:
-        self.label = "ours"
+                 batch_size: int, device: torch.device, seed: int, total_steps: int, accel: Acceleration,
+                 label: str = "ours") -> None:
+        self.label, self.compiles = label, accel.compile
         self.clock = Clock(device)
         self.source = DeviceBatches(images, device)
         self.n, self.batch_size = len(images), batch_size
@@ -294,7 +321,7 @@ class LightlyRunner:
                  batch_size: int, device: torch.device, seed: int, total_steps: int, workers: int) -> None:
         from lightly.loss import NegativeCosineSimilarity, NTXentLoss
 
-        self.label = f"lightly (workers={workers})"
+        self.label, self.compiles = f"lightly (workers={workers})", False
         self.method, self.device, self.workers, self.total_steps = method, device, workers, total_steps
         self.clock = Clock(device)
         options = get_method(method).Options().model_dump()  # the defaults, as a plain dict
@@ -432,12 +459,43 @@ def gpu_utilization(device: torch.device) -> float | None:
         return None
 
 
+# --------------------------------------------------------------------------- utilisation
+
+
+def count_flops(step: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``step`` (a whole training step: forward and backward), as torch's FlopCounterMode
+    counts them: matmuls, convolutions and attention, forward and backward; elementwise ops, normalisation and
+    the optimizer count nothing. The counter's dispatch mode makes Dynamo skip compiled frames, so a compiled
+    model runs (and is counted) eagerly here, with the same FLOPs as its compiled graph."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, reps: int) -> float:
+    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on ``device`` at the current thread count, the median
+    of ``reps`` timed runs: what this machine's BLAS reaches on the friendliest op there is."""
+    clock = Clock(device)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    out = torch.mm(a, b)  # untimed: the first call pays for allocation and kernel selection
+    times = []
+    for _ in range(max(1, reps)):
+        start = clock()
+        torch.mm(a, b, out=out)
+        times.append(clock() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
 # --------------------------------------------------------------------------- measurement
 
 
 @dataclass
 class SideResult:
     label: str
+    flops: int = 0  # of one step, counted on the first warm-up step
     steps: list[StepTime] = field(default_factory=list)
     peaks_mb: list[float] = field(default_factory=list)
     step_mb: list[float] = field(default_factory=list)
@@ -452,11 +510,15 @@ def split_steps(steps: int, rounds: int) -> list[int]:
 
 def measure(runners: list[Runner], warmup: int, steps: int, rounds: int, device: torch.device,
             log: Callable[[str], None]) -> list[SideResult]:
-    """Warm every side up, then time ``steps`` steps each in blocks that alternate the order of the sides."""
+    """Warm every side up, then time ``steps`` steps each in blocks that alternate the order of the sides.
+
+    The first warm-up step (there is always one) is the one whose FLOPs are counted; a side that compiles
+    compiles on the step after it, so it gets at least one more warm-up step."""
     results = [SideResult(r.label) for r in runners]
-    for runner in runners:
+    for runner, result in zip(runners, results, strict=True):
         runner.start_block()
-        for _ in range(warmup):
+        result.flops = count_flops(runner.step)
+        for _ in range(max(warmup - 1, 1 if runner.compiles else 0)):
             runner.step()
         runner.end_block()
     memory = PeakMemory(device)
@@ -478,11 +540,13 @@ def measure(runners: list[Runner], warmup: int, steps: int, rounds: int, device:
     return results
 
 
-def summarize(model: str, method: str, result: SideResult, batch_size: int) -> dict[str, Any]:
+def summarize(model: str, method: str, result: SideResult, batch_size: int, peak_flops: float) -> dict[str, Any]:
     totals = [s.total for s in result.steps]
     step_s = statistics.median(totals)
     row: dict[str, Any] = {"model": model, "method": method, "implementation": result.label,
                            "images_per_s": batch_size / step_s, "step_s": step_s,
+                           "gflop_step": result.flops / 1e9, "gflop_s": result.flops / step_s / 1e9,
+                           "peak_share": result.flops / step_s / peak_flops,
                            "peak_mb": max(result.peaks_mb), "step_mb": max(result.step_mb),
                            "gpu_util": statistics.median(result.gpu_util) if result.gpu_util else None}
     if all(s.data_aug is not None for s in result.steps):
@@ -504,7 +568,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 COLUMNS = [("model", "model", "{}"), ("method", "method", "{}"), ("implementation", "implementation", "{}"),
            ("images_per_s", "images/s (median)", "{:.1f}"), ("step_s", "s/step", "{:.3f}"),
            ("data_aug_s", "s/step data+aug", "{:.3f}"), ("compute_s", "s/step fwd+bwd+opt", "{:.3f}"),
-           ("aug_share", "aug share", "{:.0%}"), ("peak_mb", "peak MB", "{:.0f}"), ("step_mb", "step MB", "{:.0f}"),
+           ("aug_share", "aug share", "{:.0%}"), ("gflop_step", "GFLOP/step", "{:.1f}"),
+           ("gflop_s", "GFLOP/s", "{:.1f}"), ("peak_share", "% of peak", "{:.1%}"),
+           ("peak_mb", "peak MB", "{:.0f}"), ("step_mb", "step MB", "{:.0f}"),
            ("gpu_util", "GPU util %", "{:.0f}"), ("ratio", "ours / this", "{:.2f}x")]
 
 
@@ -520,14 +586,44 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+ANY_MODEL = "*"
+
+
+def per_model_count(text: str) -> dict[str, int]:
+    """``N`` (every model) or ``model=N,...`` (the others keep their defaults), as {model or ANY_MODEL: N}."""
+    counts: dict[str, int] = {}
+    try:
+        for part in _csv(text):
+            model, _, count = part.rpartition("=")
+            counts[model or ANY_MODEL] = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or model=N,...") from None
+    if not counts or min(counts.values()) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or model=N,... with N >= 0")
+    return counts
+
+
+def steps_for(model: str, warmup: dict[str, int] | None, steps: dict[str, int] | None) -> tuple[int, int]:
+    """(warm-up, timed) steps of ``model``: what --warmup/--steps give it, else DEFAULT_STEPS."""
+    default_warmup, default_steps = DEFAULT_STEPS.get(model, FALLBACK_STEPS)
+
+    def pick(given: dict[str, int] | None, default: int) -> int:
+        given = given or {}
+        return given.get(model, given.get(ANY_MODEL, default))
+
+    return pick(warmup, default_warmup), pick(steps, default_steps)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="convnet,resnet18", help="backbones, comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help="simclr and/or byol")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads, the same for both sides")
-    parser.add_argument("--warmup", type=int, default=None, help=f"untimed steps per side (default {DEFAULT_STEPS})")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
+    parser.add_argument("--warmup", type=per_model_count, default=None,
+                        help=f"untimed steps per side: N, or model=N,... (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=per_model_count, default=None,
+                        help="timed steps per side: N, or per model as convnet=10,resnet18=2")
     parser.add_argument("--rounds", type=int, default=2,
                         help="blocks the timed steps are split into, alternating sides")
     parser.add_argument("--lightly-workers", default="0,2", help="DataLoader num_workers for lightly; one row each")
@@ -538,17 +634,65 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="ours' autocast precision")
     parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
                         help="torch.compile ours' encoder (auto: on CUDA only)")
+    parser.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                        help="ours' memory layout (auto: channels_last)")
+    parser.add_argument("--variants", default="",
+                        help=f"extra rows of ours, comma-separated, timed in the same blocks: {', '.join(VARIANTS)}")
+    parser.add_argument("--variant-models", default=None,
+                        help="the models that get the --variants rows (default: all of --models)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help=f"side of the matmul that measures the peak FLOP/s (default {PEAK_SIZE})")
+    parser.add_argument("--peak-reps", type=int, default=3, help="timed matmuls, before and after the rows each")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: convnet, batch 16, 1 warm-up + 1 timed step, 256 images, workers 0")
+                        help="smoke run: convnet, batch 16, 1 warm-up + 1 timed step, 256 images, workers 0, "
+                             "peak from a 1024 matmul")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch_size, args.images, args.rounds = "convnet", 16, 256, 1
-        args.warmup, args.steps, args.lightly_workers = 1, 1, "0"
+        args.warmup, args.steps, args.lightly_workers, args.peak_size = {ANY_MODEL: 1}, {ANY_MODEL: 1}, "0", 1024
     unknown = sorted(set(_csv(args.methods)) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {unknown}; lightly counterparts exist here for {', '.join(METHODS)}")
+    unknown = sorted(set(_csv(args.variants)) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; use {', '.join(VARIANTS)}")
     return args
+
+
+def _on_off(choice: str) -> bool | None:
+    return None if choice == "auto" else choice == "on"
+
+
+def ours_runners(common: dict[str, Any], accel: Acceleration, variants: list[str]) -> list[Runner]:
+    """Ours as configured, then one runner per variant: the same step with another layout or compile."""
+    runners: list[Runner] = [OursRunner(**common, accel=accel)]
+    for name in variants:
+        runners.append(OursRunner(**common, accel=dataclasses.replace(accel, **VARIANTS[name]),
+                                  label=f"ours ({name})"))
+    return runners
+
+
+def measure_peak(device: torch.device, dtype: torch.dtype, size: int, reps: int, log: Callable[[str], None]) -> float:
+    peak = matmul_peak(device, dtype, size, reps)
+    log(f"peak: {peak / 1e9:.1f} GFLOP/s ({size}x{size} {dtype} matmul, median of {reps})")
+    return peak
+
+
+def peak_note(peaks: list[float], size: int, precision: str, device: torch.device, reps: int) -> str:
+    return (f"peak: {max(peaks) / 1e9:.1f} GFLOP/s, the faster of two {size}x{size} {precision} matmuls on {device} "
+            f"(median of {reps} each, before / after the rows: {' / '.join(f'{p / 1e9:.1f}' for p in peaks)}). "
+            f"GFLOP/step: one training step's forward and backward as torch's FlopCounterMode counts them "
+            f"(matmuls and convolutions); GFLOP/s: that over the median step; % of peak: GFLOP/s over the peak.")
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "peak MB / step MB: torch.cuda.max_memory_allocated, absolute / above the block's start"
+    if not PeakMemory(device).resettable:
+        return "peak MB: ru_maxrss, cumulative over the whole process (could not reset the peak here)"
+    return ("peak MB: process RSS high-water mark during the side's timed steps (shared baseline included); "
+            "step MB: that peak minus the RSS at the block's start; DataLoader workers not counted")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -566,41 +710,53 @@ def main(argv: list[str] | None = None) -> None:
         log(f"lightly {lightly_version}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # lightly's transforms draw from the global RNG
-    device = select_device(args.device)
-    accel = resolve_acceleration(device, args.precision,
-                                 compile=None if args.compile == "auto" else args.compile == "on")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # e.g. make bench-gpu on a CPU machine
+        raise SystemExit(f"throughput: --device {args.device}, but CUDA is not available here "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); run it on a CUDA machine")
+    try:
+        device = select_device(args.device)
+        accel = resolve_acceleration(device, args.precision, channels_last=_on_off(args.channels_last),
+                                     compile=_on_off(args.compile))
+    except ConfigError as err:  # a device this machine lacks: one line, not a traceback
+        raise SystemExit(f"throughput: {err}") from None
     images = load_images(Path(args.data_dir), args.images)
     mean, std = mean_std(images)
+    variants, variant_models = _csv(args.variants), _csv(args.variant_models or args.models)
+    # The peak in the precision of our step (fp32 on a CPU, bf16 on CUDA), before and after the rows: the
+    # higher of the two, so that load during one of them does not flatter the utilisation figures.
+    peak_size = args.peak_size or PEAK_SIZE.get(device.type, PEAK_SIZE["cpu"])
+    peaks = [measure_peak(device, accel.dtype, peak_size, args.peak_reps, log)]
 
-    rows: list[dict[str, Any]] = []
+    results: list[tuple[str, str, SideResult]] = []
     for model in _csv(args.models):
-        warmup, steps = DEFAULT_STEPS.get(model, FALLBACK_STEPS)
-        warmup = args.warmup if args.warmup is not None else warmup
-        steps = args.steps if args.steps is not None else steps
+        warmup, steps = steps_for(model, args.warmup, args.steps)
         total = warmup + steps + args.rounds  # schedules' length, the workers' priming steps included
         for method in _csv(args.methods):
             log(f"{model} / {method}: {warmup} warm-up + {steps} timed steps per side, batch {args.batch_size}")
             common = dict(method=method, backbone=model, images=images, mean=mean, std=std,
                           batch_size=args.batch_size, device=device, seed=args.seed, total_steps=total)
-            runners: list[Runner] = [OursRunner(**common, accel=accel)]
+            runners = ours_runners(common, accel, variants if model in variant_models else [])
             runners += [LightlyRunner(**common, workers=w) for w in workers]
-            for result in measure(runners, warmup, steps, args.rounds, device, log):
-                rows.append(summarize(model, method, result, args.batch_size))
+            results += [(model, method, result)
+                        for result in measure(runners, warmup, steps, args.rounds, device, log)]
             del runners
+    peaks.append(measure_peak(device, accel.dtype, peak_size, args.peak_reps, log))
+    peak = max(peaks)
+    rows = [summarize(model, method, result, args.batch_size, peak) for model, method, result in results]
     add_ratios(rows)
 
-    memory_note = ("peak MB: process RSS high-water mark during the side's timed steps (shared baseline included); "
-                   "step MB: that peak minus the RSS at the block's start; DataLoader workers not counted"
-                   if device.type != "cuda" else "peak MB / step MB: torch.cuda.max_memory_allocated, absolute / "
-                   "above the block's start")
-    if device.type != "cuda" and not PeakMemory(device).resettable:
-        memory_note = "peak MB: ru_maxrss, cumulative over the whole process (could not reset the peak here)"
+    ours_note = f"ours: {accel.precision}, channels_last {accel.channels_last}, compile {accel.compile}"
+    if workers:
+        ours_note += "; lightly: fp32, default memory format, no compile"
+    if variants:
+        ours_note += f"; variants of ours: {', '.join(variants)} (on {', '.join(variant_models)})"
     header = (f"device {device}, torch {torch.__version__}, lightly {lightly_version}, threads {args.threads}, "
               f"batch {args.batch_size}, {len(images)} Fashion-MNIST images; medians over the timed steps.\n"
-              f"ours: {accel.precision}, channels_last {accel.channels_last}, compile {accel.compile}"
-              f"{'; lightly: fp32, default memory format, no compile' if workers else ''}.\n"
+              f"{ours_note}.\n"
+              f"{peak_note(peaks, peak_size, accel.precision, device, args.peak_reps)}\n"
               f"data+aug: lightly = DataLoader wait + copy to device, ours = index gather + uint8->float + "
-              f"augment_views calls; {memory_note}; ours / this: ours' images/s over that row's.")
+              f"augment_views calls; {memory_note(device)}; ours / this: ours' images/s over that row's (on a "
+              f"variant row: ours as configured over that variant's).")
     table = markdown_table(rows)
     print(header + "\n\n" + table)
     if args.out:

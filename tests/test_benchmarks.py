@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -26,21 +27,81 @@ def test_throughput_quick(tmp_path):
     out_file = tmp_path / "throughput.md"
     # One thread: a loaded CI machine makes two spinning OpenMP threads many times slower.
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--threads", "1",
-                           "--methods", "simclr,byol", "--out", str(out_file)],
+                           "--methods", "simclr,byol", "--variants", "contiguous", "--out", str(out_file)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = _table_rows(proc.stdout)
-    implementations = ["ours", "lightly (workers=0)"] if lightly else ["ours"]
+    implementations = ["ours", "ours (contiguous)"] + (["lightly (workers=0)"] if lightly else [])
     assert {(r["method"], r["implementation"]) for r in rows} == {
         (method, impl) for method in ("simclr", "byol") for impl in implementations}
     assert re.search(r"ours: (fp32|bf16|fp16), channels_last (True|False), compile (True|False)", proc.stdout)
+    assert re.search(r"^peak: \d+\.\d GFLOP/s", proc.stdout, re.MULTILINE)
     for row in rows:
         assert row["model"] == "convnet"
         assert float(row["images/s (median)"]) > 0
         assert float(row["s/step data+aug"]) > 0 and float(row["s/step fwd+bwd+opt"]) > 0
         assert float(row["peak MB"]) > 0
+        assert float(row["GFLOP/step"]) > 0 and float(row["GFLOP/s"]) > 0
+        assert 0 < float(row["% of peak"].rstrip("%")) / 100 <= 1, row
         if row["implementation"] == "ours":
             assert row["ours / this"] == ""
         else:
             assert re.fullmatch(r"\d+\.\d\dx", row["ours / this"]), row
-    assert out_file.read_text().count("| convnet |") == len(rows) == 2 * len(implementations)
+    # The same model and method: the same FLOPs, whichever implementation or memory layout runs them.
+    for method in ("simclr", "byol"):
+        assert len({r["GFLOP/step"] for r in rows if r["method"] == method}) == 1
+    written = out_file.read_text()
+    assert "| GFLOP/step | GFLOP/s | % of peak |" in written
+    assert written.count("| convnet |") == len(rows) == 2 * len(implementations)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_throughput_on_cuda_without_a_gpu_fails_in_one_line():
+    # What `make bench-gpu` shows on a machine without a GPU.
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cuda", "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "CUDA is not available" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow  # 20-55 s of compiling on 2 cores (less with inductor's on-disk cache): not in make test-fast
+def test_compiled_and_eager_steps_agree_on_the_loss():
+    """torch.compile (inductor, the machine's C++ compiler) changes the speed of our step, not what it learns:
+    three BYOL steps (online encoder compiled, EMA target eager) give the eager losses within float tolerance.
+    Compile reorders float operations, so not bit for bit: the last bits of a gradient near 0 can flip the sign
+    of AdamW's first updates, which moved the step-2 loss by 6e-5 relative here; 1e-3 leaves room for that and is
+    still far below one step's change of the loss (about 5e-2)."""
+    from dataclasses import replace
+
+    from ssl_lib.acceleration import resolve_acceleration
+    from ssl_lib.augment import nhwc_to_tensor
+    from ssl_lib.engine import build_model, make_engine, train_step
+    from tests.engine_worker import digits_uint8
+
+    cpu = torch.device("cpu")
+    images = nhwc_to_tensor(digits_uint8()[:96]).float().div_(255.0)
+
+    def losses(accel) -> list[float]:
+        model, _, _ = build_model("byol", "convnet_small", {}, [0.3], [0.35], 1, 8, 0, cpu, accel)
+        engine = make_engine(model, accel, cpu, 3, "adamw", 1e-3, 1e-4, 0.05)
+        generator = torch.Generator().manual_seed(0)
+        return [float(train_step(engine, images[32 * i:32 * (i + 1)], {}, generator, i).detach()) for i in range(3)]
+
+    eager = resolve_acceleration(cpu, "fp32", channels_last=True, compile=False)
+    assert losses(replace(eager, compile=True)) == pytest.approx(losses(eager), rel=1e-3)
+
+
+def test_throughput_steps_can_be_given_per_model():
+    # The README's run times ResNet-18 (~15-30 s a step on 2 cores) for fewer steps than the ConvNet.
+    from benchmarks.throughput import DEFAULT_STEPS, parse_args, steps_for
+
+    def steps(*argv: str) -> dict[str, tuple[int, int]]:
+        args = parse_args(list(argv))
+        return {model: steps_for(model, args.warmup, args.steps) for model in ("convnet", "resnet18")}
+
+    assert steps() == {model: DEFAULT_STEPS[model] for model in ("convnet", "resnet18")}
+    assert steps("--steps", "convnet=10,resnet18=2") == {"convnet": (3, 10), "resnet18": (1, 2)}
+    assert steps("--steps", "4", "--warmup", "resnet18=2") == {"convnet": (3, 4), "resnet18": (2, 4)}
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "resnet18=two"])
