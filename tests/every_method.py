@@ -28,9 +28,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ssl_lib.methods import METHODS
-from tests.conftest import run_cmd, use_project
+from tests.conftest import make_project, run_cmd, use_project
 
 VIT_METHODS = {name for name, cls in METHODS.items() if cls.required_backbone == "vit_tiny"}
 RGB_METHODS = {name for name, cls in METHODS.items() if cls.required_channels == 3}
@@ -162,3 +163,27 @@ def check_experiments_record_their_method(project: Path, saved: dict[str, dict[s
             if how == "sslpipe run" or FULL_RUNS:
                 accuracy = found[name]["metrics"]["results/metrics.json"]["data"]["ssl"]["accuracy"]
                 assert 0.0 <= accuracy <= 1.0, (method, how, accuracy)
+
+
+def method_half_tests(methods: list[str], name: str) -> tuple:
+    """The module-scoped project and the two tests of one half of the methods: each method through both
+    commands, then every saved experiment checked. A module binds the three names it gets, so pytest collects
+    them there (each half in its own module, on its own xdist worker)."""
+    saved: dict[str, dict[str, str]] = {}  # method -> the DVC experiment each command saved
+
+    @pytest.fixture(scope="module")
+    def project(tmp_path_factory) -> Path:
+        path = make_project(tmp_path_factory.mktemp(name) / "proj", CHEAP)
+        use_project(path)
+        return path
+
+    @pytest.mark.parametrize("method", methods)
+    def test_method_runs_through_dvc_then_the_flow(project: Path, method: str, prefect_server) -> None:
+        saved[method] = run_method_both_ways(project, method)
+
+    def test_every_experiment_records_its_method(project: Path) -> None:
+        if set(saved) != set(methods):
+            pytest.skip(f"no experiments for {sorted(set(methods) - set(saved))} (their own test failed)")
+        check_experiments_record_their_method(project, saved)
+
+    return project, test_method_runs_through_dvc_then_the_flow, test_every_experiment_records_its_method

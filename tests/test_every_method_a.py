@@ -7,47 +7,28 @@ from pathlib import Path
 import pytest
 
 from ssl_lib.methods import METHODS
-from tests.conftest import make_project, use_project
+from tests.conftest import use_project
 from tests.every_method import (
-    CHEAP,
     COLOUR_ERROR,
     DIGITS_METHODS,
     RGB_METHODS,
     VIT_METHODS,
-    check_experiments_record_their_method,
     dvc_exp_run,
-    run_method_both_ways,
+    method_half_tests,
     sslpipe_run,
 )
 
 pytestmark = pytest.mark.slow
 
-METHODS_HERE = DIGITS_METHODS[0::2]  # test_every_method_b.py runs DIGITS_METHODS[1::2]
-SAVED: dict[str, dict[str, str]] = {}  # method -> the DVC experiment each command saved
+# test_every_method_b.py runs DIGITS_METHODS[1::2]
+project, test_method_runs_through_dvc_then_the_flow, test_every_experiment_records_its_method = \
+    method_half_tests(DIGITS_METHODS[0::2], "every_method_a")
 
 
 def test_the_lists_cover_every_method():
     assert len(METHODS) == 14
     assert RGB_METHODS == {"colorization"} and VIT_METHODS == {"mae", "autoregressive"}
     assert set(DIGITS_METHODS[0::2]) | set(DIGITS_METHODS[1::2]) | RGB_METHODS == set(METHODS)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    path = make_project(tmp_path_factory.mktemp("every_method_a") / "proj", CHEAP)
-    use_project(path)
-    return path
-
-
-@pytest.mark.parametrize("method", METHODS_HERE)
-def test_method_runs_through_dvc_then_the_flow(project: Path, method: str, prefect_server):
-    SAVED[method] = run_method_both_ways(project, method)
-
-
-def test_every_experiment_records_its_method(project: Path):
-    if set(SAVED) != set(METHODS_HERE):
-        pytest.skip(f"no experiments for {sorted(set(METHODS_HERE) - set(SAVED))} (their own test failed)")
-    check_experiments_record_their_method(project, SAVED)
 
 
 def test_colorization_on_digits_fails_clearly_through_dvc(project: Path):

@@ -13,35 +13,17 @@ from tests.conftest import make_project, use_project
 from tests.every_method import (
     CHEAP,
     DIGITS_METHODS,
-    check_experiments_record_their_method,
     dvc_exp_run,
     flow_runs,
-    run_method_both_ways,
+    method_half_tests,
     sslpipe_run,
 )
 
 pytestmark = pytest.mark.slow
 
-METHODS_HERE = DIGITS_METHODS[1::2]  # test_every_method_a.py runs DIGITS_METHODS[0::2]
-SAVED: dict[str, dict[str, str]] = {}  # method -> the DVC experiment each command saved
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    path = make_project(tmp_path_factory.mktemp("every_method_b") / "proj", CHEAP)
-    use_project(path)
-    return path
-
-
-@pytest.mark.parametrize("method", METHODS_HERE)
-def test_method_runs_through_dvc_then_the_flow(project: Path, method: str, prefect_server):
-    SAVED[method] = run_method_both_ways(project, method)
-
-
-def test_every_experiment_records_its_method(project: Path):
-    if set(SAVED) != set(METHODS_HERE):
-        pytest.skip(f"no experiments for {sorted(set(METHODS_HERE) - set(SAVED))} (their own test failed)")
-    check_experiments_record_their_method(project, SAVED)
+# test_every_method_a.py runs DIGITS_METHODS[0::2]
+project, test_method_runs_through_dvc_then_the_flow, test_every_experiment_records_its_method = \
+    method_half_tests(DIGITS_METHODS[1::2], "every_method_b")
 
 
 def make_rgb_shapes(root: Path, classes: int = 3, per_class: int = 40, size: int = 16) -> Path:
