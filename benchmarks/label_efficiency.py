@@ -150,7 +150,8 @@ def log_point(result: dict, params) -> None:
                            "pretrain.method": params.pretrain.method, "pretrain.epochs": params.pretrain.epochs,
                            "self_train.method": "+".join(params.self_train.steps) or "none",
                            "self_train.rounds": params.self_train.rounds,
-                           "self_train.epochs": params.self_train.epochs})
+                           "self_train.epochs": params.self_train.epochs,
+                           "self_train.balance": params.self_train.balance})
         mlflow.log_metrics({f"test_accuracy_{k}": float(result[k]) for k in ROWS if k in result})
         mlflow.log_metrics({k: float(v) for k, v in result.items() if k.endswith("_s") or "pseudo" in k})
 
@@ -221,7 +222,7 @@ def main() -> None:
     header = (f"Fashion-MNIST test accuracy (10 000 images), mean ± std over seeds {seeds}; pretraining "
               f"{params.pretrain.method} {params.pretrain.epochs} epochs ({params.pretrain.backbone}), self-training "
               f"{'+'.join(params.self_train.steps) or 'none'} x {params.self_train.rounds} rounds x "
-              f"{params.self_train.epochs} epochs; encoder: "
+              f"{params.self_train.epochs} epochs{', balanced' if params.self_train.balance else ''}; encoder: "
               f"{'one per seed' if args.pretrain_per_seed else 'seed 0, shared'}.\n\n")
     print(header + table)
     out = Path(args.out)
