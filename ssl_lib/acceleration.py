@@ -2,7 +2,8 @@
 
 ``auto`` means: on CUDA, bf16 autocast (fp16 with loss scaling where bf16 is missing), channels_last
 and ``torch.compile``; on a CPU, fp32 (without bf16 hardware, bf16 autocast runs 10-16x slower), channels_last
-(about 1.2x for convolutions) and no compile (30-50 s of compiling buys about 1.1x on a short run).
+(1.4x on the ConvNet step) and no compile (after about a minute of compiling, the ConvNet step ran 1.34x slower for
+SimCLR and no faster for BYOL: README, "Throughput against lightly").
 """
 from __future__ import annotations
 
