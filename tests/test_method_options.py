@@ -130,6 +130,12 @@ def test_requirement_and_lookup_errors_are_user_errors():
     encoder, dim = build_backbone("convnet_small", 1, 16)
     with pytest.raises(MethodRequirementError, match="vit_tiny"):
         get_method("mae")(NormalizedEncoder(encoder, [0.5], [0.25]), dim, 1, 16)
+    # Images the ViT's patches cannot tile: a user's data, so a user error naming the sides that fit.
+    for method in ("mae", "autoregressive"):
+        with pytest.raises(MethodRequirementError, match="multiple of 4 or 7"):
+            get_method(method).check_data(1, 30)
+        get_method(method).check_data(1, 28)
+    get_method("simclr").check_data(1, 30)
 
 
 # --- documentation --------------------------------------------------------------------------------

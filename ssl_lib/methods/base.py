@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from ssl_lib.errors import ConfigError
+from ssl_lib.errors import ConfigError, MethodRequirementError
 
 FAMILIES = ("pretext", "contrastive", "non-contrastive", "generative")
 
@@ -115,8 +115,14 @@ class SSLMethod(nn.Module):
     def check_data(cls, in_channels: int, image_size: int | None = None) -> None:
         """Raise MethodRequirementError (naming the data that fit) if the method cannot train on such images.
 
-        Callable without a model, before any work (the pseudo_labels stage). No-op here.
+        Callable without a model, before any work (the pseudo_labels stage). Here: a vit_tiny method needs
+        patches that tile the image (``ssl_lib.models.vit.default_patch_size``).
         """
+        if cls.required_backbone == "vit_tiny" and image_size is not None and image_size % 4 and image_size % 7:
+            raise MethodRequirementError(
+                f"method {cls.name} trains a vit_tiny, whose 4- or 7-pixel patches must tile the image, but the "
+                f"images are {image_size} pixels wide: use images whose side is a multiple of 4 or 7 (28, 32, "
+                f"64, ...), or a method that trains a convnet")
 
     def forward(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
                 generator: torch.Generator) -> torch.Tensor:

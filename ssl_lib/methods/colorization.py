@@ -53,6 +53,7 @@ class Colorization(SSLMethod):
     @classmethod
     def check_data(cls, in_channels: int, image_size: int | None = None) -> None:
         """MethodRequirementError unless the images are RGB; callable without a model."""
+        super().check_data(in_channels, image_size)
         if in_channels != cls.required_channels:
             raise MethodRequirementError(
                 f"method colorization needs 3-channel (RGB) colour images, got {in_channels} channel(s): "
