@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,12 +27,20 @@ def _as_rgb(tile: np.ndarray) -> np.ndarray:
     return np.repeat(tile, 3, axis=2) if tile.shape[2] == 1 else tile[..., :3]
 
 
-def mosaic(tiles: Sequence[np.ndarray | None], cols: int, band: int = 0) -> tuple[np.ndarray, int, int]:
+class Mosaic(NamedTuple):
+    canvas: np.ndarray  # RGB uint8
+    cell_h: int
+    cell_w: int
+    band: int           # blank pixels above each tile, for its caption
+
+
+def mosaic(tiles: Sequence[np.ndarray | None], cols: int, band_fraction: float = 0.0) -> Mosaic:
     """The tiles (uint8 HxW, HxWx1 or HxWx3; None leaves a cell empty) row-major in ``cols`` columns on white,
-    each centred below a ``band`` of blank pixels in a cell as large as the largest tile; returns the RGB mosaic
-    and the cell height and width."""
+    each centred below a band of blank pixels (``band_fraction`` of the tallest tile, at least 4 pixels when
+    asked for) in a cell as large as the largest tile."""
     shown = [_as_rgb(t) for t in tiles if t is not None]
     tile_h = max((t.shape[0] for t in shown), default=1)
+    band = max(4, round(band_fraction * tile_h)) if band_fraction > 0 else 0
     cell_h = band + tile_h + GAP
     cell_w = max((t.shape[1] for t in shown), default=1) + GAP
     rows = max(1, math.ceil(len(tiles) / cols))
@@ -43,7 +52,7 @@ def mosaic(tiles: Sequence[np.ndarray | None], cols: int, band: int = 0) -> tupl
         top = (i // cols) * cell_h + band + (tile_h - tile.shape[0]) // 2
         left = (i % cols) * cell_w + (cell_w - tile.shape[1]) // 2
         canvas[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
-    return canvas, cell_h, cell_w
+    return Mosaic(canvas, cell_h, cell_w, band)
 
 
 def save_image_grid(tiles: Sequence[np.ndarray | None], captions: Sequence[str], cols: int, path: str | Path,
@@ -54,9 +63,7 @@ def save_image_grid(tiles: Sequence[np.ndarray | None], captions: Sequence[str],
     matplotlib.use("Agg")  # here, not at import: importing this module must not change global state
     import matplotlib.pyplot as plt
 
-    tile_h = max((np.asarray(t).shape[0] for t in tiles if t is not None), default=1)
-    band = max(4, round(CAPTION_BAND * tile_h))
-    canvas, cell_h, cell_w = mosaic(tiles, cols, band)
+    canvas, cell_h, cell_w, band = mosaic(tiles, cols, CAPTION_BAND)
     inches_per_px = CELL_INCHES / cell_w
     grid_w, grid_h = canvas.shape[1] * inches_per_px, canvas.shape[0] * inches_per_px
     left = 1.0 if row_labels else 0.1  # inches left of the grid, for the row labels

@@ -356,15 +356,16 @@ def _pseudo_labels(probs: torch.Tensor, weight: torch.Tensor) -> PseudoLabels:
                         weight=weight.cpu().numpy().astype(np.float32))
 
 
-def _propagated_val_accuracy(model: Classifier, pool_feats: torch.Tensor, scores: torch.Tensor,
+def _propagated_val_accuracy(model: Classifier, pool_feats: torch.Tensor, probs: torch.Tensor,
                              val: tuple[torch.Tensor, torch.Tensor], k: int) -> float:
     """Accuracy of propagated labels carried to val images by their k nearest pool neighbours.
 
-    Val images stay out of the graph: each one takes the similarity-weighted mean of its neighbours' scores.
+    Val images stay out of the graph: each one takes the similarity-weighted mean of its neighbours' propagated
+    class probabilities.
     """
     if len(val[1]) == 0:
         return float("nan")
     val_feats, _ = _features_and_probs(model, val[0])
     sims, idx = (F.normalize(val_feats, dim=1) @ F.normalize(pool_feats, dim=1).t()).topk(k, dim=1)
-    votes = (sims.clamp_min(0).unsqueeze(2) * scores[idx]).sum(1)
+    votes = (sims.clamp_min(0).unsqueeze(2) * probs[idx]).sum(1)
     return float((votes.argmax(1) == val[1].cpu()).float().mean())

@@ -11,13 +11,14 @@ def test_each_tile_lands_whole_in_its_cell():
     gray = rng.integers(0, 256, (6, 6, 1), dtype=np.uint8)
     rgb = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
     small = rng.integers(0, 256, (4, 4), dtype=np.uint8)
-    canvas, cell_h, cell_w = mosaic([gray, None, rgb, small], cols=3, band=3)
-    assert canvas.shape == (2 * cell_h, 3 * cell_w, 3) and (cell_h, cell_w) == (3 + 6 + GAP, 6 + GAP)
-    top, left = 3, (cell_w - 6) // 2
+    canvas, cell_h, cell_w, band = mosaic([gray, None, rgb, small], cols=3, band_fraction=1.0)
+    assert band == 6  # a caption band as tall as the tallest tile
+    assert canvas.shape == (2 * cell_h, 3 * cell_w, 3) and (cell_h, cell_w) == (band + 6 + GAP, 6 + GAP)
+    top, left = band, (cell_w - 6) // 2
     assert np.array_equal(canvas[top:top + 6, left:left + 6], np.repeat(gray, 3, axis=2))
     assert (canvas[:cell_h, cell_w:2 * cell_w] == 255).all()  # the empty cell stays blank
     assert np.array_equal(canvas[top:top + 6, 2 * cell_w + left:2 * cell_w + left + 6], rgb)
-    small_top, small_left = cell_h + 3 + 1, (cell_w - 4) // 2  # centred in the larger cell
+    small_top, small_left = cell_h + band + 1, (cell_w - 4) // 2  # centred in the larger cell
     assert np.array_equal(canvas[small_top:small_top + 4, small_left:small_left + 4, 0], small)
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from ssl_lib.errors import ConfigError, MethodRequirementError
+from ssl_lib.models.vit import default_patch_size
 
 FAMILIES = ("pretext", "contrastive", "non-contrastive", "generative")
 
@@ -118,11 +119,15 @@ class SSLMethod(nn.Module):
         Callable without a model, before any work (the pseudo_labels stage). Here: a vit_tiny method needs
         patches that tile the image (``ssl_lib.models.vit.default_patch_size``).
         """
-        if cls.required_backbone == "vit_tiny" and image_size is not None and image_size % 4 and image_size % 7:
+        if cls.required_backbone != "vit_tiny" or image_size is None:
+            return
+        try:
+            default_patch_size(image_size)
+        except ValueError:
             raise MethodRequirementError(
                 f"method {cls.name} trains a vit_tiny, whose 4- or 7-pixel patches must tile the image, but the "
                 f"images are {image_size} pixels wide: use images whose side is a multiple of 4 or 7 (28, 32, "
-                f"64, ...), or a method that trains a convnet")
+                f"64, ...), or a method that trains a convnet") from None
 
     def forward(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
                 generator: torch.Generator) -> torch.Tensor:
