@@ -12,7 +12,7 @@ self-training randomness. Pretraining never sees labels; by default one encoder 
 `make run` does) serves every seed, and ``--pretrain-per-seed`` pretrains one per seed. Every grid point is an
 MLflow run in the experiment `ssl-label-efficiency`; the table (markdown) and the plot are written to --out.
 
-    .venv/bin/python benchmarks/label_efficiency.py                      # 1, 5, 10, 50 labels x 3 seeds
+    .venv/bin/python benchmarks/label_efficiency.py                      # 1, 5, 10, 50, 60 labels x 3 seeds
     .venv/bin/python benchmarks/label_efficiency.py --labels 10 --seeds 0 --pretrain-epochs 1   # a quick check
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ def log_point(result: dict, params) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", default="1,5,10,50", help="labels per class, comma-separated")
+    parser.add_argument("--labels", default="1,5,10,50,60", help="labels per class, comma-separated")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--scratch-labels", default="10", help="budgets that also get the from-scratch row")
     parser.add_argument("--params", default="params.yaml")
