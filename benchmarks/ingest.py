@@ -3,8 +3,9 @@
 Generates a synthetic folder (RGB PNGs, 96x96 by default, in 10 class folders; kept in --dir and reused while
 it has the asked count), then runs each ingest in a fresh Python process and prints a table:
 
-* full ingest with 1 worker, with 2 and with every core (``data.workers``), each into a new output directory
-  and with a cold file-hash cache: wall time of the ingest call, images/s, peak RSS;
+* full ingest with 1 worker (the process pinned to one core, so that nothing in it runs in parallel), with 2
+  and with every core (``data.workers``), each into a new output directory and with a cold file-hash cache:
+  wall time of the ingest call, images/s, peak RSS;
 * the speed-up from 1 worker to 2 and to all cores;
 * re-ingest after adding 1 % new images, building on the all-cores output (as the ingest stage does): only the
   new files are decoded; its time as a share of the full ingest's;
@@ -43,11 +44,16 @@ NEW_PREFIX = "zz_new_"  # the 1 % added for the re-ingest, removed again afterwa
 _GENERATED = ".generated.json"
 
 _RUN = textwrap.dedent("""
-    import json, resource, sys, time
-    from ssl_lib.data.ingest import ingest
+    import json, os, resource, sys, time
 
     if __name__ == "__main__":
         folder, out, workers, cache = sys.argv[1:5]
+        if int(workers) == 1:
+            # One core, not just one decoding process: listing and hashing use every core this process may
+            # use, and its worker processes inherit the affinity.
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        from ssl_lib.data.ingest import ingest
+
         start = time.perf_counter()
         meta = ingest("folder", folder, 0, 10, None, 10, 0.2, out, workers=int(workers), cache_file=cache)
         seconds = time.perf_counter() - start

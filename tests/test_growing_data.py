@@ -139,13 +139,15 @@ def test_a_new_seed_draws_new_splits(folder: Path, tmp_path: Path):
 
 
 def test_parallel_ingest_equals_a_single_worker_and_reports_bad_files(folder: Path, tmp_path: Path, monkeypatch):
-    from ssl_lib.data import image_file
+    from ssl_lib.data import files, image_file
 
     good = (folder / "cat" / "a000.png").read_bytes()
     (folder / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "eel" / "empty.png").write_bytes(b"")
-    monkeypatch.setattr(image_file, "MIN_PARALLEL_DECODES", 0)  # small as it is, decode it in worker processes
+    # Small as it is, hash and decode it in worker processes.
+    monkeypatch.setattr(files, "MIN_PARALLEL_READS", 0)
+    monkeypatch.setattr(image_file, "MIN_PARALLEL_DECODES", 0)
     one = ingest("folder", folder, **BUDGET, out_dir=tmp_path / "one", workers=1)
     two = ingest("folder", folder, **BUDGET, out_dir=tmp_path / "two", workers=2)
     for name in FILES:

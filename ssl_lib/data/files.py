@@ -10,7 +10,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,10 @@ from .decode import probe
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 _CACHE_FORMAT = 1
-_CHUNK = 256  # files per thread task
+_CHUNK = 256  # files per worker task
+# Fewer files to read than this are read in this process: starting worker processes (an interpreter and imports
+# each) costs more than it saves.
+MIN_PARALLEL_READS = 1000
 
 
 @dataclass(frozen=True, slots=True)  # slots: one of these per file, 100,000s of them
@@ -76,6 +80,10 @@ def _read(root: Path, rel: str, st: os.stat_result) -> FileRecord:
     return FileRecord(*meta, sha256=digest, width=width, height=height, mode=mode, error="")
 
 
+def _read_chunk(root: Path, part: list[tuple[str, os.stat_result]]) -> list[FileRecord]:
+    return [_read(root, rel, st) for rel, st in part]
+
+
 def _cache_key(root: Path) -> dict[str, object]:
     import PIL
 
@@ -107,7 +115,9 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
     """Every image file under ``root`` (sorted by path) with its hash and header.
 
     Files whose size, mtime and inode match ``cache_file`` are not read again; the cache is rewritten when
-    anything changed. ``workers`` threads read and hash (hashlib and file reads release the GIL).
+    anything changed. ``workers`` processes (None: one per core) read, hash and probe the files when there are
+    at least ``MIN_PARALLEL_READS`` of them: processes, not threads, since reading a header through PIL holds
+    the GIL. The records do not depend on ``workers``.
     """
     root = Path(root)
     cache_path = Path(cache_file) if cache_file is not None else None
@@ -125,12 +135,17 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
             records[rel] = hit
         else:
             todo.append((rel, st))
-    if todo:
-        # Files go to the threads in chunks: one future per file would cost more memory than its record.
-        chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
-        with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-            for chunk in pool.map(lambda part: [_read(root, *item) for item in part], chunks):
+    # Files go to the workers in chunks: one future per file would cost more memory than its record.
+    chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
+    workers = min(workers or default_workers(), len(chunks))
+    if workers > 1 and len(todo) >= MIN_PARALLEL_READS:
+        # spawn, not fork: the caller may hold threads (MLflow's) whose locks a forked child would inherit.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for chunk in pool.map(_read_chunk, [root] * len(chunks), chunks):
                 records.update((record.rel, record) for record in chunk)
+    else:
+        for part in chunks:
+            records.update((record.rel, record) for record in _read_chunk(root, part))
     result = [records[rel] for rel in sorted(records)]
     if cache_path is not None and (todo or len(cached) != len(result)):
         _save_cache(cache_path, root, result)

@@ -217,7 +217,8 @@ def _fill_block(job: _Job) -> FillResult:
             same = old.shape == target.shape
             sha1.extend(r.sha1 if same and r.sha1 else hashlib.sha1(window[k].data).hexdigest()
                         for k, r in zip(range(i, end), run, strict=True))
-            colour = colour or is_colour(window[i:end])  # reads the rows only until one has colour
+            # Row by row, to stop at the first colour row: a whole block at once compares megabytes.
+            colour = colour or any(is_colour(window[k]) for k in range(i, end))
             i = end
         sums = pixel_sums([window[decoded]], target.shape[-1]) if decoded else PixelSums.zero(target.shape[-1])
     del window  # unmapped; the kernel writes the pages back in its own time (no msync: nothing needs them on disk)

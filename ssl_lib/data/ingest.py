@@ -248,7 +248,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
            cache_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Open ``source``, assign splits and write the prepared dataset to ``out_dir``, building on what is there.
 
-    ``workers``: decoding processes (None: one per core); the output does not depend on it. ``cache_file``
+    ``workers``: processes that hash and decode the files (None: one per core); the output does not depend on it. ``cache_file``
     keeps a folder's file hashes between runs. Returns the meta dict plus ``split_counts``, ``skipped``
     ([(path, reason), ...], the same list as report.json), ``data_version``, the latest lineage entry (``added``,
     ``changed``, ``removed``), ``reused``/``decoded`` image counts and ``left_test``/``entered_test`` (images
@@ -256,7 +256,8 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     folder does that).
     """
     out = Path(out_dir)
-    raw = load_source(source, path, image_size=image_size, cache_file=cache_file)
+    workers = workers or default_workers()
+    raw = load_source(source, path, image_size=image_size, cache_file=cache_file, workers=workers)
     previous = _read_previous(out)
     keys = raw.identities
     split_args = (seed, labels_per_class, label_fraction, val_per_class, test_fraction)
@@ -269,7 +270,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     with atomic_dir(out) as tmp:
         # mkdtemp makes the directory 0700; give it normal permissions so others can read it.
         os.chmod(tmp, 0o755)
-        pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, workers or default_workers(), planned_counted)
+        pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, workers, planned_counted)
         kept = pixels.kept
         keys = [k for k, ok in zip(keys, kept, strict=True) if ok]
         source_ids = [s for s, ok in zip(raw.source_ids, kept, strict=True) if ok]

@@ -102,17 +102,19 @@ class FolderSource(SourceIndex):
 
 def load_source(name: str, path: str | os.PathLike[str] | None = None, *,
                 image_size: int | tuple[int, int] | None = None,
-                cache_file: str | os.PathLike[str] | None = None) -> RawDataset | FolderSource:
+                cache_file: str | os.PathLike[str] | None = None,
+                workers: int | None = None) -> RawDataset | FolderSource:
     """Open source ``name`` ("fashion-mnist", "digits" or "folder") at ``path``.
 
     ``image_size`` ((height, width) or one int for square) only applies to "folder"; the other sources have a
-    fixed native size. ``cache_file`` keeps a folder's file hashes between calls (``files.scan_files``).
+    fixed native size. ``cache_file`` keeps a folder's file hashes between calls and ``workers`` processes read
+    the files not in it (``files.scan_files``).
     """
     key = str(name).strip().lower().replace("_", "-")
     if key not in SOURCES:
         raise DataError(f"unknown data source {name!r}; set data.source to one of: {', '.join(SOURCES)}")
     if key == "folder":
-        return load_folder(path, image_size=image_size, cache_file=cache_file)
+        return load_folder(path, image_size=image_size, cache_file=cache_file, workers=workers)
     if image_size is not None:
         raise DataError(f"data.image_size only applies to the 'folder' source; "
                         f"remove it (set it to null) for {key!r}")
@@ -289,7 +291,7 @@ def _normalise_size(image_size: int | tuple[int, int] | list[int] | None) -> tup
 
 
 def load_folder(path: str | os.PathLike[str] | None, *, image_size: int | tuple[int, int] | None = None,
-                cache_file: str | os.PathLike[str] | None = None) -> FolderSource:
+                cache_file: str | os.PathLike[str] | None = None, workers: int | None = None) -> FolderSource:
     """Images from a directory tree: ``<class>/...`` labeled, root files or ``unlabeled/...``
     unlabeled, ``test/<class>/...`` the predefined test set. Lists them; decodes nothing.
 
@@ -310,7 +312,7 @@ def load_folder(path: str | os.PathLike[str] | None, *, image_size: int | tuple[
                          | set(_class_dirs(root / TEST_DIR, {UNLABELED_DIR})))
     class_index = {name: i for i, name in enumerate(class_names)}
 
-    records = scan_files(root, cache_file)
+    records = scan_files(root, cache_file, workers)
     skipped: list[tuple[str, str]] = []
     kept: list[tuple[FileRecord, int, bool]] = []
     for record in records:
