@@ -45,10 +45,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy ssl_lib
 
-# One pytest-xdist worker per core; a test module stays on one worker, its tests in order (loadfile).
+# One pytest-xdist worker per core; a test module stays on one worker, its tests in order (loadfile). The 20
+# slowest tests are listed at the end, so a CI log says where the time went.
 PYTEST_WORKERS ?= auto
 test: install lint data
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 
 test-fast: install lint
 	$(BIN)/python -m pytest -m "not slow"

@@ -21,7 +21,14 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from flows.stages import dvc_command, read_stage_report, retry_unless_user_error, subprocess_env, user_error_from
+from flows.stages import (
+    StageUserError,
+    dvc_command,
+    read_stage_report,
+    retry_unless_user_error,
+    subprocess_env,
+    user_error_from,
+)
 from tasks.environment import configure_environment, project_root
 from tasks.evaluate import headline_metrics
 
@@ -81,16 +88,18 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
     """One grid point: its MLflow run, then ``dvc exp run --temp`` with the stages nested under it."""
     import tempfile
 
+    from mlflow import MlflowClient
+
     from ssl_lib.config import apply_overrides, parse_params, read_raw_params
-    from tasks.common import STAGE_REPORT_ENV
-    from tasks.tracking import PARENT_RUN_ENV, finish_run, open_parent_run
+    from tasks.common import STAGE_REPORT_ENV, STAGES
+    from tasks.tracking import PARENT_RUN_ENV, describe_parent_run, finish_run, open_parent_run
 
     root_path = Path(root)
     params = parse_params(apply_overrides(read_raw_params(root_path / "params.yaml"), point.overrides))
     name = point.name(sweep_id)
     run_id = open_parent_run(params, invocation=f"sweep-{name}", owner="sweep", run_name=name,
                              extra_tags={"sslpipe.sweep": sweep_id, "dvc.exp_name": name}, experiment=experiment)
-    ok = False
+    ok, failed_stage = False, None
     try:
         with tempfile.TemporaryDirectory(prefix="sslpipe-point-") as tmp:
             # Each stage leaves its report here; a stage that stops on a user mistake says so in it.
@@ -100,14 +109,19 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
             out = subprocess.run(dvc_command(["exp", "run", "--temp", "-n", name, *_dvc_set_args(point.overrides)]),
                                  cwd=root_path, env=subprocess_env(env), capture_output=True, text=True)
             if out.returncode != 0:
-                raise _point_failure(name, out.returncode, out.stdout + out.stderr, report_path)
+                error = _point_failure(name, out.returncode, out.stdout + out.stderr, report_path)
+                if isinstance(error, StageUserError) and error.stage in STAGES:  # the stage named its mistake
+                    failed_stage = error.stage
+                raise error
         metrics = _read_exp_metrics(root_path, name)
+        # Before the description, which states them.
+        MlflowClient().log_batch(run_id, metrics=_metric_entities(metrics))
         ok = True
     finally:
+        # The point's run page says what it is, as a pipeline run's does: result, the point's params, what ran.
+        describe_parent_run(run_id, params, dvc_experiment=name if ok else None, failed_stage=failed_stage,
+                            overrides=point.overrides, root=root_path)
         finish_run(run_id, ok)
-    from mlflow import MlflowClient
-
-    MlflowClient().log_batch(run_id, metrics=_metric_entities(metrics))
     return {"method": point.method, "labels_per_class": point.labels_per_class, "seed": point.seed,
             "ssl_accuracy": metrics["ssl"]["accuracy"], "baseline_accuracy": metrics["baseline"]["accuracy"],
             # the final model's, when the self_train stage ran (self_train.method other than none)

@@ -175,12 +175,13 @@ def finish_run(run_id: str, succeeded: bool) -> None:
 
 def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | None = None,
                         skipped: list[str] | None = None, dvc_experiment: str | None = None,
-                        failed_stage: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+                        failed_stage: str | None = None, overrides: dict[str, Any] | None = None,
+                        root: Path | None = None) -> str:
     """Write the parent run's description from what it holds (metrics, commit, model) and what DVC did.
 
     ``ran``/``skipped`` are the stages DVC ran and found up to date; without them (a `dvc repro` parent) the
     stages with a nested run ran, and the rest were up to date. ``overrides`` name the changes when the
-    committed params.yaml cannot be read. Returns the text.
+    committed params.yaml cannot be read; ``root`` is the project (default: ``project_root()``). Returns the text.
     """
     from mlflow import MlflowClient
 
@@ -192,7 +193,7 @@ def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | No
         executed = {child.data.tags.get("sslpipe.stage") for child in children}
         ran = [stage for stage in STAGES if stage in executed]
         skipped = [stage for stage in STAGES if stage not in executed]
-    changes = param_changes(params, committed_params(project_root()), overrides)
+    changes = param_changes(params, committed_params(root or project_root()), overrides)
     text = describe(params, run.data.metrics, changes, run.data.tags.get("mlflow.source.git.commit"), ran,
                     skipped or [], dvc_experiment=dvc_experiment, model=run.data.tags.get(MODEL_TAG),
                     failed_stage=failed_stage)

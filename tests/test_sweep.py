@@ -38,6 +38,10 @@ def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
     for run_id, name in zip(table["mlflow_run_id"], table["dvc_experiment"], strict=True):
         point = client.get_run(run_id)
         assert point.info.status == "FINISHED" and "test_accuracy_ssl" in point.data.metrics
+        # The run page describes the point: its result, the params that make it this point, its DVC experiment.
+        description = point.data.tags["mlflow.note.content"]
+        assert "test accuracy" in description and f"`{name}`" in description, description
+        assert "data.labels_per_class=" in description, description
         children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
         stages_by_point[name] = {r.data.tags["sslpipe.stage"] for r in children}
     first, second = table["dvc_experiment"]
