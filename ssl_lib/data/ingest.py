@@ -248,12 +248,12 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
            cache_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Open ``source``, assign splits and write the prepared dataset to ``out_dir``, building on what is there.
 
-    ``workers``: processes that hash and decode the files (None: one per core); the output does not depend on it. ``cache_file``
-    keeps a folder's file hashes between runs. Returns the meta dict plus ``split_counts``, ``skipped``
-    ([(path, reason), ...], the same list as report.json), ``data_version``, the latest lineage entry (``added``,
-    ``changed``, ``removed``), ``reused``/``decoded`` image counts and ``left_test``/``entered_test`` (images
-    that crossed between test and training since the previous version: only a new seed, test_fraction or test
-    folder does that).
+    ``workers``: processes that hash and decode the files (None: one per core); the output does not depend on
+    it. ``cache_file`` keeps a folder's file hashes between runs. Returns the meta dict plus ``split_counts``,
+    ``skipped`` ([(path, reason), ...], the same list as report.json), ``data_version``, the latest lineage entry
+    (``added``, ``changed``, ``removed``), ``reused``/``decoded`` image counts and ``left_test``/``entered_test``
+    (images that crossed between test and training since the previous version: only a new seed, test_fraction
+    or test folder does that).
     """
     out = Path(out_dir)
     workers = workers or default_workers()
