@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.stages import StageOutcome, dvc_command, stage_tasks, subprocess_env
+from flows.stages import StageOutcome, dvc_command, stage_server, stage_tasks, subprocess_env
 from tasks import paths
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
@@ -72,7 +72,8 @@ def _stage_row(outcome: StageOutcome) -> dict[str, Any]:
         return None if value is None else round(value, 1)
 
     return {"stage": outcome.stage, "executed": outcome.executed, "seconds": rounded(outcome.seconds),
-            "startup_seconds": rounded(outcome.startup_seconds), "work_seconds": rounded(outcome.work_seconds)}
+            "startup_seconds": rounded(outcome.startup_seconds), "work_seconds": rounded(outcome.work_seconds),
+            "stage_server": outcome.stage_server}
 
 
 @flow(name="ssl-pipeline", log_prints=True)
@@ -108,8 +109,9 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     exp_name = None
     succeeded = False
     try:
-        for stage_task in stage_tasks().values():
-            outcomes.append(stage_task(str(root_path), env, force=force))
+        with stage_server(root_path) as server_env:
+            for stage_task in stage_tasks().values():
+                outcomes.append(stage_task(str(root_path), {**env, **server_env}, force=force))
         if not outcomes[-1].executed:
             # Nothing was re-evaluated: the parent run still carries the results it stands for.
             metrics = json.loads((root_path / paths.METRICS).read_text())

@@ -17,6 +17,7 @@ from typing import Any
 
 from ssl_lib.config import load_params
 from ssl_lib.errors import UserError
+from tasks import stage_server
 from tasks.environment import configure_environment
 
 USER_ERROR_EXIT = 2
@@ -25,13 +26,6 @@ STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "eval
 STAGE_REPORT_ENV = "SSLPIPE_STAGE_REPORT"
 
 log = logging.getLogger("sslpipe")
-
-
-def process_start_time() -> float:
-    """When this process was created (epoch seconds): the start of its interpreter, before any import."""
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def _write_report(report: dict) -> None:
@@ -47,9 +41,16 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
     ``UserError`` is printed as one line and the process exits 2; anything else is a bug (or a transient failure)
     and keeps its traceback.
     """
+    # With a stage server (a flow run's), the stage runs in a child forked from it, already warm.
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name == f"tasks.{stage}":  # this process is `python -m tasks.<stage>`
+        code = stage_server.delegate(spec.name, sys.argv[1:])
+        if code is not None:
+            raise SystemExit(code)
     configure_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = {"stage": stage, "process_started": process_start_time(), "work_started": time.time()}
+    report = {"stage": stage, "process_started": stage_server.process_start_time(), "work_started": time.time(),
+              "stage_server": stage_server.STARTED_ENV in os.environ}
     try:
         params = load("params.yaml")  # DVC runs each stage in the repository root
         body(params)

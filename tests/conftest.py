@@ -109,6 +109,28 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stage_server():
+    """One warm stage server per test process (``tasks.stage_server``) for every stage the tests start.
+
+    Each stage process would otherwise spend ~9 s importing torch and MLflow; the stages forked from this server
+    skip that, and a flow run inside a test uses this one instead of starting its own. What runs is unchanged:
+    ``tests/test_stage_server.py`` checks a stage run this way against the same stage run alone, and tests that
+    need a cold stage process set ``SSLPIPE_STAGE_SERVER=off`` for it.
+    """
+    from tasks import stage_server as server
+
+    address = str(_SESSION_HOME / "stages.sock")
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    proc, listening = server.start(address, env, str(REPO))
+    if listening:
+        os.environ[server.SERVER_ENV] = address
+    yield
+    os.environ.pop(server.SERVER_ENV, None)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
     """A fresh tiny git + DVC project on digits, this process pointed at its MLflow store."""
