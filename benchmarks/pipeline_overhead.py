@@ -15,6 +15,7 @@ The overhead target of issue #11 is <= 10 % of the run. Run it on a quiet machin
     .venv/bin/python benchmarks/pipeline_overhead.py                      # the default run (~11 min)
     .venv/bin/python benchmarks/pipeline_overhead.py --in-place           # ... in this repository
     .venv/bin/python benchmarks/pipeline_overhead.py --set pretrain.epochs=1 --set self_train.rounds=1
+    .venv/bin/python benchmarks/pipeline_overhead.py --stage-server both ...  # cold stages, then warm ones
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def main() -> None:
     parser.add_argument("--in-place", action="store_true",
                         help="run in this repository instead of a copy (as `make run` does, every stage forced): "
                              "its dvc.lock, results and MLflow store get the run")
+    parser.add_argument("--stage-server", choices=("on", "off", "both"), default="on",
+                        help="run the stages forked from the flow's warm stage server (on, as `sslpipe run` does), "
+                             "each in a cold process of its own (off, as a plain `dvc repro`), or both, one after "
+                             "the other")
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -76,17 +81,46 @@ def main() -> None:
     configure_environment()
     overrides = dict(parse_override(text) for text in args.sets)
     from flows.pipeline import ssl_pipeline  # imports Prefect: part of the CLI's start-up, timed below
+    from tasks import stage_server
 
-    started = time.perf_counter()
-    summary = ssl_pipeline(overrides=overrides, root=str(root), force=True, save_experiment=False)
-    total = time.perf_counter() - started
+    label = ", ".join(args.sets) or "default params"
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.stage_server]
+    totals: dict[bool, tuple[float, float]] = {}
+    for warm in modes:
+        # off: every stage process starts cold, as under a plain `dvc repro`; on: the flow's stage server.
+        os.environ[stage_server.SERVER_ENV] = "" if warm else stage_server.DISABLED
+        started = time.perf_counter()
+        summary = ssl_pipeline(overrides=overrides, root=str(root), force=True, save_experiment=False)
+        total = time.perf_counter() - started
+        work = _print_split(summary["stages"], total,
+                            f"{label}, every stage forced, stage server {'on' if warm else 'off'}")
+        totals[warm] = (total, work)
+        metrics = summary["metrics"]
+        print(f"\nmetrics: baseline {metrics['baseline']['accuracy']:.4f}, SSL {metrics['ssl']['accuracy']:.4f}"
+              + (f", SSL + self-training {metrics['self_train']['accuracy']:.4f}" if "self_train" in metrics else ""))
+    if len(totals) == 2:
+        (cold, cold_work), (warm_total, warm_work) = totals[False], totals[True]
+        print("\n| stage server | flow wall (s) | overhead (s) |\n|---|---|---|")
+        print(f"| off | {cold:.1f} | {cold - cold_work:.1f} |")
+        print(f"| on | {warm_total:.1f} | {warm_total - warm_work:.1f} |")
+        print(f"\nwall time off / on: {cold / warm_total:.2f}x")
+    print("\n| cold import, fresh interpreter | seconds |")
+    print("|---|---|")
+    for module, seconds in imports.items():
+        print(f"| `{module}` | {seconds:.2f} |")
+    if args.keep and not args.in_place:
+        print(f"\nproject copy: {root}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-    stages = summary["stages"]
+
+def _print_split(stages: list[dict], total: float, title: str) -> float:
+    """Print one run's split of its wall time; returns the stages' work seconds."""
     work = sum(s["work_seconds"] or 0.0 for s in stages)
     startup = sum(s["startup_seconds"] or 0.0 for s in stages)
     dvc = sum(s["seconds"] for s in stages) - work - startup
     prefect = total - sum(s["seconds"] for s in stages)
-    print(f"\nFlow wall time {total:.1f} s ({', '.join(args.sets) or 'default params'}), every stage forced.\n")
+    print(f"\nFlow wall time {total:.1f} s ({title}).\n")
     print("| stage | DVC wall (s) | process start-up (s) | work (s) |")
     print("|---|---|---|---|")
     for s in stages:
@@ -97,14 +131,7 @@ def main() -> None:
                           ("Prefect and flow", prefect)):
         print(f"| {name} | {seconds:.1f} | {seconds / total:.1%} |")
     print(f"| **overhead (all but stage work)** | {total - work:.1f} | **{(total - work) / total:.1%}** |")
-    print("\n| cold import, fresh interpreter | seconds |")
-    print("|---|---|")
-    for module, seconds in imports.items():
-        print(f"| `{module}` | {seconds:.2f} |")
-    if args.keep and not args.in_place:
-        print(f"\nproject copy: {root}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return work
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
     configure_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = {"stage": stage, "process_started": stage_server.process_start_time(), "work_started": time.time(),
-              "stage_server": stage_server.STARTED_ENV in os.environ}
+              "stage_server": stage_server.forked()}
     try:
         params = load("params.yaml")  # DVC runs each stage in the repository root
         body(params)

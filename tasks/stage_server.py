@@ -31,8 +31,9 @@ import sys
 import time
 
 SERVER_ENV = "SSLPIPE_STAGE_SERVER"
-# Set in a forked child: when the stage's process (the one DVC started) was created, for its start-up figure.
-STARTED_ENV = "SSLPIPE_STAGE_PROCESS_STARTED"
+# Set in a forked child: the pid of the stage's own process (the one DVC started, waiting for the child), whose
+# creation time is the stage's start and whose parents are DVC's.
+STAGE_PID_ENV = "SSLPIPE_STAGE_PROCESS_PID"
 DISABLED = "off"
 # Third-party modules every stage imports (or may): what makes a cold stage process slow to start.
 PRELOAD = (
@@ -54,14 +55,21 @@ def server_address() -> str | None:
     return address if address and address != DISABLED else None
 
 
+def stage_process_id() -> int:
+    """The pid of the stage's own process: this one, or in a forked child the one DVC started."""
+    return int(os.environ.get(STAGE_PID_ENV) or os.getpid())
+
+
+def forked() -> bool:
+    """Whether this stage runs in a child of the stage server."""
+    return STAGE_PID_ENV in os.environ
+
+
 def process_start_time() -> float:
-    """When the stage's own process was created (epoch seconds): the one DVC started, even in a forked child."""
-    started = os.environ.get(STARTED_ENV)
-    if started:
-        return float(started)
+    """When the stage's own process was created (epoch seconds), in a forked child too: its start-up's start."""
     import psutil
 
-    return psutil.Process().create_time()
+    return psutil.Process(stage_process_id()).create_time()
 
 
 # --------------------------------------------------------------------------- the stage process's side
@@ -82,11 +90,9 @@ def delegate(module: str, args: list[str]) -> int | None:
         print(f"sslpipe: stage server at {address} unreachable ({err}); running the stage in this process",
               file=sys.stderr)
         return None
-    import psutil
-
     request = {
         "module": module, "args": args, "cwd": os.getcwd(), "umask": _current_umask(),
-        "env": {**os.environ, STARTED_ENV: repr(psutil.Process().create_time())},
+        "env": {**os.environ, STAGE_PID_ENV: str(os.getpid())},
         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
     payload = json.dumps(request).encode()

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ssl_lib.config import PipelineParams
+from tasks import stage_server
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
 from tasks.run_summary import committed_params, describe, flatten, param_changes, run_title
@@ -128,7 +129,8 @@ def _dvc_invocation_key() -> str | None:
     import psutil
 
     try:
-        for proc in psutil.Process().parents():
+        # The stage's own process: in a child of the stage server, the one DVC started (tasks.stage_server).
+        for proc in psutil.Process(stage_server.stage_process_id()).parents():
             cmdline = proc.cmdline()
             head = [Path(arg).name for arg in cmdline[:3]]
             if "dvc" in head or ("-m" in head and "dvc" in cmdline[:4]):
@@ -229,7 +231,7 @@ def _resolve_parent(params: PipelineParams) -> tuple[str, bool]:
     given = os.environ.get(PARENT_RUN_ENV)
     if given:
         return given, False
-    invocation = _dvc_invocation_key() or f"standalone-{os.getpid()}-{time.time_ns()}"
+    invocation = _dvc_invocation_key() or f"standalone-{stage_server.stage_process_id()}-{time.time_ns()}"
     return open_parent_run(params, invocation, owner="dvc"), True
 
 
