@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssl_lib.config import load_params
 from ssl_lib.errors import UserError
 from tasks import stage_server
 from tasks.environment import configure_environment
@@ -34,7 +33,7 @@ def _write_report(report: dict) -> None:
         Path(target).write_text(json.dumps(report))
 
 
-def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str], Any] = load_params) -> None:
+def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str], Any] | None = None) -> None:
     """Entry point of ``python -m tasks.<stage>``: what dvc.yaml calls.
 
     ``load`` reads params.yaml for ``body``: all of it (PipelineParams) by default, or one section. A
@@ -47,6 +46,8 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
         code = stage_server.delegate(spec.name, sys.argv[1:])
         if code is not None:
             raise SystemExit(code)
+    if load is None:
+        from ssl_lib.config import load_params as load
     configure_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = {"stage": stage, "process_started": stage_server.process_start_time(), "work_started": time.time(),

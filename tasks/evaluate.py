@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from ssl_lib.config import PipelineParams
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.evaluate")
 CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
@@ -43,6 +45,7 @@ def _load_classifiers(spec: dict, self_trained: bool) -> dict:
 
 def run(params: PipelineParams) -> dict:
     import mlflow
+    import pandas as pd
     import torch
     from mlflow import MlflowClient
 

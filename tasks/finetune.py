@@ -3,12 +3,15 @@ baseline trained on exactly the same labels with the same budget. The self_train
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import pandas as pd
+import numpy as np
 
-from ssl_lib.config import PipelineParams
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.finetune")
 
@@ -31,6 +34,7 @@ def load_encoder_info() -> tuple[dict, dict]:
 
 def run(params: PipelineParams) -> dict:
     import mlflow
+    import pandas as pd
 
     from ssl_lib.classifier import build_classifier, train_classifier
     from ssl_lib.data.prepared import load_prepared
@@ -90,7 +94,6 @@ def _epoch_logger(prefix: str):
 
 def model_input(images) -> object:
     """Registry models take float32 (N, C, H, W) in [0, 1]; normalisation lives inside the model."""
-    import numpy as np
 
     return (np.asarray(images, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
 

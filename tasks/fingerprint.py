@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ssl_lib.config import DataParams, load_data_params
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    from ssl_lib.config import DataParams
 
 log = logging.getLogger("sslpipe.fingerprint")
 
@@ -35,7 +38,13 @@ def run(data: DataParams) -> dict:
     return found
 
 
+def load_data_section(path: str) -> DataParams:
+    """Only the data section of params.yaml: validating all params would import the method registry (torch),
+    seconds on every `dvc repro` for nothing."""
+    from ssl_lib.config import load_data_params
+
+    return load_data_params(path)
+
+
 if __name__ == "__main__":
-    # Only the data section is read: validating all params would import the method registry (torch), seconds
-    # on every `dvc repro` for nothing.
-    run_stage_cli("fingerprint", run, load=load_data_params)
+    run_stage_cli("fingerprint", run, load=load_data_section)

@@ -6,10 +6,13 @@ files are decoded, and images keep their splits (``ssl_lib.data.ingest``).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from ssl_lib.config import PipelineParams
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.ingest")
 _SHOWN = 20  # files listed in the log; the full lists are in report.json and lineage.json

@@ -11,13 +11,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from ssl_lib.config import ConfigError, PipelineParams
+from ssl_lib.errors import ConfigError
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.pretrain")
 RDZV_ENDPOINT_ENV = "SSLPIPE_RDZV_ENDPOINT"
@@ -74,6 +75,8 @@ def _train(params: PipelineParams, on_epoch: Callable[[dict], None] | None) -> t
 
 
 def _write_outputs(result: Any, meta: dict, settings: Any) -> dict:
+    import pandas as pd
+
     from ssl_lib.io import atomic_path, save_torch, write_json
 
     save_torch(result.encoder_state, paths.ENCODER)

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from ssl_lib.config import PipelineParams
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.pseudo_labels")
 
 
 def run(params: PipelineParams) -> dict[str, np.ndarray]:
     import mlflow
+    import numpy as np
 
     from ssl_lib.data.prepared import load_pool
     from ssl_lib.io import atomic_path

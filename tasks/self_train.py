@@ -4,13 +4,15 @@ classifier is the final model, unchanged."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
-from ssl_lib.config import PipelineParams
 from tasks import paths
 from tasks.common import run_stage_cli
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.self_train")
 
@@ -24,6 +26,7 @@ def run(params: PipelineParams) -> dict:
     import json
 
     import mlflow
+    import pandas as pd
     import torch
 
     from ssl_lib.classifier import build_classifier
