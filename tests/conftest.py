@@ -165,3 +165,35 @@ def digits_settings(method: str, epochs: int, **kw: Any) -> PretrainSettings:
     from ssl_lib.pretrain_plan import PretrainSettings
 
     return PretrainSettings(**base)
+
+
+# --- scheduling: the longest test modules first --------------------------------------------------------------
+
+# ``make test`` runs ``--dist loadfile`` on one worker per core: whole modules, handed to whichever worker is free,
+# in collection order. Started last, a long module leaves the other worker idle at the end; started first, the
+# short ones fill in around it (longest-processing-time-first). Seconds per module come from the table this
+# suite prints at its end ("seconds per test module"); modules not listed are short and run last.
+LONGEST_FIRST = (
+    "tests/test_retrain.py", "tests/test_every_method_a.py", "tests/test_every_method_b.py",
+    "tests/test_pipeline.py", "tests/test_beyond_one_machine.py", "tests/test_learning.py", "tests/test_sweep.py",
+    "tests/test_engine.py", "tests/test_growing_data.py",
+)
+_MODULE_SECONDS: dict[str, float] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: a module keeps its order
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    module = report.nodeid.split("::")[0]
+    _MODULE_SECONDS[module] = _MODULE_SECONDS.get(module, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _MODULE_SECONDS:
+        return
+    terminalreporter.write_sep("=", "seconds per test module (setup, call and teardown)")
+    for module, seconds in sorted(_MODULE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}s  {module}")
