@@ -35,13 +35,19 @@ SERVER_ENV = "SSLPIPE_STAGE_SERVER"
 # creation time is the stage's start and whose parents are DVC's.
 STAGE_PID_ENV = "SSLPIPE_STAGE_PROCESS_PID"
 DISABLED = "off"
-# Third-party modules every stage imports (or may): what makes a cold stage process slow to start.
+# Third-party modules every stage imports (or may): what makes a cold stage process slow to start. Some are
+# imported late, on first use: torch._dynamo by the first optimizer, torch.export by MLflow's model loading,
+# matplotlib's font manager by the first text drawn.
 PRELOAD = (
     "numpy", "pandas", "PIL.Image", "pydantic", "yaml", "psutil", "torch", "torch.nn", "torch.nn.functional",
-    "torchvision", "torchvision.transforms.v2", "matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg",
-    "sqlalchemy", "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
-    "mlflow.store.model_registry.sqlalchemy_store", "mlflow.models", "mlflow.models.signature",
+    "torch._dynamo", "torch.export", "torchvision", "torchvision.transforms.v2", "matplotlib", "matplotlib.pyplot",
+    "matplotlib.font_manager", "matplotlib.backends.backend_agg", "sqlalchemy", "mlflow", "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store", "mlflow.models",
+    "mlflow.models.signature", "mlflow.utils.requirements_utils",
 )
+# Caches worth filling once: MLflow maps installed packages to their modules (~1-3 s) on every log_model.
+WARM_UP = (("mlflow.utils.requirements_utils", "_init_modules_to_packages_map"),
+           ("mlflow.utils.requirements_utils", "_init_packages_to_modules_map"))
 # The project's own packages: imported fresh in every child, from its working directory.
 PROJECT_PACKAGES = ("tasks", "ssl_lib", "flows", "benchmarks", "tests")
 _LENGTH = struct.Struct("!I")
@@ -149,11 +155,7 @@ def serve(address: str, parent_pid: int) -> None:
     # Ctrl-C reaches the whole process group: the flow stops this server itself. SIGTERM stops it cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop)
-    for name in PRELOAD:
-        try:
-            __import__(name)
-        except ImportError:
-            pass  # an optional library: its importer will say so
+    _preload()
     sys.stdout.flush()
     sys.stderr.flush()
     selector = selectors.DefaultSelector()
@@ -195,6 +197,21 @@ def serve(address: str, parent_pid: int) -> None:
             _kill(pid, signal.SIGKILL)
         listener.close()
         os.unlink(address)
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # an optional library: its importer will say so
+    for module, function in WARM_UP:
+        try:
+            getattr(importlib.import_module(module), function)()
+        except Exception:  # a private cache of a library: if it moved, the stages fill it themselves
+            pass
 
 
 def _stop(signum: int, frame: object) -> None:
