@@ -106,13 +106,21 @@ def delegate(module: str, args: list[str]) -> int | None:
     sys.stderr.flush()
 
     def forward(signum: int, frame: object) -> None:
-        conn.send(bytes([signum]))
+        try:
+            conn.send(bytes([signum]))
+        except OSError:
+            pass  # the server is gone: the status read below reports it
 
     previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED_SIGNALS}
     try:
         with conn:
-            socket.send_fds(conn, [_LENGTH.pack(len(payload))], [0, 1, 2])
-            conn.sendall(payload)
+            try:
+                socket.send_fds(conn, [_LENGTH.pack(len(payload))], _standard_fds())
+                conn.sendall(payload)
+            except OSError as err:  # nothing was started: run the stage here
+                print(f"sslpipe: could not hand the stage to the server ({err}); running it in this process",
+                      file=sys.stderr)
+                return None
             status = _recv_exact(conn, _STATUS.size)
     finally:
         for signum, handler in previous.items():
@@ -122,6 +130,18 @@ def delegate(module: str, args: list[str]) -> int | None:
         return 1
     (code,) = _STATUS.unpack(status)
     return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
+
+
+def _standard_fds() -> list[int]:
+    """This process's stdin, stdout and stderr, with /dev/null for any that is closed (a daemon's stdin)."""
+    fds = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            fd = os.open(os.devnull, os.O_RDWR)
+        fds.append(fd)
+    return fds
 
 
 def _current_umask() -> int:
