@@ -135,3 +135,12 @@ def test_a_flow_starts_a_server_for_its_stages_and_stops_it(project: Path, monke
     monkeypatch.setenv(stage_server.SERVER_ENV, stage_server.DISABLED)
     with serving(project) as env:
         assert env == {}
+
+
+def test_a_stage_process_without_stdin_still_hands_its_stage_over(project: Path, server: str, tmp_path: Path):
+    env = {**os.environ, stage_server.SERVER_ENV: server, "SSLPIPE_STAGE_REPORT": str(tmp_path / "report.json")}
+    # As a daemon's child may be: file descriptor 0 closed (the server gets /dev/null in its place).
+    out = subprocess.run([sys.executable, "-m", "tasks.fingerprint"], cwd=project, env=env, capture_output=True,
+                         text=True, preexec_fn=lambda: os.close(0))
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["stage_server"]
