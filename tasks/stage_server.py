@@ -208,7 +208,7 @@ def serve(address: str, parent_pid: int) -> None:
                     conn.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
                 except OSError:
                     pass  # the stage process is gone already
-                if _registered(selector, conn):
+                if conn in selector.get_map():  # still watched: its stage process is alive
                     selector.unregister(conn)
                 conn.close()
                 del children[conn]
@@ -236,14 +236,6 @@ def _preload() -> None:
 
 def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)
-
-
-def _registered(selector: object, conn: socket.socket) -> bool:
-    try:
-        selector.get_key(conn)  # type: ignore[attr-defined]
-    except KeyError:
-        return False
-    return True
 
 
 def _kill(pid: int, signum: int) -> None:

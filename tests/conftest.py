@@ -118,17 +118,13 @@ def stage_server():
     ``tests/test_stage_server.py`` checks a stage run this way against the same stage run alone, and tests that
     need a cold stage process set ``SSLPIPE_STAGE_SERVER=off`` for it.
     """
-    from tasks import stage_server as server
+    from flows.stages import stage_server as serving
 
-    address = str(_SESSION_HOME / "stages.sock")
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    proc, listening = server.start(address, env, str(REPO))
-    if listening:
-        os.environ[server.SERVER_ENV] = address
-    yield
-    os.environ.pop(server.SERVER_ENV, None)
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serving(REPO) as env:  # the flows' own way to start and stop one
+        os.environ.update(env)
+        yield
+        for key in env:
+            os.environ.pop(key, None)
 
 
 @pytest.fixture()
