@@ -42,17 +42,19 @@ UNCACHED_OUTPUTS = (paths.SOURCE_FINGERPRINT, paths.METRICS, paths.PREDICTIONS, 
                     *paths.FINETUNE_HISTORY.values(), paths.SELF_TRAIN_HISTORY)
 
 
-def save_dvc_experiment(root: Path, name: str) -> str | None:
-    """Record the workspace as a DVC experiment; None (with the reason logged) where git has no commit yet."""
+def save_dvc_experiment(root: Path, name: str, env_extra: dict[str, str] | None = None) -> str | None:
+    """Record the workspace as a DVC experiment; None (with the reason logged) where git has no commit yet.
+
+    ``env_extra`` may name the flow's stage server, which then runs the `dvc exp save`."""
     logger = get_run_logger()
-    env = subprocess_env()
+    env = subprocess_env(env_extra)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, env=env)
     if head.returncode != 0:
         logger.warning("not a git repository with a commit: the run is not saved as a DVC experiment")
         return None
     # Outputs with `cache: false` (metrics, plot data) are plain files git does not track yet: include them.
     untracked = [arg for path in UNCACHED_OUTPUTS if (root / path).exists() for arg in ("--include-untracked", path)]
-    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name, *untracked]), cwd=root,
+    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name, *untracked], env), cwd=root,
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         logger.warning("dvc exp save failed: %s", (out.stderr or out.stdout).strip())
@@ -112,12 +114,13 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         with stage_server(root_path) as server_env:
             for stage_task in stage_tasks().values():
                 outcomes.append(stage_task(str(root_path), {**env, **server_env}, force=force))
-        if not outcomes[-1].executed:
-            # Nothing was re-evaluated: the parent run still carries the results it stands for.
-            metrics = json.loads((root_path / paths.METRICS).read_text())
-            log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
-        if save_experiment:
-            exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name))
+            if not outcomes[-1].executed:
+                # Nothing was re-evaluated: the parent run still carries the results it stands for.
+                metrics = json.loads((root_path / paths.METRICS).read_text())
+                log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
+            if save_experiment:
+                exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),
+                                               server_env)
         succeeded = True
     finally:
         tag_dataset_hash(parent_id)

@@ -114,8 +114,12 @@ def stage_server(root: Path) -> Iterator[dict[str, str]]:
                 proc.wait()
 
 
-def dvc_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
+def dvc_command(args: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """The command line of ``dvc ARGS``; where ``env`` names a stage server, through ``tasks.dvc_cli``, which hands
+    it to that server (DVC already imported there)."""
+    address = (env or {}).get(server.SERVER_ENV, "")
+    warm = bool(address) and address != server.DISABLED
+    return [sys.executable, "-m", "tasks.dvc_cli" if warm else "dvc", *args]
 
 
 def read_stage_report(path: Path) -> dict[str, Any] | None:
@@ -150,7 +154,7 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
         report_path = Path(tmp) / "report.json"
         env = subprocess_env({**(env_extra or {}), STAGE_REPORT_ENV: str(report_path)})
         start = time.perf_counter()
-        proc = subprocess.Popen(dvc_command(args), cwd=root, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(dvc_command(args, env), cwd=root, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         lines: list[str] = []
         assert proc.stdout is not None

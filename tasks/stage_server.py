@@ -44,10 +44,16 @@ PRELOAD = (
     "matplotlib.font_manager", "matplotlib.backends.backend_agg", "sqlalchemy", "mlflow", "mlflow.tracking",
     "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store", "mlflow.models",
     "mlflow.models.signature", "mlflow.utils.requirements_utils",
+    # DVC's command line, for tasks.dvc_cli: a flow's `dvc repro` and `dvc exp save` run in children too.
+    "dvc.cli", "dvc.cli.parser", "dvc.commands.repro", "dvc.commands.experiments", "dvc.repo", "dvc.repo.reproduce",
+    "dvc.repo.experiments", "dvc.stage", "dvc.output", "dvc.dependency",
 )
 # Caches worth filling once: MLflow maps installed packages to their modules (~1-3 s) on every log_model.
 WARM_UP = (("mlflow.utils.requirements_utils", "_init_modules_to_packages_map"),
            ("mlflow.utils.requirements_utils", "_init_packages_to_modules_map"))
+# Modules whose children start stage processes: their children keep the server's address, so that those stages
+# are handed to it too. (A stage module's child drops it: it runs its stage itself.)
+LAUNCHERS = ("dvc",)
 # The project's own packages: imported fresh in every child, from its working directory.
 PROJECT_PACKAGES = ("tasks", "ssl_lib", "flows", "benchmarks", "tests")
 _LENGTH = struct.Struct("!I")
@@ -286,7 +292,11 @@ def _run_child(request: dict, fds: list[int]) -> None:
             os.sched_setaffinity(0, request["affinity"])
         os.environ.clear()
         os.environ.update(request["env"])
-        os.environ.pop(SERVER_ENV, None)  # the child runs the stage itself
+        if request["module"] in LAUNCHERS:
+            # Its stage processes are not this child: each finds its own pid, and hands itself to the server.
+            os.environ.pop(STAGE_PID_ENV, None)
+        else:
+            os.environ.pop(SERVER_ENV, None)  # the child runs the stage itself
         # As `python -m` in that directory: the project's code comes from there, imported afresh.
         for name in [n for n in sys.modules if n.split(".")[0] in PROJECT_PACKAGES]:
             del sys.modules[name]

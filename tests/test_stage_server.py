@@ -144,3 +144,43 @@ def test_a_stage_process_without_stdin_still_hands_its_stage_over(project: Path,
                          text=True, preexec_fn=lambda: os.close(0))
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "report.json").read_text())["stage_server"]
+
+
+def test_dvc_runs_in_the_server_and_its_stages_too(project: Path, server: str, tmp_path: Path):
+    """``python -m tasks.dvc_cli`` (a flow's `dvc repro`): DVC runs in a child of the server, the stage processes
+    it starts are handed to the server in turn, and what DVC prints, writes and exits with is what it does alone."""
+    import psutil
+
+    server_pid = next(p.pid for p in psutil.process_iter(["cmdline"]) if address_in(p, server))
+    _replace_run(project, "ingest", "    import psutil\n    from tasks import stage_server\n"
+                 "    print('dvc ran in', [p.pid for p in psutil.Process(stage_server.stage_process_id()).parents()],"
+                 " flush=True)\n")
+
+    def dvc(*args: str, report: Path | None = None) -> subprocess.CompletedProcess:
+        env = {**os.environ, stage_server.SERVER_ENV: server,
+               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+        if report is not None:
+            env["SSLPIPE_STAGE_REPORT"] = str(report)
+        return subprocess.run([sys.executable, "-m", "tasks.dvc_cli", *args], cwd=project, env=env, text=True,
+                              capture_output=True, timeout=300)
+
+    ran = dvc("repro", "ingest", report=tmp_path / "report.json")
+    assert ran.returncode == 0, ran.stderr
+    assert "Running stage 'ingest'" in ran.stdout
+    assert f"{server_pid}" in next(line for line in ran.stdout.splitlines() if line.startswith("dvc ran in"))
+    assert json.loads((tmp_path / "report.json").read_text())["stage_server"]  # the stage was handed over too
+    assert "ingest" in (project / "dvc.lock").read_text()
+    again = dvc("repro", "ingest")
+    assert again.returncode == 0 and "Running stage 'ingest'" not in again.stdout, again.stdout
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "ingest"], cwd=project, text=True,
+                            capture_output=True)
+    assert "ingest:" not in status.stdout, status.stdout  # DVC alone agrees: what the warm DVC recorded is true
+    unknown = dvc("repro", "no_such_stage")
+    alone = subprocess.run([sys.executable, "-m", "dvc", "repro", "no_such_stage"], cwd=project, text=True,
+                           capture_output=True)
+    assert unknown.returncode == alone.returncode != 0
+    assert "no_such_stage" in unknown.stderr
+
+
+def address_in(process, address: str) -> bool:
+    return address in (process.info.get("cmdline") or [])
