@@ -36,7 +36,8 @@ from ssl_lib.io import atomic_path  # noqa: E402
 from ssl_lib.methods import METHODS  # noqa: E402
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
-from tasks.settings import finetune_settings, pretrain_settings  # noqa: E402
+from tasks.finetune import finetune_settings  # noqa: E402
+from tasks.settings import pretrain_settings  # noqa: E402
 
 # Methods that need a token-based encoder get the small ViT; the rest the CPU-default ConvNet.
 VIT_METHODS = {"mae", "autoregressive"}

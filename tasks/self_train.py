@@ -13,6 +13,7 @@ from tasks.common import run_stage_cli
 
 if TYPE_CHECKING:
     from ssl_lib.config import PipelineParams
+    from ssl_lib.self_train import SelfTrainSettings
 
 log = logging.getLogger("sslpipe.self_train")
 
@@ -36,7 +37,6 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.self_train import self_train
     from tasks.finetune import log_classifier
     from tasks.registry import provenance, tag_version
-    from tasks.settings import self_train_settings
     from tasks.tracking import stage_run
 
     section = {"seed": params.seed, "self_train": params.self_train.model_dump()}
@@ -131,6 +131,17 @@ def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: n
     save_image_grid(tiles, captions, cols=2 * per_side, path=path, row_labels=class_names, dpi=90,
                     title="pseudo-labels per class: most confident (left) and least confident (right)")
 
+
+def self_train_settings(params: PipelineParams) -> SelfTrainSettings:
+    from ssl_lib.self_train import SelfTrainSettings
+
+    s = params.self_train
+    return SelfTrainSettings(steps=s.steps, rounds=s.rounds, epochs=s.epochs, batch_size=s.batch_size,
+                             labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                             unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
+                             distribution_alignment=s.distribution_alignment, temperature=s.temperature,
+                             knn_k=s.knn_k, alpha=s.alpha, balance=s.balance, whiten=s.whiten,
+                             bn_recalibration=s.bn_recalibration, seed=params.seed, device=s.device)
 
 
 if __name__ == "__main__":
