@@ -41,8 +41,9 @@ from ssl_lib.io import atomic_path  # noqa: E402
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
 from ssl_lib.self_train import self_train  # noqa: E402
-from tasks.self_train import pool_rows  # noqa: E402
-from tasks.settings import finetune_settings, pretrain_settings, self_train_settings  # noqa: E402
+from tasks.finetune import finetune_settings  # noqa: E402
+from tasks.self_train import pool_rows, self_train_settings  # noqa: E402
+from tasks.settings import pretrain_settings  # noqa: E402
 
 ROWS = {"baseline": "supervised-only", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised",
         "scratch_semi": "semi-supervised from scratch"}
@@ -151,7 +152,9 @@ def log_point(result: dict, params) -> None:
                            "self_train.method": "+".join(params.self_train.steps) or "none",
                            "self_train.rounds": params.self_train.rounds,
                            "self_train.epochs": params.self_train.epochs,
-                           "self_train.balance": params.self_train.balance})
+                           "self_train.balance": params.self_train.balance, "self_train.lr": params.self_train.lr,
+                           "self_train.whiten": params.self_train.whiten,
+                           "self_train.bn_recalibration": params.self_train.bn_recalibration})
         mlflow.log_metrics({f"test_accuracy_{k}": float(result[k]) for k in ROWS if k in result})
         mlflow.log_metrics({k: float(v) for k, v in result.items() if k.endswith("_s") or "pseudo" in k})
 
@@ -222,7 +225,10 @@ def main() -> None:
     header = (f"Fashion-MNIST test accuracy (10 000 images), mean ± std over seeds {seeds}; pretraining "
               f"{params.pretrain.method} {params.pretrain.epochs} epochs ({params.pretrain.backbone}), self-training "
               f"{'+'.join(params.self_train.steps) or 'none'} x {params.self_train.rounds} rounds x "
-              f"{params.self_train.epochs} epochs{', balanced' if params.self_train.balance else ''}; encoder: "
+              f"{params.self_train.epochs} epochs (lr {params.self_train.lr:g})"
+              f"{', balanced' if params.self_train.balance else ''}"
+              f"{', whitened graph' if params.self_train.whiten else ''}"
+              f"{', BatchNorm recalibrated' if params.self_train.bn_recalibration else ''}; encoder: "
               f"{'one per seed' if args.pretrain_per_seed else 'seed 0, shared'}.\n\n")
     print(header + table)
     out = Path(args.out)

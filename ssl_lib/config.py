@@ -166,16 +166,18 @@ class SelfTrainParams(_Section):
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=256, ge=2)
     labeled_batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=4e-3, gt=0)
     weight_decay: float = Field(default=5e-4, ge=0)
     unlabeled_weight: float = Field(default=1.0, ge=0)
     ema_decay: float = Field(default=0.99, ge=0, lt=1)
     threshold: float = Field(default=0.95, gt=0, le=1)
     distribution_alignment: bool = True
     temperature: float = Field(default=1.0, gt=0)
-    knn_k: int = Field(default=20, ge=1)
+    knn_k: int = Field(default=10, ge=1)
     alpha: float = Field(default=0.99, gt=0, lt=1)
     balance: bool = True
+    whiten: bool = True
+    bn_recalibration: int = Field(default=40, ge=0)
     device: str = "auto"
 
     @field_validator("method")

@@ -50,16 +50,18 @@ class SelfTrainSettings:
     epochs: float = 2.0  # passes over the pool per step
     batch_size: int = 256  # pool images per step
     labeled_batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 4e-3
     weight_decay: float = 5e-4
     unlabeled_weight: float = 1.0
     ema_decay: float = 0.99
     threshold: float = 0.95  # fixmatch
     distribution_alignment: bool = True  # fixmatch
     temperature: float = 1.0  # distill
-    knn_k: int = 20  # label_propagation
+    knn_k: int = 10  # label_propagation
     alpha: float = 0.99  # label_propagation: diffusion strength
     balance: bool = True  # label_propagation: rebalance propagated labels to the labeled set's class shares
+    whiten: bool = True  # label_propagation: PCA-whiten the features before building the graph
+    bn_recalibration: int = 40  # batches of clean pool images that re-estimate BatchNorm statistics after a step
     seed: int = 0
     device: str = "auto"
     warmup_fraction: float = 0.05
@@ -137,6 +139,21 @@ def propagate_labels(features: torch.Tensor, labeled_rows: np.ndarray, labels: n
             y[members] = 1.0 / len(members)
         z[:, c], _ = scipy.sparse.linalg.cg(system, y, rtol=1e-6, maxiter=iterations)
     return torch.from_numpy(z).float()
+
+
+def whitening(features: torch.Tensor, floor: float = 1e-3) -> Callable[[torch.Tensor], torch.Tensor]:
+    """PCA whitening fitted on ``features``: the map that centres features, rotates them onto the principal axes
+    and gives each axis unit variance (eigenvalues floored at ``floor`` x the largest, so that near-empty
+    directions are not blown up into noise).
+
+    A few directions dominate a trained encoder's features, and cosine similarity ranks neighbours by those alone;
+    whitened, every direction counts, and the kNN graph links more images of the same class (README ablation).
+    """
+    mean = features.double().mean(0)
+    centred = features.double() - mean
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+    projection = eigenvectors * eigenvalues.clamp_min(floor * float(eigenvalues.max())).rsqrt()
+    return lambda f: ((f.double() - mean) @ projection).to(f.dtype)
 
 
 def balance_to_prior(probs: torch.Tensor, prior: torch.Tensor, iterations: int = 3) -> torch.Tensor:
@@ -283,7 +300,26 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 on_epoch(record)
     finally:
         bar.close()
+    recalibrate_batchnorm(averaged, pool, settings.bn_recalibration, batch, generator)
     return averaged
+
+
+def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batches: int, batch_size: int,
+                          generator: torch.Generator) -> None:
+    """Re-estimate ``model``'s BatchNorm running statistics on ``batches`` batches of clean uint8 ``images``.
+
+    The student trains on strongly augmented views, so the statistics it keeps (and their EMA) describe those, not
+    the clean images it is evaluated and used on; ``torch.optim.swa_utils.update_bn`` recomputes them as an
+    exact average over the given batches. A model without BatchNorm is left as it is.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if batches <= 0:
+        return
+    rows = (torch.randint(len(images), (batch_size,), generator=generator).to(images.device) for _ in range(batches))
+    was_training = model.training
+    update_bn((images[r].float().div_(255.0) for r in rows), model)
+    model.train(was_training)
 
 
 def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndarray, labeled_labels: np.ndarray,
@@ -321,13 +357,15 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
             feats, probs = _features_and_probs(model, pool, settings.temperature if method == "distill" else 1.0)
             static = None
             if method == "label_propagation":
-                scores = propagate_labels(feats, labeled_rows, labeled_y.cpu().numpy(), model.num_classes,
+                transform = whitening(feats) if settings.whiten else _identity
+                graph_feats = transform(feats)
+                scores = propagate_labels(graph_feats, labeled_rows, labeled_y.cpu().numpy(), model.num_classes,
                                           k=settings.knn_k, alpha=settings.alpha)
                 prior = class_prior(labeled_y.cpu().numpy(), model.num_classes) if settings.balance else None
                 propagated = propagated_probabilities(scores, prior)
                 static = propagation_targets(propagated)
                 pseudo = _pseudo_labels(propagated, static[1])
-                val_acc = _propagated_val_accuracy(model, feats, propagated, val, settings.knn_k)
+                val_acc = _propagated_val_accuracy(model, graph_feats, propagated, val, settings.knn_k, transform)
             else:
                 if method == "distill":
                     static = (probs, torch.ones(len(probs)))
@@ -356,16 +394,22 @@ def _pseudo_labels(probs: torch.Tensor, weight: torch.Tensor) -> PseudoLabels:
                         weight=weight.cpu().numpy().astype(np.float32))
 
 
+def _identity(features: torch.Tensor) -> torch.Tensor:
+    return features
+
+
 def _propagated_val_accuracy(model: Classifier, pool_feats: torch.Tensor, probs: torch.Tensor,
-                             val: tuple[torch.Tensor, torch.Tensor], k: int) -> float:
-    """Accuracy of propagated labels carried to val images by their k nearest pool neighbours.
+                             val: tuple[torch.Tensor, torch.Tensor], k: int,
+                             transform: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """Accuracy of propagated labels carried to val images by their k nearest pool neighbours (in the graph's
+    feature space: ``pool_feats`` are the graph's, ``transform`` maps the model's features there).
 
     Val images stay out of the graph: each one takes the similarity-weighted mean of its neighbours' propagated
     class probabilities.
     """
     if len(val[1]) == 0:
         return float("nan")
-    val_feats, _ = _features_and_probs(model, val[0])
+    val_feats = transform(_features_and_probs(model, val[0])[0])
     sims, idx = (F.normalize(val_feats, dim=1) @ F.normalize(pool_feats, dim=1).t()).topk(k, dim=1)
     votes = (sims.clamp_min(0).unsqueeze(2) * probs[idx]).sum(1)
     return float((votes.argmax(1) == val[1].cpu()).float().mean())

@@ -17,8 +17,10 @@ from ssl_lib.self_train import (
     propagate_labels,
     propagated_probabilities,
     propagation_targets,
+    recalibrate_batchnorm,
     self_train,
     validate_settings,
+    whitening,
 )
 from tasks.self_train import pool_rows
 
@@ -118,6 +120,42 @@ def test_balancing_restores_the_labeled_class_shares():
     assert torch.allclose(balanced.sum(1), torch.ones(300), atol=1e-5)
     assert torch.allclose(balanced.sum(0) / 300, prior, atol=0.02)
     assert (balanced.argmax(1).numpy() == truth).mean() > 0.95
+
+
+def test_whitening_lets_the_graph_see_a_weak_class_direction():
+    """Two classes that differ along a direction of small variance, under a large class-independent one: cosine
+    neighbours of the raw features are a coin toss, of the whitened ones mostly the right class."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 300)
+    nuisance = rng.normal(size=(600, 2)) * 10  # dominates every angle
+    signal = (truth[:, None] * 2 - 1) * 1.0 + rng.normal(size=(600, 1)) * 0.3
+    feats = torch.from_numpy(np.hstack([nuisance, signal, rng.normal(size=(600, 5)) * 0.3])).float()
+    labeled = np.array([0, 1, 300, 301])
+
+    def propagated_accuracy(f: torch.Tensor) -> float:
+        scores = propagate_labels(f, labeled, truth[labeled], 2, k=10)
+        return float((scores.argmax(1).numpy() == truth).mean())
+
+    unfloored = whitening(feats, floor=0.0)(feats)
+    assert torch.allclose(torch.cov(unfloored.T.double(), correction=0), torch.eye(8, dtype=torch.double), atol=1e-3)
+    transform = whitening(feats)  # the default floor: directions under 1e-3 of the largest variance stay small
+    white = transform(feats)
+    assert torch.equal(transform(feats[:5]), white[:5])  # one map, for the pool and for any other images
+    assert propagated_accuracy(feats) < 0.6 < 0.95 < propagated_accuracy(white)
+
+
+def test_batchnorm_recalibration_describes_the_clean_images():
+    """Statistics left by other data (here: what a strong view would leave) are replaced by the clean images'."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(1))
+    model[0].running_mean.fill_(0.9)
+    model[0].running_var.fill_(0.01)
+    images = torch.randint(0, 128, (500, 1, 8, 8), dtype=torch.uint8)  # mean about 0.25 of full scale
+    model.eval()
+    recalibrate_batchnorm(model, images, batches=20, batch_size=100, generator=torch.Generator().manual_seed(0))
+    clean = images.float() / 255
+    assert not model.training  # left in the mode it was in
+    assert abs(float(model[0].running_mean) - float(clean.mean())) < 0.01
+    assert abs(float(model[0].running_var) - float(clean.var())) < 0.01
 
 
 def test_strong_augmentation_keeps_shape_and_range():
