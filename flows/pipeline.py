@@ -28,8 +28,8 @@ from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
     PREFECT_RUN_ENV,
+    close_run,
     describe_parent_run,
-    finish_run,
     log_results,
     open_parent_run,
     run_url,
@@ -123,12 +123,11 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
                                                server_env)
         succeeded = True
     finally:
-        tag_dataset_hash(parent_id)
         failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
-        describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
-                            skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
-                            failed_stage=failed, overrides=overrides)
-        finish_run(parent_id, succeeded)
+        close_run(parent_id, succeeded, lambda: (tag_dataset_hash(parent_id), describe_parent_run(
+            parent_id, params, ran=[o.stage for o in outcomes if o.executed],
+            skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name, failed_stage=failed,
+            overrides=overrides)))
 
     from mlflow import MlflowClient
 

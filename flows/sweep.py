@@ -92,7 +92,7 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
 
     from ssl_lib.config import apply_overrides, parse_params, read_raw_params
     from tasks.common import STAGE_REPORT_ENV, STAGES
-    from tasks.tracking import PARENT_RUN_ENV, describe_parent_run, finish_run, open_parent_run
+    from tasks.tracking import PARENT_RUN_ENV, close_run, describe_parent_run, open_parent_run
 
     root_path = Path(root)
     params = parse_params(apply_overrides(read_raw_params(root_path / "params.yaml"), point.overrides))
@@ -119,9 +119,9 @@ def run_point(point: SweepPoint, root: str, sweep_id: str, experiment: str) -> d
         ok = True
     finally:
         # The point's run page says what it is, as a pipeline run's does: result, the point's params, what ran.
-        describe_parent_run(run_id, params, dvc_experiment=name if ok else None, failed_stage=failed_stage,
-                            overrides=point.overrides, root=root_path)
-        finish_run(run_id, ok)
+        close_run(run_id, ok, lambda: describe_parent_run(
+            run_id, params, dvc_experiment=name if ok else None, failed_stage=failed_stage,
+            overrides=point.overrides, root=root_path))
     return {"method": point.method, "labels_per_class": point.labels_per_class, "seed": point.seed,
             "ssl_accuracy": metrics["ssl"]["accuracy"], "baseline_accuracy": metrics["baseline"]["accuracy"],
             # the final model's, when the self_train stage ran (self_train.method other than none)

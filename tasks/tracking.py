@@ -10,10 +10,11 @@ committed params, and its result.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,23 @@ def finish_run(run_id: str, succeeded: bool) -> None:
     MlflowClient().set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 
 
+def close_run(run_id: str, succeeded: bool, write_description: Callable[[], object]) -> None:
+    """Describe a parent run (``write_description``), then mark it finished or failed.
+
+    Called from a ``finally``: when the run has failed already, its own error is the one to report (it says what
+    went wrong, and its kind decides a retry), so a failure to describe the run is logged, not raised; the run
+    is marked failed either way. A run that succeeded but cannot be described raises.
+    """
+    try:
+        write_description()
+    except Exception:
+        if succeeded:
+            finish_run(run_id, False)
+            raise
+        logging.getLogger("sslpipe").warning("could not describe the failed run %s", run_id, exc_info=True)
+    finish_run(run_id, succeeded)
+
+
 def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | None = None,
                         skipped: list[str] | None = None, dvc_experiment: str | None = None,
                         failed_stage: str | None = None, overrides: dict[str, Any] | None = None,
@@ -256,6 +274,5 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
     finally:
         if owns_parent:
             # Each stage closes (and describes) the parent: the last stage of the invocation leaves it final.
-            tag_dataset_hash(parent_id)
-            describe_parent_run(parent_id, params, failed_stage=None if succeeded else stage)
-            finish_run(parent_id, succeeded)
+            close_run(parent_id, succeeded, lambda: (tag_dataset_hash(parent_id), describe_parent_run(
+                parent_id, params, failed_stage=None if succeeded else stage)))

@@ -117,3 +117,28 @@ def test_the_lp_phase_reports_its_epochs_without_changing_the_weights(digits):
     assert [row["epoch"] for row in rows] == [1, 2]
     assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
     assert 0.0 <= rows[-1]["val_acc"] <= 1.0
+
+
+def test_a_failed_run_keeps_its_own_error_when_describing_it_fails_too(monkeypatch):
+    """The finally that closes a parent run must not swap the run's error for MLflow's: the first decides
+    whether a retry can help (a user error is never retried) and says what went wrong. (MLflow's side, marking
+    the run, is recorded here; the pipeline tests see real runs end FINISHED or FAILED.)"""
+    import pytest
+
+    from tasks import tracking
+
+    marked: dict[str, bool] = {}
+    monkeypatch.setattr(tracking, "finish_run", lambda run_id, succeeded: marked.__setitem__(run_id, succeeded))
+
+    def broken_description() -> None:
+        raise ConnectionError("tracking server went away")
+
+    with pytest.raises(ZeroDivisionError, match="the run's own failure"):
+        try:
+            raise ZeroDivisionError("the run's own failure")
+        finally:
+            tracking.close_run("failed", False, broken_description)
+    with pytest.raises(ConnectionError):  # a run that worked but cannot be described: that is the error
+        tracking.close_run("succeeded", True, broken_description)
+    tracking.close_run("described", True, lambda: None)
+    assert marked == {"failed": False, "succeeded": False, "described": True}
