@@ -124,10 +124,14 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         succeeded = True
     finally:
         failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
-        close_run(parent_id, succeeded, lambda: (tag_dataset_hash(parent_id), describe_parent_run(
-            parent_id, params, ran=[o.stage for o in outcomes if o.executed],
-            skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name, failed_stage=failed,
-            overrides=overrides)))
+
+        def write_description() -> None:
+            tag_dataset_hash(parent_id)
+            describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
+                                skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
+                                failed_stage=failed, overrides=overrides)
+
+        close_run(parent_id, succeeded, write_description)
 
     from mlflow import MlflowClient
 

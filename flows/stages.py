@@ -117,8 +117,7 @@ def stage_server(root: Path) -> Iterator[dict[str, str]]:
 def dvc_command(args: list[str], env: dict[str, str] | None = None) -> list[str]:
     """The command line of ``dvc ARGS``; where ``env`` names a stage server, through ``tasks.dvc_cli``, which hands
     it to that server (DVC already imported there)."""
-    address = (env or {}).get(server.SERVER_ENV, "")
-    warm = bool(address) and address != server.DISABLED
+    warm = server.server_address(env or {}) is not None
     return [sys.executable, "-m", "tasks.dvc_cli" if warm else "dvc", *args]
 
 

@@ -29,6 +29,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 SERVER_ENV = "SSLPIPE_STAGE_SERVER"
 # Set in a forked child: the pid of the stage's own process (the one DVC started, waiting for the child), whose
@@ -61,9 +62,9 @@ _STATUS = struct.Struct("!i")
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def server_address() -> str | None:
-    """The socket of the stage server this process may hand its stage to, or None."""
-    address = os.environ.get(SERVER_ENV, "")
+def server_address(env: Mapping[str, str] | None = None) -> str | None:
+    """The socket of the stage server this process (or one started with ``env``) may hand its stage to, or None."""
+    address = (os.environ if env is None else env).get(SERVER_ENV, "")
     return address if address and address != DISABLED else None
 
 

@@ -274,5 +274,8 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
     finally:
         if owns_parent:
             # Each stage closes (and describes) the parent: the last stage of the invocation leaves it final.
-            close_run(parent_id, succeeded, lambda: (tag_dataset_hash(parent_id), describe_parent_run(
-                parent_id, params, failed_stage=None if succeeded else stage)))
+            def write_description() -> None:
+                tag_dataset_hash(parent_id)
+                describe_parent_run(parent_id, params, failed_stage=None if succeeded else stage)
+
+            close_run(parent_id, succeeded, write_description)

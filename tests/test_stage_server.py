@@ -157,10 +157,10 @@ def test_dvc_runs_in_the_server_and_its_stages_too(project: Path, server: str, t
                  " flush=True)\n")
 
     def dvc(*args: str, report: Path | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, stage_server.SERVER_ENV: server,
-               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-        if report is not None:
-            env["SSLPIPE_STAGE_REPORT"] = str(report)
+        from flows.stages import subprocess_env
+
+        env = subprocess_env({stage_server.SERVER_ENV: server, **({"SSLPIPE_STAGE_REPORT": str(report)} if report
+                                                                   else {})})
         return subprocess.run([sys.executable, "-m", "tasks.dvc_cli", *args], cwd=project, env=env, text=True,
                               capture_output=True, timeout=300)
 
