@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
 from .decode import open_image, to_array
+from .errors import DataError
 from .files import IMAGE_EXTENSIONS, walk_images
 
 
