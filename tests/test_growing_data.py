@@ -2,6 +2,7 @@
 memory, and a change in the source's files is what makes DVC rerun ingest (and nothing else does)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -43,6 +44,22 @@ def _manifest(out: Path) -> pd.DataFrame:
 TRAINING = ("unlabeled", "labeled", "val")
 
 
+def _assert_same_images(out: Path, fresh: Path) -> None:
+    """The same images (pixels and key per file), pretraining pool and statistics as a fresh ingest, in any row
+    order: an incremental ingest keeps the previous rows where they were and appends the new ones."""
+    grown, scratch = load_prepared(out), load_prepared(fresh)
+    a, b = grown.manifest.set_index("source_id"), scratch.manifest.set_index("source_id")
+    assert sorted(a.index) == sorted(b.index)
+    ids = b.index
+    assert a.loc[ids, "key"].tolist() == b["key"].tolist() and a.loc[ids, "sha1"].tolist() == b["sha1"].tolist()
+    np.testing.assert_array_equal(grown.images[a.loc[ids, "index"].to_numpy()], scratch.images)
+    for root, prepared in ((out, grown), (fresh, scratch)):  # the pool is every non-test row
+        np.testing.assert_array_equal(np.load(root / "pool_indices.npy"),
+                                      np.flatnonzero(prepared.manifest["split"].to_numpy() != "test"))
+    for name in ("meta.json", "report.json"):  # meta: its statistics were updated, not redone
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+
+
 @pytest.fixture
 def folder(tmp_path: Path) -> Path:
     root = tmp_path / "images"
@@ -79,9 +96,11 @@ def test_adding_images_keeps_every_split_and_fills_only_from_new_ones(folder: Pa
     # membership depends on each image alone, not on the history.
     fresh = tmp_path / "fresh"
     ingest("folder", folder, **BUDGET, out_dir=fresh, workers=1)
-    for name in ("images.npy", "pool_indices.npy", "meta.json"):  # meta: its statistics were updated, not redone
-        assert (fresh / name).read_bytes() == (out / name).read_bytes(), name
-    assert (_manifest(fresh).split == "test").equals(after.split == "test")
+    _assert_same_images(out, fresh)
+    assert (_manifest(fresh).split == "test").equals((after.split == "test").loc[_manifest(fresh).index])
+    # The previous rows stayed where they were; the new images come after them.
+    assert after["index"].loc[before.index].tolist() == before["index"].tolist()
+    assert sorted(after["index"].loc[added]) == list(range(len(before), len(after)))
 
 
 def test_a_growing_label_fraction_is_filled_by_the_new_images(folder: Path, tmp_path: Path):
@@ -124,7 +143,117 @@ def test_removing_images_keeps_the_other_splits(folder: Path, tmp_path: Path):
         counts = after[after.label == cls].split.value_counts()
         assert counts["labeled"] == 4 and counts["val"] == 3
     ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
-    assert (tmp_path / "fresh" / "meta.json").read_bytes() == (out / "meta.json").read_bytes()
+    _assert_same_images(out, tmp_path / "fresh")  # the kept rows were copied into a new file, in their order
+    assert after["index"].loc[kept.index].is_monotonic_increasing
+
+
+def _state(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in FILES}
+
+
+def test_a_grown_folder_appends_to_the_previous_images_file(folder: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    before, inode = (out / "images.npy").read_bytes(), (out / "images.npy").stat().st_ino
+    header = len(before) - load_prepared(out).images.nbytes
+    _add_images(folder, {"cat": 3, "": 2}, "new")
+    good = (folder / "cat" / "a000.png").read_bytes()
+    (folder / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])  # its header reads, its pixels do not
+    meta = ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    # The same file, its rows untouched: only the header and the new rows after them were written.
+    grown = (out / "images.npy").read_bytes()
+    assert (out / "images.npy").stat().st_ino == inode and (out / "images.npy").stat().st_nlink == 1
+    assert grown[header:len(before)] == before[header:]
+    assert (meta["reused"], meta["decoded"]) == (125, 6) and meta["num_images"] == 130
+    assert [p for p, _ in meta["skipped"]] == ["dog/truncated.png"]  # decoded, failed, its row dropped
+    ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
+    _assert_same_images(out, tmp_path / "fresh")
+    before_state = _state(out)
+    # Nothing changed: every file byte-identical (the truncated file is tried again, and fails again).
+    assert ingest("folder", folder, **BUDGET, out_dir=out, workers=1)["decoded"] == 1
+    assert _state(out) == before_state
+
+
+def test_a_linked_images_file_is_copied_not_changed(folder: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    cached = tmp_path / "dvc-cache-copy"
+    os.link(out / "images.npy", cached)  # as DVC's hardlink cache type leaves it
+    before = cached.read_bytes()
+    _add_images(folder, {"cat": 3}, "new")
+    assert ingest("folder", folder, **BUDGET, out_dir=out, workers=1)["decoded"] == 3
+    assert cached.read_bytes() == before and (out / "images.npy").stat().st_ino != cached.stat().st_ino
+    ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
+    _assert_same_images(out, tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("where", ["writing rows", "committing"])
+def test_a_failed_ingest_leaves_the_previous_version_as_it_was(folder: Path, tmp_path: Path, monkeypatch,
+                                                               where: str):
+    from ssl_lib.data import image_file
+    from ssl_lib.data import ingest as module
+
+    out = tmp_path / "prepared"
+    ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    before = _state(out)
+    _add_images(folder, {"cat": 3}, "new")
+    owner, name = (image_file, "compact_rows") if where == "writing rows" else (module, "_commit")
+    real = getattr(owner, name)
+
+    def then_fail(*args, **kwargs):
+        real(*args, **kwargs)  # the new rows are in the previous file (and, committing, its header counts them)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(owner, name, then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    assert _state(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["images", "prepared"]
+    load_prepared(out)
+
+
+_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from ssl_lib.data import image_file
+    from ssl_lib.data import ingest as module
+
+    if __name__ == "__main__":
+        owner, name = (image_file, "compact_rows") if sys.argv[3] == "writing rows" else (module, "_commit")
+        real = getattr(owner, name)
+
+        def then_killed(*args, **kwargs):
+            real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        setattr(owner, name, then_killed)
+        module.ingest("folder", sys.argv[1], 0, 4, None, 3, 0.25, sys.argv[2], workers=1)
+""")
+
+
+@pytest.mark.parametrize("where", ["writing rows", "committing"])
+def test_a_killed_ingest_leaves_a_version_the_next_one_builds_on(folder: Path, tmp_path: Path, where: str):
+    from ssl_lib.errors import DataError
+
+    out = tmp_path / "prepared"
+    ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    before = _state(out)
+    _add_images(folder, {"cat": 3}, "new")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED, str(folder), str(out), where], env=env)
+    assert killed.returncode == -9
+    after = _state(out)
+    assert {n: after[n] for n in FILES[1:]} == {n: before[n] for n in FILES[1:]}
+    if where == "writing rows":
+        # Killed before the commit: the previous version reads as it was; the new rows lie past its last one.
+        assert after["images.npy"].startswith(before["images.npy"])
+        np.testing.assert_array_equal(load_prepared(out).images, np.load(io.BytesIO(before["images.npy"])))
+    else:
+        # Killed within the commit (after the header write, before the swap): readers refuse it.
+        with pytest.raises(DataError, match="manifest.csv has 125 rows but images.npy has 128"):
+            load_prepared(out)
+    # Either way the next ingest builds on it: only the new files are decoded, into what a fresh ingest writes.
+    assert ingest("folder", folder, **BUDGET, out_dir=out, workers=1)["decoded"] == 3
+    ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
+    _assert_same_images(out, tmp_path / "fresh")
 
 
 def test_a_new_seed_draws_new_splits(folder: Path, tmp_path: Path):
@@ -162,8 +291,7 @@ def test_parallel_ingest_equals_a_single_worker_and_reports_bad_files(folder: Pa
     _add_images(folder, {"cat": 5, "eel": 5}, "new")
     ingest("folder", folder, **BUDGET, out_dir=tmp_path / "two", workers=2)
     ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
-    for name in ("images.npy", "meta.json", "report.json"):
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    _assert_same_images(tmp_path / "two", tmp_path / "fresh")
 
 
 def test_the_fingerprint_moves_with_the_data_alone_and_reads_only_changed_files(folder: Path, tmp_path: Path,

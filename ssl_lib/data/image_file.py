@@ -291,33 +291,67 @@ def iter_blocks(source: OldRows, count: int, rows: np.ndarray | None = None) -> 
                 yield np.take(view, picked, axis=0, out=picked_buffer[:len(picked)], mode="clip")  # "raise" copies
 
 
-def drop_rows(target: OldRows, count: int, keep: np.ndarray) -> int:
-    """Remove the rows of ``target`` where ``keep`` is False, in place; returns the new row count."""
+def compact_rows(target: OldRows, count: int, keep: np.ndarray) -> int:
+    """Remove the rows of ``target`` where ``keep`` is False and cut the file after the rest; returns their count.
+
+    Only the file's length changes, not its .npy header (``resize`` sets it). Rows before the first removed one
+    are neither read nor written.
+    """
     kept = np.flatnonzero(keep)
     if len(kept) == count:
         return count
     size = _row_bytes(target.shape)
     step = block_rows(target.shape, count)
+    first = int(np.flatnonzero(~np.asarray(keep, dtype=bool))[0])
     with open(target.path, "r+b", buffering=0) as f:
         # Rows only move down and blocks go in order, so a block never overwrites a row not yet moved.
-        for dst in range(0, len(kept), step):
+        for dst in range(first, len(kept), step):
             sources = kept[dst:dst + step]
             data = b"".join(os.pread(f.fileno(), size, target.offset + int(s) * size) for s in sources)
             os.pwrite(f.fileno(), data, target.offset + dst * size)
         f.truncate(target.offset + len(kept) * size)
-        _rewrite_header(f, target.offset, (len(kept), *target.shape))
     return len(kept)
 
 
-def _rewrite_header(f, offset: int, shape: tuple[int, ...]) -> None:
+def _header(offset: int, shape: tuple[int, ...]) -> bytes:
     import io
 
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
-    if header.tell() != offset:  # .npy headers are padded to 64 bytes: a shorter shape keeps the length
+    if header.tell() != offset:  # headers leave room for the row count to grow to 21 digits (numpy's padding)
         raise ValueError(f"new .npy header is {header.tell()} bytes, the file's is {offset}")
-    f.seek(0)
-    f.write(header.getvalue())
+    return header.getvalue()
+
+
+def can_resize(rows: OldRows, count: int) -> bool:
+    """Whether the header of ``rows``'s .npy file can say ``count`` rows without moving them (same header length)."""
+    try:
+        _header(rows.offset, (count, *rows.shape))
+    except ValueError:
+        return False
+    return True
+
+
+def resize(rows: OldRows, count: int) -> None:
+    """Make the .npy file of ``rows`` hold ``count`` rows in place: its length cut (or zero-extended) to them and
+    its header rewritten. The header goes last, so until then readers see the rows the file held before."""
+    with open(rows.path, "r+b", buffering=0) as f:
+        f.truncate(rows.offset + count * _row_bytes(rows.shape))
+        f.seek(0)
+        f.write(_header(rows.offset, (count, *rows.shape)))
+
+
+def extend(rows: OldRows, count: int, more: int) -> OldRows:
+    """Room for ``more`` rows after the first ``count`` rows of ``rows``'s .npy file; returns where they go.
+
+    The header is left as it is (``resize`` sets it once the rows are there), so a reader of the file still sees
+    its ``count`` rows and nothing after them. Bytes after those rows (left by an interrupted run) are cut first.
+    """
+    size = _row_bytes(rows.shape)
+    with open(rows.path, "r+b", buffering=0) as f:
+        f.truncate(rows.offset + count * size)
+        f.truncate(rows.offset + (count + more) * size)
+    return OldRows(rows.path, rows.offset + count * size, rows.shape)
 
 
 def narrow_channels(source: OldRows, count: int, target_path: str | os.PathLike[str]) -> tuple[OldRows, list[str]]:

@@ -3,17 +3,32 @@
 The format (file names, what each holds) is ``ssl_lib.data.layout``'s; only the ingest stage writes it.
 
 Ingest is incremental and streams. The prepared dataset already in ``out_dir`` is the previous data version:
-its images whose file content (sha256) is unchanged are copied from its images.npy instead of decoded again,
-its val and labeled images keep their roles (``splits.assign_splits``), and every image keeps the data version
-at which it entered. New or changed files are decoded once each, in parallel, straight into a preallocated
-images.npy (``image_file``); memory stays flat in the number of images. The whole directory is replaced
-atomically, so a failure leaves the previous version as it was.
+its images whose file content (sha256) is unchanged keep their rows instead of being decoded again, its val and
+labeled images keep their roles (``splits.assign_splits``), and every image keeps the data version at which it
+entered. New or changed files are decoded once each, in parallel, straight into images.npy (``image_file``);
+memory stays flat in the number of images.
+
+Rows stay where they are: the previous version's rows still in the source come first, in their order, and new
+images follow (``_row_order``). When nothing was removed, the new rows are appended to the previous images.npy
+itself, which then becomes the new version's too (``_grows_in_place``): no unchanged pixel is copied. Otherwise
+the kept rows are copied into a new file by the kernel.
+
+The directory is replaced atomically (``io.atomic_dir``). An exception leaves the previous version as it was:
+rows appended to its images.npy are cut off again (``_restored_on_failure``). If the process is killed, the
+previous version stays readable as it was: appended rows lie past the rows its header counts, which every
+reader ignores and the next ingest cuts off. Only a kill within the commit itself (``_commit``: one header write,
+then the directory swap) can leave the previous manifest with an images.npy counting more rows; readers then
+refuse it and the next ingest builds on its first rows.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,18 +73,34 @@ def mean_std(sums: image_file.PixelSums) -> tuple[list[float], list[float]]:
 
 # --------------------------------------------------------------------------- the previous version
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no plain ==
 class _Previous:
-    """The prepared dataset being replaced: what it held, by key."""
+    """The prepared dataset being replaced: one entry per row of its images.npy, and where each key is."""
 
     lineage: dict[str, Any]
-    rows: dict[str, int]                 # key -> row in its images.npy
-    split: dict[str, tuple[str, int]]    # key -> (split, label)
-    sha1: dict[str, str]                 # key -> sha1 of its pixels
-    version: dict[str, int]              # key -> data version at which it entered
-    by_source_id: dict[str, str]         # source_id -> key
+    keys: np.ndarray                     # per row (object strings)
+    split: np.ndarray                    # per row
+    label: np.ndarray                    # per row, int64
+    sha1: list[str]                      # per row: sha1 of its pixels
+    version: np.ndarray                  # per row: data version at which it entered, int64
+    source_ids: np.ndarray               # per row
     images: image_file.OldRows
-    counted: np.ndarray                  # per row: in its pixel sums (a non-test image)
+    unique_keys: pd.Index                # each key once ...
+    unique_rows: np.ndarray              # ... and its last row (the one a dict of rows by key would keep)
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+    @property
+    def counted(self) -> np.ndarray:
+        """Per row: in its pixel sums (a non-test image)."""
+        return self.split != "test"
+
+    def find(self, keys: list[str] | np.ndarray) -> np.ndarray:
+        """The row of each key (-1 if it had none): one lookup for 100,000s of keys instead of a loop."""
+        found = self.unique_keys.get_indexer(keys)
+        return np.where(found >= 0, self.unique_rows[found], -1)
 
 
 def _read_previous(out_dir: Path) -> _Previous | None:
@@ -82,18 +113,22 @@ def _read_previous(out_dir: Path) -> _Previous | None:
         images, count = image_file.open_rows(out_dir / IMAGES_FILE)
     except (OSError, ValueError, TypeError, pd.errors.ParserError):
         return None  # damaged: a fresh ingest replaces it
-    if list(m.columns) != MANIFEST_COLUMNS or len(m) != count or not isinstance(lineage, dict):
+    # More rows than the manifest's: an ingest was killed while committing rows appended after them (_commit).
+    if list(m.columns) != MANIFEST_COLUMNS or len(m) > count or not isinstance(lineage, dict):
         return None
-    keys = m["key"].tolist()
+    keys = m["key"].to_numpy(dtype=object)
+    last = ~pd.Index(keys).duplicated(keep="last")
     return _Previous(
         lineage=lineage,
-        rows=dict(zip(keys, m["index"].tolist(), strict=True)),
-        split={k: (s, int(y)) for k, s, y in zip(keys, m["split"].tolist(), m["label"].tolist(), strict=True)},
-        sha1=dict(zip(keys, m["sha1"].tolist(), strict=True)),
-        version=dict(zip(keys, m["version"].tolist(), strict=True)),
-        by_source_id=dict(zip(m["source_id"].tolist(), keys, strict=True)),
+        keys=keys,
+        split=m["split"].to_numpy(dtype=object),
+        label=m["label"].to_numpy(dtype=np.int64),
+        sha1=m["sha1"].tolist(),
+        version=m["version"].to_numpy(dtype=np.int64),
+        source_ids=m["source_id"].to_numpy(dtype=object),
         images=images,
-        counted=m["split"].to_numpy() != "test",
+        unique_keys=pd.Index(keys[last]),
+        unique_rows=np.flatnonzero(last),
     )
 
 
@@ -105,12 +140,83 @@ def _previous_roles(keys: list[str], labels: np.ndarray, previous: _Previous | N
     """
     if previous is None or previous.lineage.get("seed") != seed:
         return None
+    rows = previous.find(keys)
+    known = rows >= 0
     roles = np.full(len(keys), "", dtype="<U9")
-    for i, (key, label) in enumerate(zip(keys, labels.tolist(), strict=True)):
-        before = previous.split.get(key)
-        if before is not None:
-            roles[i] = before[0] if before[1] == label else "unlabeled"
+    same_label = previous.label[rows[known]] == labels[known]
+    roles[known] = np.where(same_label, previous.split[rows[known]], "unlabeled")
     return roles
+
+
+# --------------------------------------------------------------------------- where each image's row goes
+
+def _decode(source: SourceIndex) -> dict[str, Any] | None:
+    """How a folder's files are decoded (lineage.json's ``decode``); None for an in-memory source."""
+    if not isinstance(source, FolderSource):
+        return None
+    width, height = source.size_wh
+    return {"mode": source.decode_mode, "size": [width, height]}
+
+
+def _row_order(source: SourceIndex, previous: _Previous | None) -> tuple[np.ndarray, np.ndarray]:
+    """The order the source's images are written in, and the row of the previous images.npy each one (in that
+    order) copies: -1 for an image to decode.
+
+    Only a folder's rows are reused, and only when its files are decoded as they were. Each previous row whose
+    image is still in the source (the same key; files with the same content take one row each) keeps its place:
+    those images come first, in their rows' order, and the rest follow in source order. So a folder that only
+    grew only appends rows (``_grows_in_place``), and what is written never depends on whether the previous rows
+    were kept in place or copied. An image without a row of its own still copies a previous row with its
+    content (a copied file) rather than being decoded.
+    """
+    n = len(source.source_ids)
+    if previous is None or _decode(source) is None or previous.lineage.get("decode") != _decode(source):
+        return np.arange(n), np.full(n, -1, dtype=np.int64)
+    new = pd.DataFrame({"key": source.identities})
+    new["nth"] = new.groupby("key").cumcount()
+    old = pd.DataFrame({"key": previous.keys, "row": np.arange(previous.count)})
+    old["nth"] = old.groupby("key").cumcount()
+    own = new.merge(old, on=["key", "nth"], how="left")["row"].fillna(-1).to_numpy(dtype=np.int64)
+    kept = np.flatnonzero(own >= 0)
+    order = np.concatenate([kept[np.argsort(own[kept], kind="stable")], np.flatnonzero(own < 0)])
+    rows = own[order]
+    spare = rows < 0
+    rows[spare] = previous.find(new["key"].to_numpy(dtype=object)[order[spare]])
+    return order, rows
+
+
+def _in_order(source: SourceIndex, order: np.ndarray) -> SourceIndex:
+    """``source`` with its images in ``order``."""
+    if np.array_equal(order, np.arange(len(order))):
+        return source
+    picked: dict[str, Any] = {
+        "labels": source.labels[order], "predefined_test": source.predefined_test[order],
+        "source_ids": [source.source_ids[i] for i in order.tolist()],
+        "keys": None if source.keys is None else [source.keys[i] for i in order.tolist()]}
+    if isinstance(source, FolderSource):
+        picked["records"] = [source.records[i] for i in order.tolist()]
+    return dataclasses.replace(source, **picked)
+
+
+def _grows_in_place(previous: _Previous | None, old_rows: np.ndarray, row_shape: tuple[int, ...]) -> bool:
+    """Whether this version's images.npy is the previous one with rows appended, written into that same file.
+
+    That needs every previous row kept where it is (``_row_order``: nothing removed or changed), rows of the same
+    shape (same channels: a grey file narrowed to one is rewritten), a header that can count the new rows
+    without growing, and a file no other name shares: with some cache types DVC links an output's workspace
+    file to its cache (a hardlink, a symlink, read-only when protected), and appending to it would change the
+    cached copy of the previous version too. Otherwise the kept rows are copied into a new file.
+    """
+    if previous is None or previous.images.shape != row_shape \
+            or not np.array_equal(old_rows[:previous.count], np.arange(previous.count)) \
+            or not image_file.can_resize(previous.images, len(old_rows)):
+        return False
+    try:
+        st = os.lstat(previous.images.path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and bool(st.st_mode & stat.S_IWUSR) \
+        and os.access(previous.images.path, os.W_OK)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -132,8 +238,11 @@ class _Pixels:
     copied_channels: int      # channels of the rows as they were copied (before any narrowing to grey)
 
 
-def _write_pixels(target: Path, source: SourceIndex, previous: _Previous | None, workers: int,
-                  count: np.ndarray) -> _Pixels:
+def _write_pixels(target: Path, source: SourceIndex, previous: _Previous | None, old_rows: np.ndarray,
+                  in_place: bool, workers: int, count: np.ndarray) -> _Pixels:
+    """Write the source's images (in their row order, ``_row_order``) as rows of ``target``, or, ``in_place``,
+    after the previous version's rows in its own images.npy (``_grows_in_place``). Their header is set by
+    ``_commit``."""
     if isinstance(source, RawDataset):
         images = image_file.create(target, source.images.shape)
         sha1 = image_file.write_array(images, source.images)
@@ -143,39 +252,70 @@ def _write_pixels(target: Path, source: SourceIndex, previous: _Previous | None,
         raise TypeError(f"cannot write pixels of a {type(source).__name__}")
 
     width, height = source.size_wh
-    decode = {"mode": source.decode_mode, "size": [width, height]}
     channels = 3 if source.decode_mode == "RGB" else 1
-    # Rows of the previous images.npy are reusable when its files were decoded the same way.
-    old = previous if previous is not None and previous.lineage.get("decode") == decode else None
-    # Their pixels' sha1 carries over when the rows are copied unchanged (same channels).
-    carry_sha1 = old is not None and old.images.shape[-1] == channels
-    items: list[str | image_file.Reuse] = []
-    for key, record in zip(source.identities, source.records, strict=True):
-        row = old.rows.get(key) if old is not None else None
-        if row is None:
-            items.append(os.path.join(source.root, record.rel))
-        else:
-            items.append(image_file.Reuse(row, old.sha1[key] if old is not None and carry_sha1 else ""))
-    n = len(items)
-    old_rows = np.array([item.row if isinstance(item, image_file.Reuse) else -1 for item in items], dtype=np.int64)
-    reused = int((old_rows >= 0).sum())
-    images = image_file.create(target, (n, height, width, channels))
-    result = image_file.fill(images, items, mode=source.decode_mode, size_wh=source.size_wh, count=count.tolist(),
-                             old=old.images if old is not None else None, workers=workers)
+    n = len(old_rows)
+    # Rows already in place (in_place: the previous version's), then the rows written here.
+    start = previous.count if in_place and previous is not None else 0
+    if in_place and previous is not None:
+        images = previous.images
+        region = image_file.extend(images, start, n - start)
+    else:
+        images = region = image_file.create(target, (n, height, width, channels))
+    # A previous row's pixel sha1 carries over when it is copied unchanged (same channels).
+    carry_sha1 = previous is not None and previous.images.shape[-1] == channels
+    items: list[str | image_file.Reuse] = [
+        image_file.Reuse(row, previous.sha1[row] if carry_sha1 else "") if row >= 0 and previous is not None
+        else os.path.join(source.root, record.rel)
+        for row, record in zip(old_rows[start:].tolist(), source.records[start:], strict=True)]
+    result = image_file.fill(region, items, mode=source.decode_mode, size_wh=source.size_wh,
+                             count=count[start:].tolist(), old=previous.images if previous is not None else None,
+                             workers=workers)
     kept = np.ones(n, dtype=bool)
-    kept[list(result.failed)] = False
-    failed = [(source.source_ids[row], why) for row, why in sorted(result.failed.items())]
-    written = image_file.drop_rows(images, n, kept)
-    sha1 = [s for s, k in zip(result.sha1, kept, strict=True) if k]
+    kept[[start + row for row in result.failed]] = False
+    failed = [(source.source_ids[start + row], why) for row, why in sorted(result.failed.items())]
+    written = start + image_file.compact_rows(region, n - start, kept[start:])
+    sha1 = (previous.sha1[:start] if previous is not None else []) \
+        + [s for s, k in zip(result.sha1, kept[start:], strict=True) if k]
     sums = result.decoded_sums
-    if channels == 3 and not result.colour:
+    # Rows kept in place hold colour: a previous version with no colour row has one channel, never grows in place.
+    if channels == 3 and not result.colour and not in_place:
         # Every image turned out grey: store one channel, as a folder of grey files would be.
         narrowed = target.with_name(f".{target.name}.grey")
         grey, sha1 = image_file.narrow_channels(images, written, narrowed)
         os.replace(narrowed, target)
         images = image_file.OldRows(str(target), grey.offset, grey.shape)
         sums = sums.first_channel()  # grey rows: three equal channels
-    return _Pixels(images, written, kept, sha1, failed, decode, reused, n - reused, old_rows[kept], sums, channels)
+    reused = int((old_rows >= 0).sum())
+    return _Pixels(images, written, kept, sha1, failed, _decode(source), reused, n - reused, old_rows[kept], sums,
+                   channels)
+
+
+def _commit(pixels: _Pixels, target: Path) -> None:
+    """Make ``target`` the written images.npy, its header counting its rows.
+
+    Rows appended to the previous version's images.npy join it there under a second name (a hardlink: nothing
+    is copied; a copy where the file system has none), and only then does its header count them. Until that
+    header write, a reader of the previous version sees exactly its rows.
+    """
+    images = pixels.images
+    if images.path != str(target):
+        try:
+            os.link(images.path, target)
+        except OSError:
+            shutil.copyfile(images.path, target)
+    image_file.resize(image_file.OldRows(str(target), images.offset, images.shape), pixels.count)
+
+
+@contextmanager
+def _restored_on_failure(previous: _Previous | None, in_place: bool) -> Iterator[None]:
+    """If the block fails, cut the previous images.npy back to its own rows and header, when rows were being
+    appended to it (``in_place``): the previous version is then as it was."""
+    try:
+        yield
+    except BaseException:
+        if in_place and previous is not None:
+            image_file.resize(previous.images, previous.count)
+        raise
 
 
 def _non_test_sums(pixels: _Pixels, counted: np.ndarray, previous: _Previous | None) -> image_file.PixelSums:
@@ -211,7 +351,8 @@ def _carried_sums(previous: _Previous | None, old_rows: np.ndarray, channels: in
     change = np.bincount(old_rows, minlength=n_old) - previous.counted.astype(np.int64)
     for weight in np.unique(change[change != 0]).tolist():
         rows = np.flatnonzero(change == weight)
-        sums = sums + image_file.pixel_sums(image_file.iter_blocks(previous.images, n_old, rows), channels).times(weight)
+        blocks = image_file.iter_blocks(previous.images, n_old, rows)
+        sums = sums + image_file.pixel_sums(blocks, channels).times(weight)
     return sums
 
 
@@ -225,7 +366,7 @@ def _lineage(source: SourceIndex, previous: _Previous | None, seed: int, test_fr
                                                                                            source.source_version)
     versions: list[dict[str, Any]] = list(before.get("versions", []))
     if not same_data:
-        old = previous.by_source_id if previous is not None else {}
+        old = dict(zip(previous.source_ids.tolist(), previous.keys.tolist(), strict=True)) if previous else {}
         current = dict(zip(source_ids, keys, strict=True))
         versions.append({
             "data_version": int(before.get("data_version", 0)) + 1,
@@ -257,8 +398,13 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     """
     out = Path(out_dir)
     workers = workers or default_workers()
-    raw = load_source(source, path, image_size=image_size, cache_file=cache_file, workers=workers)
+    loaded = load_source(source, path, image_size=image_size, cache_file=cache_file, workers=workers)
     previous = _read_previous(out)
+    order, old_rows = _row_order(loaded, previous)
+    raw = _in_order(loaded, order)
+    row_shape = (*loaded.size_wh[::-1], 3 if loaded.decode_mode == "RGB" else 1) \
+        if isinstance(loaded, FolderSource) else ()
+    in_place = _grows_in_place(previous, old_rows, row_shape)
     keys = raw.identities
     split_args = (seed, labels_per_class, label_fraction, val_per_class, test_fraction)
     # An impossible budget fails here, before any decoding. Test membership is already final (it depends on each
@@ -267,19 +413,23 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
                             previous=_previous_roles(keys, raw.labels, previous, seed), class_names=raw.class_names)
     planned_counted = _counted(planned)
 
-    with atomic_dir(out) as tmp:
+    with _restored_on_failure(previous, in_place), atomic_dir(out) as tmp:
         # mkdtemp makes the directory 0700; give it normal permissions so others can read it.
         os.chmod(tmp, 0o755)
-        pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, workers, planned_counted)
+        pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, old_rows, in_place, workers, planned_counted)
         kept = pixels.kept
-        keys = [k for k, ok in zip(keys, kept, strict=True) if ok]
-        source_ids = [s for s, ok in zip(raw.source_ids, kept, strict=True) if ok]
-        labels, predefined_test = raw.labels[kept], raw.predefined_test[kept]
-        if not source_ids:
-            raise DataError(f"no readable images found under {path}; see the skipped files")
-        splits = assign_splits(labels, predefined_test, *split_args,
-                               keys=None if raw.keys is None else keys,
-                               previous=_previous_roles(keys, labels, previous, seed), class_names=raw.class_names)
+        if kept.all():
+            splits, source_ids, labels = planned, raw.source_ids, raw.labels
+        else:  # files that failed to decode are left out: the budget is drawn again without them
+            keys = [k for k, ok in zip(keys, kept, strict=True) if ok]
+            source_ids = [s for s, ok in zip(raw.source_ids, kept, strict=True) if ok]
+            labels = raw.labels[kept]
+            if not source_ids:
+                raise DataError(f"no readable images found under {path}; see the skipped files")
+            splits = assign_splits(labels, raw.predefined_test[kept], *split_args,
+                                   keys=None if raw.keys is None else keys,
+                                   previous=_previous_roles(keys, labels, previous, seed),
+                                   class_names=raw.class_names)
         non_test = splits != "test"
         counted = _counted(splits)
         if pixels.decoded_sums is not None and not np.array_equal(counted, planned_counted[kept]):
@@ -289,7 +439,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
         lineage["pixel_sums"] = {"scope": "non-test" if non_test.any() else "all", "count": sums.count,
                                  "sum": list(sums.total), "sum_sq": list(sums.total_sq)}
         data_version = lineage["data_version"]
-        before_versions = previous.version if previous is not None else {}
+        before = previous.find(keys) if previous is not None else np.full(len(keys), -1)  # each one's previous row
         manifest = pd.DataFrame({
             "index": np.arange(len(keys), dtype=np.int64),
             "split": splits,
@@ -297,7 +447,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
             "source_id": source_ids,
             "sha1": pixels.sha1,
             "key": keys,
-            "version": np.array([before_versions.get(k, data_version) for k in keys], dtype=np.int64),
+            "version": _entered(previous, before, data_version),
         }, columns=MANIFEST_COLUMNS)
 
         shape = [pixels.count, *pixels.images.shape]
@@ -322,8 +472,9 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
         (tmp / META_FILE).write_text(_dumps(meta))
         (tmp / REPORT_FILE).write_text(_dumps(report))
         (tmp / LINEAGE_FILE).write_text(_dumps(lineage))
+        _commit(pixels, tmp / IMAGES_FILE)  # last: until then the previous version is whole
 
-    crossed = _crossings(previous, keys, splits)
+    crossed = _crossings(previous, before, splits)
     latest = lineage["versions"][-1]
     return {**meta, "split_counts": split_counts(splits), "skipped": skipped, "data_version": data_version,
             "added": latest["added"], "changed": latest["changed"], "removed": latest["removed"],
@@ -336,13 +487,18 @@ def _counted(splits: np.ndarray) -> np.ndarray:
     return non_test if non_test.any() else np.ones(len(splits), dtype=bool)
 
 
-def _crossings(previous: _Previous | None, keys: list[str], splits: np.ndarray) -> dict[str, int]:
-    """How many images still here moved between test and training since the previous version."""
-    left = entered = 0
+def _entered(previous: _Previous | None, rows: np.ndarray, data_version: int) -> np.ndarray:
+    """The data version at which each image (``rows``: its previous row, or -1 if new) entered."""
+    versions = np.full(len(rows), data_version, dtype=np.int64)
     if previous is not None:
-        for key, split in zip(keys, splits.tolist(), strict=True):
-            before = previous.split.get(key)
-            if before is not None and (before[0] == "test") != (split == "test"):
-                left += before[0] == "test"
-                entered += split == "test"
-    return {"left_test": left, "entered_test": entered}
+        versions[rows >= 0] = previous.version[rows[rows >= 0]]
+    return versions
+
+
+def _crossings(previous: _Previous | None, rows: np.ndarray, splits: np.ndarray) -> dict[str, int]:
+    """How many images still here (``rows``: each one's previous row, or -1) moved between test and training."""
+    if previous is None:
+        return {"left_test": 0, "entered_test": 0}
+    known = rows >= 0
+    was_test, is_test = previous.split[rows[known]] == "test", splits[known] == "test"
+    return {"left_test": int((was_test & ~is_test).sum()), "entered_test": int((~was_test & is_test).sum())}
