@@ -149,12 +149,8 @@ def log_point(result: dict, params) -> None:
     with mlflow.start_run(run_name=name):
         mlflow.log_params({"seed": result["seed"], "labels_per_class": result["labels_per_class"],
                            "pretrain.method": params.pretrain.method, "pretrain.epochs": params.pretrain.epochs,
-                           "self_train.method": "+".join(params.self_train.steps) or "none",
-                           "self_train.rounds": params.self_train.rounds,
-                           "self_train.epochs": params.self_train.epochs,
-                           "self_train.balance": params.self_train.balance, "self_train.lr": params.self_train.lr,
-                           "self_train.whiten": params.self_train.whiten,
-                           "self_train.bn_recalibration": params.self_train.bn_recalibration})
+                           **{f"self_train.{k}": v for k, v in params.self_train.model_dump().items()},
+                           "self_train.method": "+".join(params.self_train.steps) or "none"})
         mlflow.log_metrics({f"test_accuracy_{k}": float(result[k]) for k in ROWS if k in result})
         mlflow.log_metrics({k: float(v) for k, v in result.items() if k.endswith("_s") or "pseudo" in k})
 

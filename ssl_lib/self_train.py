@@ -149,8 +149,9 @@ def whitening(features: torch.Tensor, floor: float = 1e-3) -> Callable[[torch.Te
     A few directions dominate a trained encoder's features, and cosine similarity ranks neighbours by those alone;
     whitened, every direction counts, and the kNN graph links more images of the same class (README ablation).
     """
-    mean = features.double().mean(0)
-    centred = features.double() - mean
+    data = features.double()
+    mean = data.mean(0)
+    centred = data - mean
     eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
     projection = eigenvectors * eigenvalues.clamp_min(floor * float(eigenvalues.max())).rsqrt()
     return lambda f: ((f.double() - mean) @ projection).to(f.dtype)
@@ -294,13 +295,14 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 step += 1
                 bar.update(1)
             epoch += 1
+            if step >= total:  # the kept model is measured (and used) with statistics of clean images
+                recalibrate_batchnorm(averaged, pool, settings.bn_recalibration, batch, generator)
             record = {**tag, "epoch": epoch, "loss": sums["loss"] / done, "mask_rate": sums["mask"] / done,
                       "val_acc": accuracy(averaged, *val), "seconds": time.perf_counter() - start}
             if on_epoch is not None:
                 on_epoch(record)
     finally:
         bar.close()
-    recalibrate_batchnorm(averaged, pool, settings.bn_recalibration, batch, generator)
     return averaged
 
 
@@ -317,9 +319,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batches:
     if batches <= 0:
         return
     rows = (torch.randint(len(images), (batch_size,), generator=generator).to(images.device) for _ in range(batches))
-    was_training = model.training
-    update_bn((images[r].float().div_(255.0) for r in rows), model)
-    model.train(was_training)
+    with torch.no_grad():  # update_bn runs plain forwards: no graph to build
+        update_bn((images[r].float().div_(255.0) for r in rows), model)
 
 
 def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndarray, labeled_labels: np.ndarray,
