@@ -21,9 +21,12 @@ from .decode import probe
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 _CACHE_FORMAT = 1
 _CHUNK = 256  # files per worker task
-# Fewer files to read than this are read in this process: starting worker processes (an interpreter and imports
-# each) costs more than it saves.
-MIN_PARALLEL_READS = 1000
+# Fewer files to read than this, of fewer bytes than the next, are read in this process: starting worker
+# processes (an interpreter and imports each, over half a second) costs more than it saves. Reading, hashing and
+# probing a 27 KB PNG (the ingest benchmark's) takes about 60 us, so two workers only pay off from about 20,000 of
+# them; large files take longer, hence the bytes too.
+MIN_PARALLEL_READS = 20_000
+MIN_PARALLEL_READ_BYTES = 512 << 20
 
 
 @dataclass(frozen=True, slots=True)  # slots: one of these per file, 100,000s of them
@@ -116,8 +119,8 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
 
     Files whose size, mtime and inode match ``cache_file`` are not read again; the cache is rewritten when
     anything changed. ``workers`` processes (None: one per core) read, hash and probe the files when there are
-    at least ``MIN_PARALLEL_READS`` of them: processes, not threads, since reading a header through PIL holds
-    the GIL. The records do not depend on ``workers``.
+    at least ``MIN_PARALLEL_READS`` of them or ``MIN_PARALLEL_READ_BYTES``: processes, not threads, since reading
+    a header through PIL holds the GIL. The records do not depend on ``workers``.
     """
     root = Path(root)
     cache_path = Path(cache_file) if cache_file is not None else None
@@ -138,7 +141,8 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
     # Files go to the workers in chunks: one future per file would cost more memory than its record.
     chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
     workers = min(workers or default_workers(), len(chunks))
-    if workers > 1 and len(todo) >= MIN_PARALLEL_READS:
+    if workers > 1 and (len(todo) >= MIN_PARALLEL_READS
+                        or sum(st.st_size for _, st in todo) >= MIN_PARALLEL_READ_BYTES):
         # spawn, not fork: the caller may hold threads (MLflow's) whose locks a forked child would inherit.
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for chunk in pool.map(_read_chunk, [root] * len(chunks), chunks):

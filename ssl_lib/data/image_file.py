@@ -25,9 +25,12 @@ from .decode import is_colour, open_image, to_array
 _BLOCK_BYTES = 8 << 20  # a block of rows is about this many bytes of pixels
 _MAX_BLOCK_ROWS = 1024
 _SQUARED_AT_ONCE = 1 << 22  # pixel values squared at a time by pixel_sums
-# Fewer files than this decode in this process: starting worker processes (an interpreter and imports each)
-# costs more than it saves.
-MIN_PARALLEL_DECODES = 1000
+# Fewer files than this, of fewer bytes than the next, decode in this process: starting worker processes (an
+# interpreter and imports each, over half a second) costs more than it saves. A 96x96 PNG (the ingest benchmark's)
+# decodes in about 0.4 ms, so two workers only pay off from about 3,000 of them; a large photo takes far longer,
+# hence the bytes too. A re-ingest after 1 % new images of 100,000 decodes in this process.
+MIN_PARALLEL_DECODES = 4000
+MIN_PARALLEL_DECODE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -225,17 +228,31 @@ def _fill_block(job: _Job) -> FillResult:
     return FillResult(sha1, colour, failed, sums)
 
 
+def _worth_a_pool(paths: Iterable[str]) -> bool:
+    """Whether ``paths`` are enough decoding for worker processes; stops reading sizes once they are."""
+    count = size = 0
+    for path in paths:
+        count += 1
+        try:
+            size += os.stat(path).st_size
+        except OSError:
+            pass  # reported when it fails to decode
+        if count >= MIN_PARALLEL_DECODES or size >= MIN_PARALLEL_DECODE_BYTES:
+            return True
+    return False
+
+
 def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: tuple[int, int],
          count: Sequence[bool] | None = None, old: OldRows | None = None, workers: int = 1) -> FillResult:
     """Fill every row of ``target`` from ``items`` (file paths to decode, or rows of ``old`` to copy).
 
     ``count``: which rows the returned ``decoded_sums`` cover, if decoded (default all). ``workers`` > 1 runs the
-    blocks in that many processes (when at least ``MIN_PARALLEL_DECODES`` files are to be decoded); the result is
-    the same as with one. Worker processes are spawned: a script that calls this needs the usual
-    ``if __name__ == "__main__":`` guard.
+    blocks in that many processes (when the files to decode are at least ``MIN_PARALLEL_DECODES`` or
+    ``MIN_PARALLEL_DECODE_BYTES``); the result is the same as with one. Worker processes are spawned: a script
+    that calls this needs the usual ``if __name__ == "__main__":`` guard.
     """
     flags = [True] * len(items) if count is None else list(count)
-    if sum(isinstance(item, str) for item in items) < MIN_PARALLEL_DECODES:
+    if not _worth_a_pool(item for item in items if isinstance(item, str)):
         workers = 1
     step = block_rows(target.shape, len(items), workers)
     jobs: list[_Job] = [(target, start, list(items[start:start + step]), flags[start:start + step], mode, size_wh,
