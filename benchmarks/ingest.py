@@ -8,15 +8,15 @@ it has the asked count), then runs each ingest in a fresh Python process and pri
   wall time of the ingest call, images/s, peak RSS;
 * the speed-up from 1 worker to 2 and to all cores;
 * re-ingest after adding 1 % new images, building on the all-cores output (as the ingest stage does): only the
-  new files are decoded; its time as a share of the full ingest's;
+  new files are decoded, and their rows appended to the previous images.npy (checked: the same file afterwards);
+  its time as a share of the full ingest's;
 * the fingerprint of the unchanged folder with a warm hash cache: what every `dvc repro` pays.
 
 Peak RSS is polled (every 20 ms) as the sum over the ingest process and its worker processes, and read as the
 ingest process's own ru_maxrss. Targets (issue #14): 100,000 images in <= 1 GB, >= 1.7x from 1 to 2 cores,
 re-ingest after 1 % new <= 10 % of the full ingest's time. images/s counts the images decoded over the whole
 ingest call (listing and hashing the files, decoding, statistics, manifest). For 100,000 images --dir needs about
-9 GB free (the PNGs, and two images.npy of 2.8 GB while the re-ingest replaces one). Run it alone on a quiet
-machine:
+7 GB free (the PNGs, and an images.npy of 2.8 GB, which the re-ingest grows). Run it alone on a quiet machine:
 
     .venv/bin/python benchmarks/ingest.py --images 100000
     .venv/bin/python benchmarks/ingest.py --images 2000          # a quick check that it runs
@@ -194,10 +194,13 @@ def main() -> None:
 
     added = max(1, round(args.new * args.images))
     generate(folder, added, args.size, seed=1, prefix=NEW_PREFIX, workers=cores)
+    grown = work / f"out-{cores}" / "images.npy"
+    inode = grown.stat().st_ino
     try:
         again, peak = measure(_RUN, str(folder), str(work / f"out-{cores}"), str(cores),
                               str(work / f"hashes-{cores}.json"))
         assert again["decoded"] == added, again
+        assert grown.stat().st_ino == inode, "the re-ingest copied images.npy instead of appending to it"
         rows.append((f"re-ingest after {added} new ({args.new:.0%})", again["seconds"], None, peak,
                      again["self_maxrss"]))
         fingerprint, peak = measure(_FINGERPRINT, str(folder), str(work / f"hashes-{cores}.json"))
