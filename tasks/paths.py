@@ -5,7 +5,7 @@ PREPARED = Path("data/prepared")
 # The source's fingerprint (the fingerprint stage's output, ingest's dependency) and the file hashes it keeps
 # between runs (git-ignored, not an output: DVC would delete it before each run).
 SOURCE_FINGERPRINT = Path("data/source.json")
-SOURCE_HASH_CACHE = Path("data/.source-hashes.json")
+SOURCE_HASH_CACHE = Path("data/.source-hashes.sqlite")
 PSEUDO_LABELS = Path("artifacts/pseudo_labels")
 PSEUDO_TARGETS = PSEUDO_LABELS / "targets.npz"
 PSEUDO_PREVIEW = PSEUDO_LABELS / "preview.png"

@@ -299,7 +299,7 @@ def test_the_fingerprint_moves_with_the_data_alone_and_reads_only_changed_files(
     from ssl_lib.data import files
     from ssl_lib.data.sources import source_fingerprint
 
-    cache = tmp_path / "hashes.json"
+    cache = tmp_path / "hashes.sqlite"
     first = source_fingerprint("folder", folder, cache_file=cache)
     read = files._read
 
@@ -318,6 +318,27 @@ def test_the_fingerprint_moves_with_the_data_alone_and_reads_only_changed_files(
     changed = source_fingerprint("folder", folder, cache_file=cache)
     assert changed["source_version"] != first["source_version"] and changed["num_files"] == first["num_files"]
 
+
+
+def test_the_hash_cache_writes_only_what_changed_and_survives_damage(folder: Path, tmp_path: Path, monkeypatch):
+    from ssl_lib.data import files
+
+    cache = tmp_path / "hashes.sqlite"
+    cache.write_text('{"an older": "JSON cache"}')  # not a database: the scan reads every file and starts it afresh
+    first = files.scan_files(folder, cache)
+    assert files._HashCache(cache, folder).load() == {r.rel: r for r in first}
+    written: list[int] = []
+    write = files._HashCache._write
+    monkeypatch.setattr(files._HashCache, "_write",
+                        lambda self, changed, removed: (written.append(len(changed) + len(set(removed))),
+                                                        write(self, changed, removed)))
+    assert files.scan_files(folder, cache) == first and written == []  # nothing changed: nothing written
+    _add_images(folder, {"dog": 2}, "new")
+    (folder / "cat" / "a000.png").unlink()
+    second = files.scan_files(folder, cache)
+    assert written == [3]  # two rows in, one out; the rest of the cache is untouched
+    assert files._HashCache(cache, folder).load() == {r.rel: r for r in second}
+    assert files._HashCache(cache, tmp_path).load() == {}  # written for another folder: not used
 
 _MEASURE = textwrap.dedent("""
     import resource, sys

@@ -6,20 +6,25 @@ per file, not a read.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
+import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_path
 from .decode import probe
 
+log = logging.getLogger("ssl_lib.data.files")
+
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _CHUNK = 256  # files per worker task
 # Fewer files to read than this, of fewer bytes than the next, are read in this process: starting worker
 # processes (an interpreter and imports each, over half a second) costs more than it saves. Reading, hashing and
@@ -87,44 +92,76 @@ def _read_chunk(root: Path, part: list[tuple[str, os.stat_result]]) -> list[File
     return [_read(root, rel, st) for rel, st in part]
 
 
-def _cache_key(root: Path) -> dict[str, object]:
+def _cache_key(root: Path) -> str:
     import PIL
 
     # Headers are read by PIL: another release may read them differently.
-    return {"format": _CACHE_FORMAT, "root": str(root.resolve()), "pillow": PIL.__version__}
+    return json.dumps({"format": _CACHE_FORMAT, "root": str(root.resolve()), "pillow": PIL.__version__})
 
 
-def _load_cache(cache_file: Path | None, root: Path) -> dict[str, FileRecord]:
-    if cache_file is None or not cache_file.is_file():
-        return {}
-    try:
-        data = json.loads(cache_file.read_text())
-        if data.get("key") != _cache_key(root):
+class _HashCache:
+    """Records of a folder's files by path, kept in SQLite (as DVC keeps its own hash state), so that a scan writes
+    only what changed: a folder that grew by 1,000 files of 100,000 upserts 1,000 rows instead of rewriting all.
+
+    Every failure to read it (damaged, another format, written for another folder or Pillow release) only costs a
+    re-read of the files: the cache starts empty.
+    """
+
+    _COLUMNS = "rel, size, mtime_ns, inode, sha256, width, height, mode, error"
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path, self.key = path, _cache_key(root)
+
+    def load(self) -> dict[str, FileRecord]:
+        if not self.path.is_file():
             return {}
-        return {rel: FileRecord(rel, *row) for rel, row in data["files"].items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return {}  # a damaged cache only costs a re-read
+        try:
+            with closing(sqlite3.connect(self.path)) as db:
+                (key,) = db.execute("SELECT value FROM meta WHERE name = 'key'").fetchone()
+                if key != self.key:
+                    return {}
+                return {row[0]: FileRecord(*row) for row in db.execute(f"SELECT {self._COLUMNS} FROM files")}
+        except (sqlite3.Error, TypeError, ValueError):
+            return {}
 
+    def update(self, loaded: dict[str, FileRecord], records: list[FileRecord]) -> None:
+        """Make the cache hold ``records`` (unreadable files left out), given that it holds ``loaded``."""
+        keep = [r for r in records if not r.error.startswith("unreadable")]
+        changed = [dataclasses.astuple(r) for r in keep if loaded.get(r.rel) != r]
+        removed = loaded.keys() - {r.rel for r in keep}
+        if not changed and not removed:
+            return
+        try:
+            if not loaded:  # new, or unusable: start the file afresh
+                self.path.unlink(missing_ok=True)
+            self._write(changed, removed)
+        except (OSError, sqlite3.Error) as exc:  # the cache only saves time: a scan never fails for it
+            log.warning("could not update the file-hash cache %s (%s); the next scan reads the files again",
+                        self.path, exc)
 
-def _save_cache(cache_file: Path, root: Path, records: Iterable[FileRecord]) -> None:
-    files = {r.rel: [r.size, r.mtime_ns, r.inode, r.sha256, r.width, r.height, r.mode, r.error]
-             for r in records if not r.error.startswith("unreadable")}
-    with atomic_path(cache_file) as tmp:
-        tmp.write_text(json.dumps({"key": _cache_key(root), "files": files}, separators=(",", ":")))
+    def _write(self, changed: list[tuple[object, ...]], removed: Iterable[str]) -> None:
+        with closing(sqlite3.connect(self.path)) as db, db:  # one transaction: all of it or none
+            db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('key', ?)", (self.key,))
+            db.execute("CREATE TABLE IF NOT EXISTS files (rel TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                       "inode INTEGER, sha256 TEXT, width INTEGER, height INTEGER, mode TEXT, error TEXT)")
+            db.executemany("DELETE FROM files WHERE rel = ?", [(rel,) for rel in removed])
+            db.executemany(f"INSERT OR REPLACE INTO files ({self._COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           changed)
 
 
 def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] | None = None,
                workers: int | None = None) -> list[FileRecord]:
     """Every image file under ``root`` (sorted by path) with its hash and header.
 
-    Files whose size, mtime and inode match ``cache_file`` are not read again; the cache is rewritten when
-    anything changed. ``workers`` processes (None: one per core) read, hash and probe the files when there are
+    Files whose size, mtime and inode match ``cache_file`` (SQLite) are not read again; what changed is written
+    back to it. ``workers`` processes (None: one per core) read, hash and probe the files when there are
     at least ``MIN_PARALLEL_READS`` of them or ``MIN_PARALLEL_READ_BYTES``: processes, not threads, since reading
     a header through PIL holds the GIL. The records do not depend on ``workers``.
     """
     root = Path(root)
-    cache_path = Path(cache_file) if cache_file is not None else None
-    cached = _load_cache(cache_path, root)
+    cache = _HashCache(Path(cache_file), root) if cache_file is not None else None
+    cached = cache.load() if cache is not None else {}
     records: dict[str, FileRecord] = {}
     todo: list[tuple[str, os.stat_result]] = []
     for rel in walk_images(root):
@@ -151,8 +188,8 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
         for part in chunks:
             records.update((record.rel, record) for record in _read_chunk(root, part))
     result = [records[rel] for rel in sorted(records)]
-    if cache_path is not None and (todo or len(cached) != len(result)):
-        _save_cache(cache_path, root, result)
+    if cache is not None:
+        cache.update(cached, result)
     return result
 
 
