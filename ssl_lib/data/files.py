@@ -66,7 +66,8 @@ def walk_images(root: Path) -> list[str]:
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            dot = name.rfind(".")  # os.path.splitext's extension, without its cost per file
+            if dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS:
                 found.append(prefix + name)
     return sorted(found)
 
@@ -127,7 +128,8 @@ class _HashCache:
     def update(self, loaded: dict[str, FileRecord], records: list[FileRecord]) -> None:
         """Make the cache hold ``records`` (unreadable files left out), given that it holds ``loaded``."""
         keep = [r for r in records if not r.error.startswith("unreadable")]
-        changed = [dataclasses.astuple(r) for r in keep if loaded.get(r.rel) != r]
+        # A record reused from the cache is the very object loaded: identity, not a field-by-field comparison.
+        changed = [dataclasses.astuple(r) for r in keep if loaded.get(r.rel) is not r]
         removed = loaded.keys() - {r.rel for r in keep}
         if not changed and not removed:
             return
