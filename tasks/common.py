@@ -33,6 +33,22 @@ def _write_report(report: dict) -> None:
         Path(target).write_text(json.dumps(report))
 
 
+# Libraries every stage needs. DVC runs a stage as `python -m tasks.<stage>` with the first `python` on PATH: outside
+# the project's virtual environment that is another interpreter, which would fail with an import traceback.
+_REQUIRED = ("torch", "numpy", "pandas", "pydantic", "yaml", "psutil")
+
+
+def require_project_environment(stage: str) -> None:
+    """Exit with one line naming the fix if this interpreter lacks the project's libraries (a lookup, no import)."""
+    import importlib.util
+
+    missing = [name for name in _REQUIRED if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"sslpipe {stage}: error: {sys.executable} has no {', '.join(missing)}: run DVC from the project's "
+              "virtual environment (`source .venv/bin/activate`, then `dvc repro`; or `make repro`)", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT)
+
+
 def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str], Any] | None = None) -> None:
     """Entry point of ``python -m tasks.<stage>``: what dvc.yaml calls.
 
@@ -40,6 +56,7 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
     ``UserError`` is printed as one line and the process exits 2; anything else is a bug (or a transient failure)
     and keeps its traceback.
     """
+    require_project_environment(stage)
     # With a stage server (a flow run's), the stage runs in a child forked from it, already warm.
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if spec is not None and spec.name == f"tasks.{stage}":  # this process is `python -m tasks.<stage>`

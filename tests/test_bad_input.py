@@ -234,3 +234,21 @@ def test_sweep_point_reports_the_stage_user_error(tmp_path: Path):
                                                                              "message": "needs 3-channel images"}}))
     err = _point_failure("p", 1, "tail", report)
     assert isinstance(err, StageUserError) and str(err) == "pseudo_labels: needs 3-channel images"
+
+
+def test_a_stage_run_by_another_python_names_the_virtual_environment(tmp_path: Path):
+    """dvc repro outside the venv runs `python -m tasks.<stage>` with an interpreter that lacks the project's
+    libraries: one line naming the fix, exit 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import importlib.util, runpy, sys; real = importlib.util.find_spec; "
+            "importlib.util.find_spec = lambda name, *a: None if name == 'torch' else real(name, *a); "
+            "sys.argv = ['tasks.fingerprint']; runpy.run_module('tasks.fingerprint', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    assert result.returncode == 2, result.stderr
+    assert "has no torch" in result.stderr and "source .venv/bin/activate" in result.stderr
+    assert "Traceback" not in result.stderr
