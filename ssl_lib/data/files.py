@@ -57,6 +57,18 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def worth_a_pool(sizes: Iterable[int], min_count: int, min_bytes: int) -> bool:
+    """Whether files of these sizes (bytes) are enough work for worker processes: at least ``min_count`` files or
+    ``min_bytes`` in all. Stops taking sizes once they are, so a lazy ``sizes`` is read no further than needed."""
+    count = total = 0
+    for size in sizes:
+        count += 1
+        total += size
+        if count >= min_count or total >= min_bytes:
+            return True
+    return False
+
+
 def walk_images(root: Path) -> list[str]:
     """Relative POSIX paths of image files under ``root``, sorted; hidden entries are ignored."""
     found: list[str] = []
@@ -155,22 +167,16 @@ class _HashCache:
 def _stat_all(root: Path, rels: list[str]) -> Iterator[tuple[str, os.stat_result | OSError]]:
     """``os.stat`` of each file (or why it failed), relative to an open directory where the platform allows: the
     kernel resolves the relative path, saving a path join per file (a third of the time for 100,000)."""
-    if os.stat not in os.supports_dir_fd:
-        for rel in rels:
-            try:
-                yield rel, os.stat(os.path.join(root, rel))
-            except OSError as exc:
-                yield rel, exc
-        return
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if os.stat in os.supports_dir_fd else None
     try:
         for rel in rels:
             try:
-                yield rel, os.stat(rel, dir_fd=fd)
+                yield rel, os.stat(rel, dir_fd=fd) if fd is not None else os.stat(os.path.join(root, rel))
             except OSError as exc:
                 yield rel, exc
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] | None = None,
@@ -200,8 +206,7 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
     # Files go to the workers in chunks: one future per file would cost more memory than its record.
     chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
     workers = min(workers or default_workers(), len(chunks))
-    if workers > 1 and (len(todo) >= MIN_PARALLEL_READS
-                        or sum(st.st_size for _, st in todo) >= MIN_PARALLEL_READ_BYTES):
+    if workers > 1 and worth_a_pool((st.st_size for _, st in todo), MIN_PARALLEL_READS, MIN_PARALLEL_READ_BYTES):
         # spawn, not fork: the caller may hold threads (MLflow's) whose locks a forked child would inherit.
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for chunk in pool.map(_read_chunk, [root] * len(chunks), chunks):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .decode import is_colour, open_image, to_array
+from .files import worth_a_pool
 
 _BLOCK_BYTES = 8 << 20  # a block of rows is about this many bytes of pixels
 _MAX_BLOCK_ROWS = 1024
@@ -228,18 +229,11 @@ def _fill_block(job: _Job) -> FillResult:
     return FillResult(sha1, colour, failed, sums)
 
 
-def _worth_a_pool(paths: Iterable[str]) -> bool:
-    """Whether ``paths`` are enough decoding for worker processes; stops reading sizes once they are."""
-    count = size = 0
-    for path in paths:
-        count += 1
-        try:
-            size += os.stat(path).st_size
-        except OSError:
-            pass  # reported when it fails to decode
-        if count >= MIN_PARALLEL_DECODES or size >= MIN_PARALLEL_DECODE_BYTES:
-            return True
-    return False
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0  # reported when it fails to decode
 
 
 def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: tuple[int, int],
@@ -252,7 +246,8 @@ def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: t
     that calls this needs the usual ``if __name__ == "__main__":`` guard.
     """
     flags = [True] * len(items) if count is None else list(count)
-    if not _worth_a_pool(item for item in items if isinstance(item, str)):
+    sizes = (_file_size(item) for item in items if isinstance(item, str))
+    if not worth_a_pool(sizes, MIN_PARALLEL_DECODES, MIN_PARALLEL_DECODE_BYTES):
         workers = 1
     step = block_rows(target.shape, len(items), workers)
     jobs: list[_Job] = [(target, start, list(items[start:start + step]), flags[start:start + step], mode, size_wh,
