@@ -56,13 +56,13 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
     ``UserError`` is printed as one line and the process exits 2; anything else is a bug (or a transient failure)
     and keeps its traceback.
     """
-    require_project_environment(stage)
     # With a stage server (a flow run's), the stage runs in a child forked from it, already warm.
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     if spec is not None and spec.name == f"tasks.{stage}":  # this process is `python -m tasks.<stage>`
         code = stage_server.delegate(spec.name, sys.argv[1:])
         if code is not None:
             raise SystemExit(code)
+    require_project_environment(stage)  # only where the stage runs: a process handing it to a server imports nothing
     if load is None:
         from ssl_lib.config import load_params as load
     configure_environment()
