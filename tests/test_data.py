@@ -438,3 +438,16 @@ def test_broken_internal_invariants_are_not_user_errors(tmp_path):
     with pytest.raises(ValueError) as info:
         write_idx(tmp_path / "c.idx", np.zeros(3, np.complex64))
     assert not isinstance(info.value, UserError)
+
+
+def test_content_scores_are_the_documented_hash():
+    """Each score is blake2b-64 of seed, stream and key over 2**64, exactly: a folder's splits depend on it."""
+    import hashlib
+
+    from ssl_lib.data.splits import content_scores
+
+    keys = ["", "a", "cat/001.png", "ü", *(hashlib.sha256(str(i).encode()).hexdigest() for i in range(500))]
+    expected = [int.from_bytes(hashlib.blake2b(f"7\0{1}\0{k}".encode(), digest_size=8).digest(), "big") / 2.0**64
+                for k in keys]
+    assert content_scores(7, 1, keys).tolist() == expected
+    assert content_scores(7, 1, []).shape == (0,)

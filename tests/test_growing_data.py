@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from ssl_lib.data.ingest import ingest
+from ssl_lib.data.layout import read_manifest
 from ssl_lib.data.prepared import load_prepared
 from tests.conftest import REPO, make_project, run_cmd, use_project
 
@@ -155,6 +156,7 @@ def test_a_grown_folder_appends_to_the_previous_images_file(folder: Path, tmp_pa
     out = tmp_path / "prepared"
     ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
     before, inode = (out / "images.npy").read_bytes(), (out / "images.npy").stat().st_ino
+    first_manifest = (out / "manifest.csv").read_bytes()
     header = len(before) - load_prepared(out).images.nbytes
     _add_images(folder, {"cat": 3, "": 2}, "new")
     good = (folder / "cat" / "a000.png").read_bytes()
@@ -168,10 +170,32 @@ def test_a_grown_folder_appends_to_the_previous_images_file(folder: Path, tmp_pa
     assert [p for p, _ in meta["skipped"]] == ["dog/truncated.png"]  # decoded, failed, its row dropped
     ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
     _assert_same_images(out, tmp_path / "fresh")
+    # The manifest too was appended to (the previous rows' lines copied), and reads as a full write would be.
+    manifest = (out / "manifest.csv").read_bytes()
+    assert manifest.startswith(first_manifest) and len(manifest) > len(first_manifest)
+    assert manifest == read_manifest(out / "manifest.csv").to_csv(index=False, lineterminator="\n").encode()
     before_state = _state(out)
     # Nothing changed: every file byte-identical (the truncated file is tried again, and fails again).
     assert ingest("folder", folder, **BUDGET, out_dir=out, workers=1)["decoded"] == 1
     assert _state(out) == before_state
+
+
+def test_copies_of_one_file_keep_a_row_each_across_versions(folder: Path, tmp_path: Path):
+    """Files with the same content share a key: each copy still keeps its own row, the n-th copy the n-th row."""
+    original = (folder / "cat" / "a000.png").read_bytes()
+    (folder / "cat" / "copy1.png").write_bytes(original)
+    out = tmp_path / "prepared"
+    ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    rows_before = _manifest(out)["index"]
+    (folder / "dog" / "copy2.png").write_bytes(original)  # a third copy, elsewhere
+    _add_images(folder, {"eel": 2}, "new")
+    meta = ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    # Every previous row kept in place; the third copy copies a row of the same content instead of decoding.
+    assert (meta["reused"], meta["decoded"]) == (len(rows_before) + 1, 2)
+    after = _manifest(out)["index"]
+    assert after[rows_before.index].tolist() == rows_before.tolist()
+    ingest("folder", folder, **BUDGET, out_dir=tmp_path / "fresh", workers=1)
+    _assert_same_images(out, tmp_path / "fresh")
 
 
 def test_a_linked_images_file_is_copied_not_changed(folder: Path, tmp_path: Path):
@@ -267,16 +291,20 @@ def test_a_new_seed_draws_new_splits(folder: Path, tmp_path: Path):
     assert meta["left_test"] > 0 and meta["entered_test"] > 0 and meta["data_version"] == 1
 
 
-def test_parallel_ingest_equals_a_single_worker_and_reports_bad_files(folder: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("decoders", ["processes", "threads"])
+def test_parallel_ingest_equals_a_single_worker_and_reports_bad_files(folder: Path, tmp_path: Path, monkeypatch,
+                                                                     decoders: str):
     from ssl_lib.data import files, image_file
 
     good = (folder / "cat" / "a000.png").read_bytes()
     (folder / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     (folder / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
     (folder / "eel" / "empty.png").write_bytes(b"")
-    # Small as it is, hash and decode it in worker processes.
+    # Small as it is, hash it in worker processes, and decode it in worker processes or (too few files for
+    # processes) in threads.
     monkeypatch.setattr(files, "MIN_PARALLEL_READS", 0)
-    monkeypatch.setattr(image_file, "MIN_PARALLEL_DECODES", 0)
+    if decoders == "processes":
+        monkeypatch.setattr(image_file, "MIN_PARALLEL_DECODES", 0)
     one = ingest("folder", folder, **BUDGET, out_dir=tmp_path / "one", workers=1)
     two = ingest("folder", folder, **BUDGET, out_dir=tmp_path / "two", workers=2)
     for name in FILES:

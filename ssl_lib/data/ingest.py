@@ -85,8 +85,9 @@ class _Previous:
     version: np.ndarray                  # per row: data version at which it entered, int64
     source_ids: np.ndarray               # per row
     images: image_file.OldRows
-    unique_keys: pd.Index                # each key once ...
-    unique_rows: np.ndarray              # ... and its last row (the one a dict of rows by key would keep)
+    manifest: Path                       # its manifest.csv, whose rows the fields above are
+    row_of: dict[str, int]               # each key's last row: a dict looks up 100,000s of strings 4x faster than a
+                                         # pandas Index, which hashes them again
 
     @property
     def count(self) -> int:
@@ -97,10 +98,15 @@ class _Previous:
         """Per row: in its pixel sums (a non-test image)."""
         return self.split != "test"
 
+    @property
+    def unique(self) -> bool:
+        """Whether no two rows have the same key."""
+        return len(self.row_of) == self.count
+
     def find(self, keys: list[str] | np.ndarray) -> np.ndarray:
-        """The row of each key (-1 if it had none): one lookup for 100,000s of keys instead of a loop."""
-        found = self.unique_keys.get_indexer(keys)
-        return np.where(found >= 0, self.unique_rows[found], -1)
+        """The row of each key (its last one), -1 if it had none."""
+        get = self.row_of.get
+        return np.fromiter((get(key, -1) for key in keys), dtype=np.int64, count=len(keys))
 
 
 def _read_previous(out_dir: Path) -> _Previous | None:
@@ -117,7 +123,6 @@ def _read_previous(out_dir: Path) -> _Previous | None:
     if list(m.columns) != MANIFEST_COLUMNS or len(m) > count or not isinstance(lineage, dict):
         return None
     keys = m["key"].to_numpy(dtype=object)
-    last = ~pd.Index(keys).duplicated(keep="last")
     return _Previous(
         lineage=lineage,
         keys=keys,
@@ -127,22 +132,22 @@ def _read_previous(out_dir: Path) -> _Previous | None:
         version=m["version"].to_numpy(dtype=np.int64),
         source_ids=m["source_id"].to_numpy(dtype=object),
         images=images,
-        unique_keys=pd.Index(keys[last]),
-        unique_rows=np.flatnonzero(last),
+        manifest=out_dir / MANIFEST_FILE,
+        row_of={key: row for row, key in enumerate(keys.tolist())},  # a later row of a key replaces an earlier one
     )
 
 
-def _previous_roles(keys: list[str], labels: np.ndarray, previous: _Previous | None, seed: int) -> np.ndarray | None:
+def _previous_roles(rows: np.ndarray, labels: np.ndarray, previous: _Previous | None, seed: int) -> np.ndarray | None:
     """Each image's split in the previous version ("" if new), for assign_splits; None when there is nothing to keep.
 
-    Roles drawn with another seed are not kept (a new seed asks for a new draw), nor the role of an image whose
-    label changed (it counts as an old unlabeled image of its new class).
+    ``rows``: each image's row in the previous version (``_Previous.find``), -1 if it had none. Roles drawn with
+    another seed are not kept (a new seed asks for a new draw), nor the role of an image whose label changed (it
+    counts as an old unlabeled image of its new class).
     """
     if previous is None or previous.lineage.get("seed") != seed:
         return None
-    rows = previous.find(keys)
     known = rows >= 0
-    roles = np.full(len(keys), "", dtype="<U9")
+    roles = np.full(len(rows), "", dtype="<U9")
     same_label = previous.label[rows[known]] == labels[known]
     roles[known] = np.where(same_label, previous.split[rows[known]], "unlabeled")
     return roles
@@ -172,16 +177,20 @@ def _row_order(source: SourceIndex, previous: _Previous | None) -> tuple[np.ndar
     n = len(source.source_ids)
     if previous is None or _decode(source) is None or previous.lineage.get("decode") != _decode(source):
         return np.arange(n), np.full(n, -1, dtype=np.int64)
-    new = pd.DataFrame({"key": source.identities})
-    new["nth"] = new.groupby("key").cumcount()
-    old = pd.DataFrame({"key": previous.keys, "row": np.arange(previous.count)})
-    old["nth"] = old.groupby("key").cumcount()
-    own = new.merge(old, on=["key", "nth"], how="left")["row"].fillna(-1).to_numpy(dtype=np.int64)
+    keys = np.asarray(source.identities, dtype=object)
+    own = previous.find(keys)
+    if not previous.unique or np.bincount(own[own >= 0], minlength=previous.count).max(initial=0) > 1:
+        # A key held by several images (copies of one file): the n-th image with it takes its n-th previous row.
+        new = pd.DataFrame({"key": keys})
+        new["nth"] = new.groupby("key").cumcount()
+        old = pd.DataFrame({"key": previous.keys, "row": np.arange(previous.count)})
+        old["nth"] = old.groupby("key").cumcount()
+        own = new.merge(old, on=["key", "nth"], how="left")["row"].fillna(-1).to_numpy(dtype=np.int64)
     kept = np.flatnonzero(own >= 0)
     order = np.concatenate([kept[np.argsort(own[kept], kind="stable")], np.flatnonzero(own < 0)])
     rows = own[order]
     spare = rows < 0
-    rows[spare] = previous.find(new["key"].to_numpy(dtype=object)[order[spare]])
+    rows[spare] = previous.find(keys[order[spare]])
     return order, rows
 
 
@@ -406,11 +415,13 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
         if isinstance(loaded, FolderSource) else ()
     in_place = _grows_in_place(previous, old_rows, row_shape)
     keys = raw.identities
+    # Each image's row in the previous version (-1 if new): one lookup, used for its role, version and crossings.
+    before = previous.find(keys) if previous is not None else np.full(len(keys), -1)
     split_args = (seed, labels_per_class, label_fraction, val_per_class, test_fraction)
     # An impossible budget fails here, before any decoding. Test membership is already final (it depends on each
     # image alone), so the normalisation statistics can be summed while the images are written.
     planned = assign_splits(raw.labels, raw.predefined_test, *split_args, keys=raw.keys,
-                            previous=_previous_roles(keys, raw.labels, previous, seed), class_names=raw.class_names)
+                            previous=_previous_roles(before, raw.labels, previous, seed), class_names=raw.class_names)
     planned_counted = _counted(planned)
 
     with _restored_on_failure(previous, in_place), atomic_dir(out) as tmp:
@@ -422,13 +433,14 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
             splits, source_ids, labels = planned, raw.source_ids, raw.labels
         else:  # files that failed to decode are left out: the budget is drawn again without them
             keys = [k for k, ok in zip(keys, kept, strict=True) if ok]
+            before = before[kept]
             source_ids = [s for s, ok in zip(raw.source_ids, kept, strict=True) if ok]
             labels = raw.labels[kept]
             if not source_ids:
                 raise DataError(f"no readable images found under {path}; see the skipped files")
             splits = assign_splits(labels, raw.predefined_test[kept], *split_args,
                                    keys=None if raw.keys is None else keys,
-                                   previous=_previous_roles(keys, labels, previous, seed),
+                                   previous=_previous_roles(before, labels, previous, seed),
                                    class_names=raw.class_names)
         non_test = splits != "test"
         counted = _counted(splits)
@@ -439,16 +451,15 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
         lineage["pixel_sums"] = {"scope": "non-test" if non_test.any() else "all", "count": sums.count,
                                  "sum": list(sums.total), "sum_sq": list(sums.total_sq)}
         data_version = lineage["data_version"]
-        before = previous.find(keys) if previous is not None else np.full(len(keys), -1)  # each one's previous row
-        manifest = pd.DataFrame({
+        _write_manifest(tmp / MANIFEST_FILE, {
             "index": np.arange(len(keys), dtype=np.int64),
             "split": splits,
             "label": labels.astype(np.int64),
-            "source_id": source_ids,
-            "sha1": pixels.sha1,
-            "key": keys,
+            "source_id": np.asarray(source_ids, dtype=object),
+            "sha1": np.asarray(pixels.sha1, dtype=object),
+            "key": np.asarray(keys, dtype=object),
             "version": _entered(previous, before, data_version),
-        }, columns=MANIFEST_COLUMNS)
+        }, previous)
 
         shape = [pixels.count, *pixels.images.shape]
         mean, std = mean_std(sums)
@@ -468,7 +479,6 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
         }
         report = {"skipped": [{"path": p, "reason": r} for p, r in skipped], "num_skipped": len(skipped)}
         np.save(tmp / POOL_FILE, np.flatnonzero(non_test).astype(np.int64), allow_pickle=False)
-        manifest.to_csv(tmp / MANIFEST_FILE, index=False, lineterminator="\n")
         (tmp / META_FILE).write_text(_dumps(meta))
         (tmp / REPORT_FILE).write_text(_dumps(report))
         (tmp / LINEAGE_FILE).write_text(_dumps(lineage))
@@ -479,6 +489,26 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     return {**meta, "split_counts": split_counts(splits), "skipped": skipped, "data_version": data_version,
             "added": latest["added"], "changed": latest["changed"], "removed": latest["removed"],
             "reused": pixels.reused, "decoded": pixels.decoded, **crossed}
+
+
+def _write_manifest(path: Path, columns: dict[str, np.ndarray], previous: _Previous | None) -> None:
+    """Write manifest.csv from its ``columns``.
+
+    When its first rows are the previous version's, unchanged (a folder that only grew), the previous file is
+    copied and only the rows after them are formatted: the same bytes as writing them all, since this code wrote
+    that file, without formatting 100,000s of unchanged rows again.
+    """
+    n = 0
+    if previous is not None and 0 < previous.count <= len(columns["key"]):
+        head = {name: column[:previous.count] for name, column in columns.items()}
+        if np.array_equal(head["key"], previous.keys) and np.array_equal(head["split"], previous.split) \
+                and np.array_equal(head["label"], previous.label) \
+                and np.array_equal(head["source_id"], previous.source_ids) \
+                and np.array_equal(head["version"], previous.version) and head["sha1"].tolist() == previous.sha1:
+            shutil.copyfile(previous.manifest, path)
+            n = previous.count
+    rows = pd.DataFrame({name: column[n:] for name, column in columns.items()}, columns=MANIFEST_COLUMNS)
+    rows.to_csv(path, mode="a" if n else "w", header=not n, index=False, lineterminator="\n")
 
 
 def _counted(splits: np.ndarray) -> np.ndarray:

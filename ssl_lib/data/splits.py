@@ -42,13 +42,16 @@ def _class_label(c: int, class_names: Sequence[str] | None) -> str:
 
 
 def content_scores(seed: int, stream: int, keys: Sequence[str]) -> np.ndarray:
-    """A uniform number in [0, 1) per key, from a hash of (seed, stream, key): the same key always scores the same."""
-    out = np.empty(len(keys), dtype=np.float64)
+    """A uniform number in [0, 1) per key, from a hash of (seed, stream, key): the same key always scores the same.
+
+    The score is the 8-byte blake2b digest of ``seed\\0stream\\0key`` as a big-endian integer over 2**64.
+    """
     prefix = f"{seed}\0{stream}\0".encode()
-    for i, key in enumerate(keys):
-        digest = hashlib.blake2b(prefix + key.encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(digest, "big") / 2.0**64
-    return out
+    blake2b = hashlib.blake2b
+    # One bytes object for all digests, read by numpy at once: a Python int and a numpy store per key cost as much
+    # as the hash. uint64 -> float64 rounds to nearest, as int / float does.
+    digests = b"".join([blake2b(prefix + key.encode(), digest_size=8).digest() for key in keys])
+    return np.frombuffer(digests, dtype=">u8").astype(np.float64) / 2.0**64
 
 
 def _scores(seed: int, stream: int, c: int, members: np.ndarray, keys: Sequence[str] | None) -> np.ndarray:
