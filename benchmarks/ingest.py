@@ -13,7 +13,8 @@ then runs each ingest in a fresh Python process and prints a table:
   its time as a share of the full ingest's;
 * the fingerprint of the unchanged folder with a warm hash cache: what every `dvc repro` pays.
 
-Peak RSS is polled (every 20 ms) as the sum over the ingest process and its worker processes, and read as the
+Before each run the file system is synced (``os.sync``), so that no run pays for writing back the previous run's
+output. Peak RSS is polled (every 20 ms) as the sum over the ingest process and its worker processes, and read as the
 ingest process's own ru_maxrss. Targets (issue #14): 100,000 images in <= 1 GB, >= 1.7x from 1 to 2 cores,
 re-ingest after 1 % new <= 10 % of the full ingest's time. images/s counts the images decoded over the whole
 ingest call (listing and hashing the files, decoding, statistics, manifest). For 100,000 images --dir needs about
@@ -136,6 +137,9 @@ def measure(code: str, *args: str) -> tuple[dict, int]:
     """Run ``code`` in a new interpreter; return what it printed (JSON) and the peak RSS of it and its children."""
     import psutil
 
+    # The previous run's written gigabytes reach the disk first, not during this run: a re-ingest in use comes
+    # long after the ingest before it.
+    os.sync()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env)
     peak = 0

@@ -376,13 +376,19 @@ def _lineage(source: SourceIndex, previous: _Previous | None, seed: int, test_fr
     versions: list[dict[str, Any]] = list(before.get("versions", []))
     if not same_data:
         old = dict(zip(previous.source_ids.tolist(), previous.keys.tolist(), strict=True)) if previous else {}
-        current = dict(zip(source_ids, keys, strict=True))
+        added, changed = 0, []
+        for source_id, key in zip(source_ids, keys, strict=True):
+            was = old.get(source_id)
+            if was is None:
+                added += 1
+            elif was != key:
+                changed.append(source_id)
         versions.append({
             "data_version": int(before.get("data_version", 0)) + 1,
             "source_version": source.source_version,
-            "added": sum(1 for s in current if s not in old),
-            "changed": sorted(s for s, k in current.items() if s in old and old[s] != k),
-            "removed": sorted(s for s in old if s not in current),
+            "added": added,
+            "changed": sorted(changed),
+            "removed": sorted(old.keys() - set(source_ids)),
         })
     return {"data_version": versions[-1]["data_version"], "source": source.source,
             "source_version": source.source_version, "seed": seed, "test_fraction": test_fraction,
