@@ -13,15 +13,17 @@ import logging
 import multiprocessing
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from .decode import probe
 
 log = logging.getLogger("ssl_lib.data.files")
+J = TypeVar("J")
+R = TypeVar("R")
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 _CACHE_FORMAT = 2
@@ -68,6 +70,24 @@ def worth_a_pool(sizes: Iterable[int], min_count: int, min_bytes: int) -> bool:
         if count >= min_count or total >= min_bytes:
             return True
     return False
+
+
+def parallel_map(function: Callable[[J], R], jobs: Sequence[J], workers: int, *, processes: bool) -> list[R]:
+    """``function`` over ``jobs``, results in order: in up to ``workers`` worker processes when ``processes``, else in
+    threads (which start at once: for a few files, where PIL, zlib and hashlib release the GIL for most of the
+    work); in this thread for one worker or one job.
+
+    Processes are spawned, not forked: the caller may hold threads (MLflow's) whose locks a forked child would
+    inherit. So ``function`` and the jobs must pickle, and a script that gets here needs the usual
+    ``if __name__ == "__main__":`` guard.
+    """
+    workers = min(workers, len(jobs))
+    if workers <= 1:
+        return [function(job) for job in jobs]
+    pool: Executor = (ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+                      if processes else ThreadPoolExecutor(max_workers=workers))
+    with pool:
+        return list(pool.map(function, jobs))
 
 
 def walk_images(root: Path) -> list[str]:
@@ -189,8 +209,8 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
 
     Files whose size, mtime and inode match ``cache_file`` (SQLite) are not read again; what changed is written
     back to it. ``workers`` processes (None: one per core) read, hash and probe the files when there are
-    at least ``MIN_PARALLEL_READS`` of them or ``MIN_PARALLEL_READ_BYTES``: processes, not threads, since reading
-    a header through PIL holds the GIL. The records do not depend on ``workers``.
+    at least ``MIN_PARALLEL_READS`` of them or ``MIN_PARALLEL_READ_BYTES`` (processes, since reading a header
+    through PIL holds the GIL), fewer in threads. The records do not depend on ``workers``.
     """
     root = Path(root)
     cache = _HashCache(Path(cache_file), root) if cache_file is not None else None
@@ -209,15 +229,10 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
             todo.append((rel, st))
     # Files go to the workers in chunks: one future per file would cost more memory than its record.
     chunks = [todo[i:i + _CHUNK] for i in range(0, len(todo), _CHUNK)]
-    workers = min(workers or default_workers(), len(chunks))
-    if workers > 1 and worth_a_pool((st.st_size for _, st in todo), MIN_PARALLEL_READS, MIN_PARALLEL_READ_BYTES):
-        # spawn, not fork: the caller may hold threads (MLflow's) whose locks a forked child would inherit.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for chunk in pool.map(_read_chunk, [root] * len(chunks), chunks):
-                records.update((record.rel, record) for record in chunk)
-    else:
-        for part in chunks:
-            records.update((record.rel, record) for record in _read_chunk(root, part))
+    processes = worth_a_pool((st.st_size for _, st in todo), MIN_PARALLEL_READS, MIN_PARALLEL_READ_BYTES)
+    for chunk in parallel_map(functools.partial(_read_chunk, root), chunks, workers or default_workers(),
+                              processes=processes):
+        records.update((record.rel, record) for record in chunk)
     result = [records[rel] for rel in sorted(records)]
     if cache is not None:
         cache.update(cached, result)
@@ -226,8 +241,6 @@ def scan_files(root: str | os.PathLike[str], cache_file: str | os.PathLike[str] 
 
 def folder_version(records: Iterable[FileRecord]) -> str:
     """The folder's content version: a digest of every readable file's path and content hash."""
-    digest = hashlib.sha256()
-    for r in records:
-        if r.sha256:
-            digest.update(r.rel.encode() + b"\0" + bytes.fromhex(r.sha256))
-    return f"sha256:{digest.hexdigest()}"
+    # One update over the joined parts: the same digest as one update per file, without a call per file.
+    parts = b"".join([r.rel.encode() + b"\0" + bytes.fromhex(r.sha256) for r in records if r.sha256])
+    return f"sha256:{hashlib.sha256(parts).hexdigest()}"

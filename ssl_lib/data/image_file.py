@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from .decode import is_colour, open_image, to_array
-from .files import worth_a_pool
+from .files import parallel_map, worth_a_pool
 
 _BLOCK_BYTES = 8 << 20  # a block of rows is about this many bytes of pixels
 _MAX_BLOCK_ROWS = 1024
@@ -241,9 +239,8 @@ def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: t
     """Fill every row of ``target`` from ``items`` (file paths to decode, or rows of ``old`` to copy).
 
     ``count``: which rows the returned ``decoded_sums`` cover, if decoded (default all). ``workers`` > 1 runs the
-    blocks in that many processes (when the files to decode are at least ``MIN_PARALLEL_DECODES`` or
-    ``MIN_PARALLEL_DECODE_BYTES``); the result is the same as with one. Worker processes are spawned: a script
-    that calls this needs the usual ``if __name__ == "__main__":`` guard.
+    blocks in that many processes when the files to decode are at least ``MIN_PARALLEL_DECODES`` or
+    ``MIN_PARALLEL_DECODE_BYTES``, else in threads (``files.parallel_map``); the result is the same as with one.
     """
     flags = [True] * len(items) if count is None else list(count)
     sizes = (_file_size(item) for item in items if isinstance(item, str))
@@ -251,20 +248,8 @@ def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: t
     step = block_rows(target.shape, len(items), workers)
     jobs: list[_Job] = [(target, start, list(items[start:start + step]), flags[start:start + step], mode, size_wh,
                          old) for start in range(0, len(items), step)]
-    if workers > 1 and len(jobs) > 1:
-        pool: Executor
-        if processes:
-            # spawn, not fork: the parent may hold threads (MLflow's) whose locks a forked child would inherit.
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                       mp_context=multiprocessing.get_context("spawn"))
-        else:
-            # Too few files for processes: threads, which start at once. PIL and hashlib release the GIL while
-            # they decode, resize and hash, so they still overlap most of the work (1,000 files: 1.5x on 2 cores).
-            pool = ThreadPoolExecutor(max_workers=min(workers, len(jobs)))
-        with pool:
-            parts = list(pool.map(_fill_block, jobs))
-    else:
-        parts = [_fill_block(job) for job in jobs]
+    # Too few files for processes: threads, which start at once and still overlap most of the decoding.
+    parts = parallel_map(_fill_block, jobs, workers, processes=processes)
     sums = PixelSums.zero(target.shape[-1])
     for part in parts:
         sums = sums + part.decoded_sums

@@ -163,7 +163,7 @@ def _decode(source: SourceIndex) -> dict[str, Any] | None:
     return {"mode": source.decode_mode, "size": [width, height]}
 
 
-def _row_order(source: SourceIndex, previous: _Previous | None) -> tuple[np.ndarray, np.ndarray]:
+def _row_order(source: SourceIndex, previous: _Previous | None, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The order the source's images are written in, and the row of the previous images.npy each one (in that
     order) copies: -1 for an image to decode.
 
@@ -172,16 +172,16 @@ def _row_order(source: SourceIndex, previous: _Previous | None) -> tuple[np.ndar
     those images come first, in their rows' order, and the rest follow in source order. So a folder that only
     grew only appends rows (``_grows_in_place``), and what is written never depends on whether the previous rows
     were kept in place or copied. An image without a row of its own still copies a previous row with its
-    content (a copied file) rather than being decoded.
+    content (a copied file) rather than being decoded. ``found``: each image's row in the previous version
+    (``_Previous.find``).
     """
     n = len(source.source_ids)
     if previous is None or _decode(source) is None or previous.lineage.get("decode") != _decode(source):
         return np.arange(n), np.full(n, -1, dtype=np.int64)
-    keys = np.asarray(source.identities, dtype=object)
-    own = previous.find(keys)
+    own = found
     if not previous.unique or np.bincount(own[own >= 0], minlength=previous.count).max(initial=0) > 1:
         # A key held by several images (copies of one file): the n-th image with it takes its n-th previous row.
-        new = pd.DataFrame({"key": keys})
+        new = pd.DataFrame({"key": source.identities})
         new["nth"] = new.groupby("key").cumcount()
         old = pd.DataFrame({"key": previous.keys, "row": np.arange(previous.count)})
         old["nth"] = old.groupby("key").cumcount()
@@ -190,7 +190,7 @@ def _row_order(source: SourceIndex, previous: _Previous | None) -> tuple[np.ndar
     order = np.concatenate([kept[np.argsort(own[kept], kind="stable")], np.flatnonzero(own < 0)])
     rows = own[order]
     spare = rows < 0
-    rows[spare] = previous.find(keys[order[spare]])
+    rows[spare] = found[order[spare]]
     return order, rows
 
 
@@ -415,14 +415,15 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     workers = workers or default_workers()
     loaded = load_source(source, path, image_size=image_size, cache_file=cache_file, workers=workers)
     previous = _read_previous(out)
-    order, old_rows = _row_order(loaded, previous)
+    # Each image's row in the previous version (-1 if new): one lookup, used for its row, role, version and crossings.
+    found = previous.find(loaded.identities) if previous is not None else np.full(len(loaded.source_ids), -1)
+    order, old_rows = _row_order(loaded, previous, found)
     raw = _in_order(loaded, order)
     row_shape = (*loaded.size_wh[::-1], 3 if loaded.decode_mode == "RGB" else 1) \
         if isinstance(loaded, FolderSource) else ()
     in_place = _grows_in_place(previous, old_rows, row_shape)
     keys = raw.identities
-    # Each image's row in the previous version (-1 if new): one lookup, used for its role, version and crossings.
-    before = previous.find(keys) if previous is not None else np.full(len(keys), -1)
+    before = found[order]
     split_args = (seed, labels_per_class, label_fraction, val_per_class, test_fraction)
     # An impossible budget fails here, before any decoding. Test membership is already final (it depends on each
     # image alone), so the normalisation statistics can be summed while the images are written.

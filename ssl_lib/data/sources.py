@@ -315,9 +315,13 @@ def load_folder(path: str | os.PathLike[str] | None, *, image_size: int | tuple[
     records = scan_files(root, cache_file, workers)
     skipped: list[tuple[str, str]] = []
     kept: list[tuple[FileRecord, int, bool]] = []
+    roles: dict[str, tuple[int, bool] | str] = {}  # by directory: a folder's files share a few of them
     for record in records:
         # The order of the checks decides the reason reported: unreadable, then misplaced, then not an image.
-        role = _role(record.rel, class_index)
+        directory = record.rel.rpartition("/")[0]
+        role = roles.get(directory)
+        if role is None:
+            role = roles[directory] = _role(record.rel, class_index)
         if record.error.startswith("unreadable"):
             skipped.append((record.rel, record.error))
         elif isinstance(role, str):
