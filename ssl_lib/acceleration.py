@@ -3,11 +3,14 @@
 ``auto`` means: on CUDA, bf16 autocast (fp16 with loss scaling where bf16 is missing), channels_last
 and ``torch.compile``; on a CPU, fp32 (without bf16 hardware, bf16 autocast runs 10-16x slower), channels_last
 (1.4x on the ConvNet step) and no compile (after about a minute of compiling, the ConvNet step ran 1.34x slower for
-SimCLR and no faster for BYOL: README, "Throughput against lightly").
+SimCLR and no faster for BYOL: README, "Throughput against lightly"). On a CPU the allocator also keeps freed
+memory for reuse (``keep_freed_memory``).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +58,28 @@ def resolve_acceleration(device: torch.device, precision: str = "auto", channels
     return Acceleration(dtype=dtype,
                         channels_last=True if channels_last is None else bool(channels_last),
                         compile=cuda if compile is None else bool(compile))
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process for the next allocation; False where it cannot (no glibc).
+
+    Why: glibc serves an allocation above its mmap threshold (adaptive, but never above 32 MB) with a fresh
+    mapping and unmaps it when freed. A training step allocates tensors that large anew every step (the ConvNet's
+    first layer over both views of a 256 batch: 51 MB each, a dozen of them), so every step the kernel faults in
+    and zeroes new pages for them: a third of a CPU ConvNet step here (README, "Throughput against lightly"). With
+    no mmap and a trim threshold of 2 GB, those blocks are reused from the heap instead. The process keeps its
+    peak memory between steps, which a training loop reaches again at the next step anyway. Process-wide, and
+    only for allocations made after the call.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

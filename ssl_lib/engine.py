@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_lib.acceleration import Acceleration
+from ssl_lib.acceleration import Acceleration, keep_freed_memory
 from ssl_lib.distributed import convert_batchnorm
 from ssl_lib.methods import get_method
 from ssl_lib.methods.base import SSLMethod
@@ -72,7 +72,10 @@ class Engine:
 
 def make_engine(model: SSLMethod, accel: Acceleration, device: torch.device, total_steps: int, optimizer: str,
                 lr: float, weight_decay: float, warmup_fraction: float) -> Engine:
-    """The optimizer, schedule and (fp16-only) gradient scaler for ``total_steps`` steps of ``model``."""
+    """The optimizer, schedule and (fp16-only) gradient scaler for ``total_steps`` steps of ``model``; on a CPU,
+    the allocator keeps freed memory for the next step (``acceleration.keep_freed_memory``)."""
+    if device.type == "cpu":
+        keep_freed_memory()
     opt, scheduler = build_optimizer(model, optimizer, lr, weight_decay, total_steps, warmup_fraction)
     return Engine(model, opt, scheduler, accel.grad_scaler(device), accel, device, total_steps)
 

@@ -253,3 +253,65 @@ def test_pretrain_stage_with_two_devices_runs_under_torchrun(tmp_path):
     assert "pretrain_loss" in runs[0].data.metrics
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["pretrain"]["params"]["params.yaml"]["pretrain.devices"] == 2
+
+
+def test_convnet_pools_before_relu_with_the_same_values_and_gradients():
+    """Max-pooling before the ReLU (the cheaper order) computes exactly what ReLU-then-pool does."""
+    from torch import nn
+
+    from ssl_lib.models.backbones import ConvNet
+
+    torch.manual_seed(0)
+    net = ConvNet(1, 28)
+    reference = nn.Sequential(*(m for pair in _relu_first(list(net.layers)) for m in pair))
+    x = torch.randn(16, 1, 28, 28)
+    outputs, grads = [], []
+    for model in (net.layers, reference):
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        outputs.append(y)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert any(isinstance(m, nn.MaxPool2d) for m in net.layers)
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+
+
+def _relu_first(layers: list) -> list[tuple]:
+    """The same modules with every MaxPool2d-then-ReLU pair swapped back to ReLU-then-MaxPool2d."""
+    from torch import nn
+
+    out, i = [], 0
+    while i < len(layers):
+        if isinstance(layers[i], nn.MaxPool2d) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.ReLU):
+            out.append((layers[i + 1], layers[i]))
+            i += 2
+        else:
+            out.append((layers[i],))
+            i += 1
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_cpu_engine_keeps_freed_memory_for_the_next_step():
+    """After make_engine on a CPU, a large freed tensor's memory stays in the process (glibc would unmap it)."""
+    code = """
+import sys, torch
+from ssl_lib.acceleration import keep_freed_memory
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+x = torch.ones(50_000_000)  # 200 MB
+before = rss()
+del x
+print(before - rss())
+"""
+    freed = {}
+    for mode in ("keep", "default"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        freed[mode] = int(done.stdout.strip())
+    assert freed["default"] > 150e6 and freed["keep"] < 50e6, freed

@@ -11,7 +11,7 @@ _CONVNET_WIDTHS = {"convnet": 32, "convnet_small": 16, "convnet_wide": 64}
 
 
 class ConvNet(nn.Module):
-    """Four conv-BN-ReLU layers (widths w, 2w, 4w, 8w) with max-pooling, then global average pooling.
+    """Four conv-BN-ReLU layers (widths w, 2w, 4w, 8w), max-pooling between BN and ReLU, then global average pooling.
 
     Pooling stops once the map would drop below 3x3, so that the same design works from 8x8
     (digits) to 32x32 (CIFAR) without the last layers convolving a 1x1 map.
@@ -23,11 +23,14 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         size, pools, channels = image_size, 0, in_channels
         for i, out in enumerate(widths):
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out)]
             if i < len(widths) - 1 and pools < 3 and size // 2 >= 3:
+                # Pooling before the ReLU: the same values and gradients (max-pooling commutes with a monotone
+                # function), with the ReLU and its backward on a quarter of the elements.
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
                 pools += 1
+            layers.append(nn.ReLU(inplace=True))
             channels = out
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
