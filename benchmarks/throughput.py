@@ -34,9 +34,13 @@ Images/s is the batch size over the median step time; the other columns are medi
 Utilisation. Each side's first warm-up step runs under ``torch.utils.flop_counter.FlopCounterMode`` (untimed):
 "GFLOP/step" is what it counts over the whole step, forward and backward (matmuls and convolutions; the
 optimizer, elementwise ops and normalisation count nothing), "GFLOP/s" that over the median step time, and
-"% of peak" that over the machine's measured peak: a large square matmul (4096 on a CPU, 8192 on CUDA) in our
-step's precision (fp32 on a CPU, bf16 on CUDA), at the same thread count, timed before and after the rows in
-the same run (median of ``--peak-reps`` each; the higher of the two is the peak). A side that compiles
+"% of peak" that over the machine's measured peak: the faster of a large square matmul (4096 on a CPU, 8192 on
+CUDA) and a large 3x3 convolution (``PEAK_CONV``, channels_last), in our step's precision (fp32 on a CPU, bf16 on
+CUDA), at the same thread count, each timed before and after the rows in the same run (median of
+``--peak-reps`` each; the highest of the four is the peak). The convolution is there because the BLAS is not
+always the fastest library: on this project's AMD EPYC machines MKL's sgemm runs well below oneDNN's
+convolutions, and a matmul-only peak put the ResNet-18 steps above 100 %. Both sides share the process, and
+with it the allocator setting ours' engine makes on a CPU (``acceleration.keep_freed_memory``). A side that compiles
 compiles on the warm-up step after the counted one (Dynamo does not compile under the counter).
 
 Variants (``--variants``): extra rows of ours with another memory layout or compile (``VARIANTS``), timed in
@@ -103,8 +107,11 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "compile": {"channels_last": True, "compile": True},
     "compile-contiguous": {"channels_last": False, "compile": True},
 }
-# Side of the square matmul that measures the peak: large enough to run at the BLAS's full rate.
+# Side of the square matmul, and (batch, channels, side) of the 3x3 convolution, that measure the peak: large enough
+# to run at their library's full rate.
 PEAK_SIZE = {"cpu": 4096, "cuda": 8192}
+PEAK_CONV = {"cpu": (256, 256, 14), "cuda": (256, 512, 28)}
+QUICK_PEAK_CONV = (16, 64, 14)
 
 
 class Clock:
@@ -474,19 +481,34 @@ def count_flops(step: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, reps: int) -> float:
-    """FLOP/s of a ``size`` x ``size`` matmul in ``dtype`` on ``device`` at the current thread count, the median
-    of ``reps`` timed runs: what this machine's BLAS reaches on the friendliest op there is."""
-    clock = Clock(device)
-    generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
-    out = torch.mm(a, b)  # untimed: the first call pays for allocation and kernel selection
+def _median_seconds(clock: Clock, op: Callable[[], Any], reps: int) -> float:
+    op()  # untimed: the first call pays for allocation and kernel selection
     times = []
     for _ in range(max(1, reps)):
         start = clock()
-        torch.mm(a, b, out=out)
+        op()
         times.append(clock() - start)
-    return 2 * size**3 / statistics.median(times)
+    return statistics.median(times)
+
+
+def machine_peak(device: torch.device, dtype: torch.dtype, size: int, conv: tuple[int, int, int],
+                 reps: int) -> dict[str, float]:
+    """FLOP/s of the two friendliest ops there are, in ``dtype`` on ``device`` at the current thread count, the
+    median of ``reps`` timed runs each: a ``size`` x ``size`` matmul (the BLAS) and a 3x3 convolution of a
+    channels_last (batch, channels, side) ``conv`` batch, channels in = out (oneDNN / cuDNN). Either library can
+    be the faster: on an AMD EPYC, MKL's sgemm reaches 120-130 GFLOP/s on 2 cores, oneDNN's convolutions 150-190."""
+    clock = Clock(device)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    matmul = 2 * size**3 / _median_seconds(clock, lambda: torch.mm(a, b, out=out), reps)
+    batch, channels, side = conv
+    x = torch.randn(batch, channels, side, side, generator=generator).to(device, dtype)
+    w = torch.randn(channels, channels, 3, 3, generator=generator).to(device, dtype)
+    x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    flops = 2 * batch * channels * channels * 9 * side * side
+    convolution = flops / _median_seconds(clock, lambda: torch.nn.functional.conv2d(x, w, padding=1), reps)
+    return {"matmul": matmul, "conv": convolution}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -642,10 +664,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the models that get the --variants rows (default: all of --models)")
     parser.add_argument("--peak-size", type=int, default=None,
                         help=f"side of the matmul that measures the peak FLOP/s (default {PEAK_SIZE})")
-    parser.add_argument("--peak-reps", type=int, default=3, help="timed matmuls, before and after the rows each")
+    parser.add_argument("--peak-reps", type=int, default=3,
+                        help="timed matmuls and convolutions, before and after the rows each")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: convnet, batch 16, 1 warm-up + 1 timed step, 256 images, workers 0, "
-                             "peak from a 1024 matmul")
+                             "peak from a 1024 matmul and a small convolution")
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -673,15 +696,23 @@ def ours_runners(common: dict[str, Any], accel: Acceleration, variants: list[str
     return runners
 
 
-def measure_peak(device: torch.device, dtype: torch.dtype, size: int, reps: int, log: Callable[[str], None]) -> float:
-    peak = matmul_peak(device, dtype, size, reps)
-    log(f"peak: {peak / 1e9:.1f} GFLOP/s ({size}x{size} {dtype} matmul, median of {reps})")
+def measure_peak(device: torch.device, dtype: torch.dtype, size: int, conv: tuple[int, int, int], reps: int,
+                 log: Callable[[str], None]) -> dict[str, float]:
+    peak = machine_peak(device, dtype, size, conv, reps)
+    log(f"peak: matmul {peak['matmul'] / 1e9:.1f}, conv {peak['conv'] / 1e9:.1f} GFLOP/s ({dtype}, median of {reps})")
     return peak
 
 
-def peak_note(peaks: list[float], size: int, precision: str, device: torch.device, reps: int) -> str:
-    return (f"peak: {max(peaks) / 1e9:.1f} GFLOP/s, the faster of two {size}x{size} {precision} matmuls on {device} "
-            f"(median of {reps} each, before / after the rows: {' / '.join(f'{p / 1e9:.1f}' for p in peaks)}). "
+def peak_note(peaks: list[dict[str, float]], size: int, conv: tuple[int, int, int], precision: str,
+              device: torch.device, reps: int) -> str:
+    def timings(op: str) -> str:
+        return " / ".join(f"{p[op] / 1e9:.1f}" for p in peaks)
+
+    batch, channels, side = conv
+    return (f"peak: {max(max(p.values()) for p in peaks) / 1e9:.1f} GFLOP/s, the fastest of a {size}x{size} "
+            f"{precision} matmul and a 3x3 {precision} convolution ({channels} -> {channels} channels, {side}x{side}, "
+            f"batch {batch}, channels_last) on {device}, each timed before and after the rows (median of {reps}): "
+            f"matmul {timings('matmul')}, conv {timings('conv')}. "
             f"GFLOP/step: one training step's forward and backward as torch's FlopCounterMode counts them "
             f"(matmuls and convolutions); GFLOP/s: that over the median step; % of peak: GFLOP/s over the peak.")
 
@@ -725,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
     # The peak in the precision of our step (fp32 on a CPU, bf16 on CUDA), before and after the rows: the
     # higher of the two, so that load during one of them does not flatter the utilisation figures.
     peak_size = args.peak_size or PEAK_SIZE.get(device.type, PEAK_SIZE["cpu"])
-    peaks = [measure_peak(device, accel.dtype, peak_size, args.peak_reps, log)]
+    peak_conv = QUICK_PEAK_CONV if args.quick else PEAK_CONV.get(device.type, PEAK_CONV["cpu"])
+    peaks = [measure_peak(device, accel.dtype, peak_size, peak_conv, args.peak_reps, log)]
 
     results: list[tuple[str, str, SideResult]] = []
     for model in _csv(args.models):
@@ -740,8 +772,8 @@ def main(argv: list[str] | None = None) -> None:
             results += [(model, method, result)
                         for result in measure(runners, warmup, steps, args.rounds, device, log)]
             del runners
-    peaks.append(measure_peak(device, accel.dtype, peak_size, args.peak_reps, log))
-    peak = max(peaks)
+    peaks.append(measure_peak(device, accel.dtype, peak_size, peak_conv, args.peak_reps, log))
+    peak = max(max(p.values()) for p in peaks)
     rows = [summarize(model, method, result, args.batch_size, peak) for model, method, result in results]
     add_ratios(rows)
 
@@ -753,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"device {device}, torch {torch.__version__}, lightly {lightly_version}, threads {args.threads}, "
               f"batch {args.batch_size}, {len(images)} Fashion-MNIST images; medians over the timed steps.\n"
               f"{ours_note}.\n"
-              f"{peak_note(peaks, peak_size, accel.precision, device, args.peak_reps)}\n"
+              f"{peak_note(peaks, peak_size, peak_conv, accel.precision, device, args.peak_reps)}\n"
               f"data+aug: lightly = DataLoader wait + copy to device, ours = index gather + uint8->float + "
               f"augment_views calls; {memory_note(device)}; ours / this: ours' images/s over that row's (on a "
               f"variant row: ours as configured over that variant's).")
