@@ -2,9 +2,9 @@
 
 ``auto`` means: on CUDA, bf16 autocast (fp16 with loss scaling where bf16 is missing), channels_last
 and ``torch.compile``; on a CPU, fp32 (without bf16 hardware, bf16 autocast runs 10-16x slower), channels_last
-(1.4x on the ConvNet step) and no compile (after about a minute of compiling, the ConvNet step ran 1.34x slower for
-SimCLR and no faster for BYOL: README, "Throughput against lightly"). On a CPU the allocator also keeps freed
-memory for reuse (``keep_freed_memory``).
+(1.5x on the ConvNet step) and no compile (after about a minute of compiling, the ConvNet step ran 1.13-1.25x
+slower: README, "Throughput against lightly"). On a CPU the allocator also keeps freed memory for reuse
+(``keep_freed_memory``).
 """
 from __future__ import annotations
 
