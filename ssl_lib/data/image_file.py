@@ -244,7 +244,8 @@ def fill(target: OldRows, items: Sequence[str | Reuse], *, mode: str, size_wh: t
     """
     flags = [True] * len(items) if count is None else list(count)
     sizes = (_file_size(item) for item in items if isinstance(item, str))
-    processes = worth_a_pool(sizes, MIN_PARALLEL_DECODES, MIN_PARALLEL_DECODE_BYTES)
+    # One worker runs inline whatever the sizes: no file is stat'ed to decide.
+    processes = workers > 1 and worth_a_pool(sizes, MIN_PARALLEL_DECODES, MIN_PARALLEL_DECODE_BYTES)
     step = block_rows(target.shape, len(items), workers)
     jobs: list[_Job] = [(target, start, list(items[start:start + step]), flags[start:start + step], mode, size_wh,
                          old) for start in range(0, len(items), step)]
