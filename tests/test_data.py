@@ -447,7 +447,7 @@ def test_content_scores_are_the_documented_hash():
     from ssl_lib.data.splits import content_scores
 
     keys = ["", "a", "cat/001.png", "ü", *(hashlib.sha256(str(i).encode()).hexdigest() for i in range(500))]
-    expected = [int.from_bytes(hashlib.blake2b(f"7\0{1}\0{k}".encode(), digest_size=8).digest(), "big") / 2.0**64
+    expected = [int.from_bytes(hashlib.blake2b(b"7\x001\x00" + k.encode(), digest_size=8).digest(), "big") / 2.0**64
                 for k in keys]
     assert content_scores(7, 1, keys).tolist() == expected
     assert content_scores(7, 1, []).shape == (0,)
