@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Self-supervised pretraining pipeline: Prefect flows over DVC stages, tracked in MLflow.")
 
 SET_HELP = "Override a param, e.g. --set pretrain.method=rotation (repeatable). Written into params.yaml."
+CHECK_SET_HELP = "Override a param for this check only, e.g. --set pretrain.method=rotation (repeatable)."
 
 USER_ERROR_EXIT = 2  # as the stage processes exit on a UserError (tasks.common)
 STAGE_CRASH_EXIT = 1
@@ -60,8 +61,7 @@ def _validate(root: Path, overrides: dict[str, Any]):
 
     params = parse_params(apply_overrides(read_raw_params(root / "params.yaml"), overrides),
                           origin=f"{root / 'params.yaml'}" + (f" with --set {overrides}" if overrides else ""))
-    check_label_budget(params, root)
-    return params
+    return params, check_label_budget(params, root)
 
 
 @app.command()
@@ -78,7 +78,7 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
     started = time.perf_counter()
     with _reported():
         overrides = _parse_sets(set_)
-        params = _validate(root, overrides)
+        params, _ = _validate(root, overrides)
     from flows.pipeline import ssl_pipeline
 
     with _reported("pipeline failed: "):
@@ -131,12 +131,19 @@ def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain,
 
 
 @app.command()
-def validate(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP),
+def validate(set_: list[str] | None = typer.Option(None, "--set", "-S", help=CHECK_SET_HELP),
              root: Path = typer.Option(Path("."), help="Project root.")) -> None:
-    """Check params.yaml (and overrides) and the label budget without running anything."""
+    """Check params.yaml (and overrides) and the label budget, and print the run's plan: the data, the steps of
+    each stage and their minutes on this machine (from a few timed steps). Runs no stage and writes nothing."""
     with _reported():
-        params = _validate(root.resolve(), _parse_sets(set_))
+        params, shape = _validate(root.resolve(), _parse_sets(set_))
+        from ssl_lib.plan import plan_run
+
+        plan, budget_overrides = plan_run(params, shape)
     typer.echo(params.model_dump_json(indent=2))
+    typer.echo(plan.describe())
+    if budget_overrides:
+        typer.echo("`sslpipe run` would apply: " + " ".join(f"--set {k}={v}" for k, v in budget_overrides.items()))
 
 
 @app.command()

@@ -23,13 +23,14 @@ from tasks.environment import configure_environment, project_root
 from tasks.evaluate import RESULT_FILES, headline_metrics
 from tasks.params_file import apply_param_overrides
 from tasks.preflight import check_label_budget
-from tasks.run_summary import committed_params, param_changes, run_title
+from tasks.run_summary import committed_params, param_changes, plan_against_actual, run_title
 from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
     PREFECT_RUN_ENV,
     close_run,
     describe_parent_run,
+    log_plan,
     log_results,
     open_parent_run,
     run_url,
@@ -99,13 +100,22 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     if labels_per_class is not None:
         overrides["data.label_fraction"] = None
     params = apply_param_overrides(root_path / "params.yaml", overrides)
-    check_label_budget(params, root_path)
+    from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
 
+    plan, budget_overrides = plan_run(params, check_label_budget(params, root_path))
+    if budget_overrides:  # written like any override, so the stages, dvc.lock and MLflow record what ran
+        overrides = {**overrides, **budget_overrides}
+        params = apply_param_overrides(root_path / "params.yaml", overrides)
+    for line in plan.describe().splitlines():
+        logger.info(line)
+
+    started = time.perf_counter()
     flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
     changes = param_changes(params, committed_params(root_path), fallback=overrides)
     parent_id = open_parent_run(params, invocation=f"prefect-{flow_run_id}", owner="prefect",
                                 run_name=run_title(params, changes, flow_run.name or time.strftime("%H:%M:%S")),
                                 extra_tags={"prefect.flow_run_id": flow_run_id})
+    log_plan(parent_id, plan)
     env = {PARENT_RUN_ENV: parent_id, PREFECT_RUN_ENV: flow_run_id, "SSLPIPE_ROOT": str(root_path)}
     outcomes: list[StageOutcome] = []
     exp_name = None
@@ -129,7 +139,9 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
             tag_dataset_hash(parent_id)
             describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
                                 skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
-                                failed_stage=failed, overrides=overrides)
+                                failed_stage=failed, overrides=overrides,
+                                timing=plan_against_actual(plan, {o.stage: o.seconds for o in outcomes},
+                                                           time.perf_counter() - started))
 
         close_run(parent_id, succeeded, write_description)
 

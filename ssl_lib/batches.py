@@ -29,8 +29,11 @@ _DEVICE_FRACTION = 0.25
 class ImageRows(Protocol):
     """What the loop needs from the images: uint8 NHWC rows by integer index (numpy arrays, memmaps)."""
 
-    shape: tuple[int, ...]
-    dtype: np.dtype
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
 
     def __len__(self) -> int: ...
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_lib.acceleration import keep_freed_memory
 from ssl_lib.augment import nhwc_to_tensor, random_resized_crop, shift_flip
 from ssl_lib.device import select_device
 from ssl_lib.models.backbones import build_backbone
@@ -205,6 +206,8 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     if settings.epochs < 1 or settings.batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {settings.epochs} and {settings.batch_size}")
     device = select_device(settings.device)
+    if device.type == "cpu":  # as the pretraining engine does: no fresh pages for every step's large tensors
+        keep_freed_memory()
     model.to(device).to(memory_format=torch.channels_last)  # as ssl_lib.engine does (and as torch's typing allows)
     x_train = nhwc_to_tensor(np.asarray(train_images), device)
     y_train = torch.as_tensor(np.asarray(train_labels), dtype=torch.long, device=device)

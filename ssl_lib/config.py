@@ -52,9 +52,13 @@ class PseudoLabelParams(_Section):
 class PretrainParams(_Section):
     method: str = "simclr"
     backbone: str = "convnet"
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=256, ge=2)
-    lr: float = Field(default=1e-3, gt=0)
+    # Compute, not passes (ssl_lib.sizing): images seen in all of pretraining; the passes over the pool follow
+    # from its size, at most max_epochs. An explicit epochs overrides the budget.
+    images_seen: int = Field(default=300_000, ge=1)
+    max_epochs: int = Field(default=100, ge=1)
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    lr: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)
     max_images: int | None = Field(default=None, ge=2)
     device: str = "auto"
@@ -163,7 +167,11 @@ class SelfTrainParams(_Section):
     # One method, or a list applied in order within each round (propagated labels seeding a FixMatch student).
     method: str | list[str] = "label_propagation"
     rounds: int = Field(default=2, ge=0)
-    epochs: float = Field(default=2.0, gt=0)
+    # Compute, not passes (ssl_lib.sizing): pool images seen in all rounds and methods together; the passes
+    # per method and round follow from the pool's size, at most max_epochs. An explicit epochs overrides it.
+    images_seen: int = Field(default=240_000, ge=1)
+    max_epochs: float = Field(default=20.0, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
     batch_size: int = Field(default=256, ge=2)
     labeled_batch_size: int = Field(default=64, ge=1)
     lr: float = Field(default=4e-3, gt=0)
@@ -206,6 +214,14 @@ class EvaluateParams(_Section):
     champion_margin: float = Field(default=0.005, ge=0, lt=1)
 
 
+class PlanParams(_Section):
+    # A wall-clock budget for the whole run, in minutes: `sslpipe run` scales the pretraining and self-training
+    # budgets down to fit it before any compute (ssl_lib.plan), from a timed probe of the real steps. No stage
+    # reads this section: the scaled budgets are what the run records and DVC tracks.
+    budget_minutes: float | None = Field(default=None, gt=0)
+    probe: bool = True  # time a few real steps to estimate minutes per stage (off: steps only)
+
+
 class PipelineParams(_Section):
     seed: int = Field(default=0, ge=0)
     # Factories, not instances: building PretrainParams() here would import the method registry (and torch)
@@ -216,6 +232,7 @@ class PipelineParams(_Section):
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
     self_train: SelfTrainParams = Field(default_factory=SelfTrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    plan: PlanParams = Field(default_factory=PlanParams)
 
 
 def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tuple[str, ...] = ()) -> str:

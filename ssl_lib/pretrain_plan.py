@@ -42,6 +42,11 @@ class PretrainSettings:
         return values
 
 
+def pretraining_pool_size(num_images: int, max_images: int | None) -> int:
+    """How many of ``num_images`` pretraining trains on: all, or ``max_images`` of them."""
+    return num_images if max_images is None else min(num_images, max_images)
+
+
 def subset_indices(num_images: int, settings: PretrainSettings) -> np.ndarray:
     """Indices of the images pretraining uses: all, or a seeded random ``max_images`` of them (sorted)."""
     if settings.max_images is None or settings.max_images >= num_images:

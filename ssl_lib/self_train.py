@@ -16,6 +16,10 @@ The static targets of the first two are computed once per step; fixmatch's are c
 step the loss is CE(labeled, weak view) + unlabeled_weight * mean_i(w_i * CE(pool_i, strong view, target_i)),
 and the weights kept are an exponential moving average of the student's, which becomes the next teacher.
 All randomness comes from ``settings.seed``: two CPU runs with the same thread count are identical.
+
+Self-training can also make a model worse (a small pool, a poor teacher). So every round's model is a candidate
+next to the fine-tuned model it started from, and ``choose_final`` keeps the one with the best accuracy on the
+labeled val images (never test), ties going to the later candidate.
 """
 from __future__ import annotations
 
@@ -31,12 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_lib.acceleration import keep_freed_memory
 from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
 from ssl_lib.classifier import Classifier
 from ssl_lib.device import select_device
 from ssl_lib.errors import ConfigError
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
+from ssl_lib.sizing import self_train_steps
 
 log = logging.getLogger("ssl_lib.self_train")
 
@@ -62,6 +68,7 @@ class SelfTrainSettings:
     balance: bool = True  # label_propagation: rebalance propagated labels to the labeled set's class shares
     whiten: bool = True  # label_propagation: PCA-whiten the features before building the graph
     bn_recalibration: int = 40  # batches of clean pool images that re-estimate BatchNorm statistics after a step
+    max_shift_px: int = 2  # the labeled (weak) view's shift; ssl_lib.sizing.shift_px sizes it to the images
     seed: int = 0
     device: str = "auto"
     warmup_fraction: float = 0.05
@@ -77,11 +84,36 @@ class PseudoLabels:
 
 
 @dataclass
+class Candidate:
+    """A model the run could ship: the fine-tuned starting point or a round's result, with its val accuracy."""
+
+    name: str  # "fine-tune", "round 1", ...
+    val_accuracy: float
+    state: dict[str, torch.Tensor]  # its weights, on the CPU
+
+
+@dataclass
 class SelfTrainResult:
-    model: Classifier
+    model: Classifier  # the chosen candidate's model
     history: list[dict[str, Any]] = field(default_factory=list)  # per epoch of every step
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per step: pseudo-label quality
     pseudo_labels: PseudoLabels | None = None  # of the last step's teacher
+    candidates: list[Candidate] = field(default_factory=list)  # the fine-tuned model, then each round's
+    chosen: int = 0  # index into candidates
+
+
+SELECTION_RULE = ("the final model is the candidate (the SSL fine-tune, then each self-training round) with the "
+                  "best accuracy on the labeled val images, never test; ties go to the later candidate")
+
+
+def choose_final(val_accuracies: list[float]) -> int:
+    """The index of the candidate to ship: the best val accuracy, ties (and a missing val set) going to the later
+    candidate, which has learned from more of the data."""
+    best = len(val_accuracies) - 1
+    for index in range(len(val_accuracies) - 2, -1, -1):
+        if val_accuracies[index] > val_accuracies[best]:  # NaN (no val images) never wins
+            best = index
+    return best
 
 
 def validate_settings(settings: SelfTrainSettings, pool_size: int) -> None:
@@ -244,7 +276,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
     n = len(pool)
     batch = min(settings.batch_size, n)
     steps_per_epoch = max(1, n // batch)
-    total = max(1, int(round(settings.epochs * steps_per_epoch)))
+    total = self_train_steps(settings.epochs, n, batch)
     optimizer = torch.optim.AdamW(decay_groups(model.parameters(), settings.lr, settings.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)
@@ -264,13 +296,13 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
             for s in range(min(steps_per_epoch, total - step)):
                 u_idx = order[s * batch:(s + 1) * batch]
                 l_idx = torch.randint(len(labeled_x), (settings.labeled_batch_size,), generator=generator).to(device)
-                x_l = shift_flip(labeled_x[l_idx], generator)
+                x_l = shift_flip(labeled_x[l_idx], generator, settings.max_shift_px)
                 u_raw = pool[u_idx]
                 x_s = strong_augment(u_raw, generator)
                 if method == "fixmatch":
                     with torch.no_grad():
                         ema.eval()
-                        probs = torch.softmax(ema(shift_flip(u_raw, generator)), dim=1)
+                        probs = torch.softmax(ema(shift_flip(u_raw, generator, settings.max_shift_px)), dim=1)
                         if align is not None:
                             probs = align(probs)
                         confidence, label = probs.max(1)
@@ -336,6 +368,8 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
     """
     validate_settings(settings, len(pool_images))
     device = select_device(settings.device)
+    if device.type == "cpu":  # as the pretraining engine does: no fresh pages for every step's large tensors
+        keep_freed_memory()
     model = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last)
     pool = nhwc_to_tensor(np.asarray(pool_images), device)
     labeled_rows = np.asarray(labeled_rows, dtype=np.int64)
@@ -351,6 +385,11 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
         if on_epoch is not None:
             on_epoch(record)
 
+    def candidate(name: str) -> Candidate:
+        weights = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+        return Candidate(name, accuracy(model, *val), weights)
+
+    result.candidates.append(candidate("fine-tune"))
     for round_index in range(settings.rounds):
         for method in settings.steps:
             tag = {"round": round_index + 1, "method": method}
@@ -384,6 +423,14 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
                 on_round(summary)
             model = _train_step_method(method, model, pool, labeled_x, labeled_y, static, settings, generator, tag,
                                        val, record_epoch, progress)
+        if settings.steps:
+            result.candidates.append(candidate(f"round {round_index + 1}"))
+    result.chosen = choose_final([c.val_accuracy for c in result.candidates])
+    chosen = result.candidates[result.chosen]
+    log.info("final model: %s (val accuracy %s)", chosen.name,
+             ", ".join(f"{c.name} {c.val_accuracy:.4f}" for c in result.candidates))
+    if result.chosen != len(result.candidates) - 1:
+        model.load_state_dict(chosen.state)
     model.eval()
     result.model = model
     return result

@@ -62,6 +62,7 @@ def run(params: PipelineParams) -> dict:
         wide_per_class_table,
     )
     from ssl_lib.io import atomic_path, write_json
+    from ssl_lib.sizing import knn_probe_k
     from tasks.finetune import load_encoder_info
     from tasks.tracking import log_results, stage_run
 
@@ -76,7 +77,7 @@ def run(params: PipelineParams) -> dict:
         spec = {k: final_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
         models = _load_classifiers(spec, self_trained=final_info["method"] != ["none"])
         final = "self_train" if "self_train" in models else "ssl"
-        k = min(params.evaluate.knn_k, len(known_y))
+        k = knn_probe_k(params.evaluate.knn_k, len(known_y), len(class_names))
 
         def knn(model) -> float:
             return knn_accuracy(extract_features(model, known_x), known_y, extract_features(model, test_x), test_y, k=k)
@@ -85,7 +86,7 @@ def run(params: PipelineParams) -> dict:
         correct: dict[str, int] = {}
         predictions = pd.DataFrame({"actual": [class_names[i] for i in test_y]})
         tables = {}
-        labels = _model_labels(params, final_info["method"])
+        labels = _model_labels(params, final_info["method"], final_info.get("final_model"))
         for kind, model in models.items():
             predicted = predict_proba(model, test_x).argmax(axis=1)
             tables[kind] = per_class_table(test_y, predicted, class_names)
@@ -143,10 +144,16 @@ def run(params: PipelineParams) -> dict:
     return metrics
 
 
-def _model_labels(params: PipelineParams, self_train_method: list[str]) -> dict[str, str]:
-    """How the figures and the registry name each evaluated model."""
+def _model_labels(params: PipelineParams, self_train_method: list[str], final_model: str | None) -> dict[str, str]:
+    """How the figures and the registry name each evaluated model (the self_train row is the final model, which
+    the self_train stage chose on val: a round's model, or the fine-tune it started from)."""
+    final = f"SSL + {'+'.join(self_train_method)}"
+    if final_model == "fine-tune" and self_train_method != ["none"]:
+        final = f"SSL fine-tune, kept over {'+'.join(self_train_method)} on val"
+    elif final_model and final_model.startswith("round") and params.self_train.rounds > 1:
+        final += f", {final_model}"
     return {"baseline": "supervised-only baseline", "ssl": f"SSL fine-tune ({params.pretrain.method})",
-            "self_train": f"SSL + {'+'.join(self_train_method)}"}
+            "self_train": final}
 
 
 def _record_on_registry(params: PipelineParams, name: str, version: str, metrics: dict, final: str, label: str,

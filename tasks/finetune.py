@@ -54,7 +54,7 @@ def run(params: PipelineParams) -> dict:
                     num_classes=num_classes, mean=info["mean"], std=info["std"])
         models = {}
         for kind, state in (("ssl", encoder_state), ("baseline", None)):
-            settings = finetune_settings(params, baseline=kind == "baseline")
+            settings = finetune_settings(params, info["image_size"], baseline=kind == "baseline")
             model = build_classifier(**spec, encoder_state=state, seed=params.seed)
             model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings,
                                               on_epoch=_epoch_logger(f"{kind}_"),
@@ -128,7 +128,7 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
             "run_id": mlflow.active_run().info.run_id}
 
 
-def finetune_settings(params: PipelineParams, baseline: bool = False) -> FinetuneSettings:
+def finetune_settings(params: PipelineParams, image_size: int, baseline: bool = False) -> FinetuneSettings:
     """The SSL model's fine-tuning, or the supervised-only baseline's training.
 
     The baseline trains a random-init encoder at the full learning rate with a random head: LP-FT and a
@@ -136,10 +136,11 @@ def finetune_settings(params: PipelineParams, baseline: bool = False) -> Finetun
     Its epochs default to the SSL model's lp_epochs + epochs, the same number of passes over the labels.
     """
     from ssl_lib.classifier import FinetuneSettings
+    from ssl_lib.sizing import shift_px
 
     f = params.finetune
     common = dict(batch_size=f.batch_size, weight_decay=f.weight_decay, seed=params.seed, augment=f.augment,
-                  device=f.device)
+                  device=f.device, max_shift_px=shift_px(image_size))
     if baseline:
         return FinetuneSettings(mode="full", epochs=f.baseline_epochs or f.epochs + f.lp_epochs,
                                 lr=f.baseline_lr or f.lr, encoder_lr_mult=1.0, head_init="random", lp_epochs=0,

@@ -37,11 +37,13 @@ def run(params: PipelineParams) -> dict | None:
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
-    settings = pretrain_settings(params)
+    settings = pretrain_settings(params, pool_image_count())
     section = {"seed": params.seed, "pretrain": params.pretrain.model_dump()}
     with stage_run("pretrain", params, section=section):
         mlflow.set_tag("device", str(select_device(settings.device)))
         mlflow.set_tag("processes", str(params.pretrain.world_size))
+        # What the budget came to on this pool (ssl_lib.sizing): the passes and batch actually run.
+        mlflow.log_params({"resolved.epochs": settings.epochs, "resolved.batch_size": settings.batch_size})
 
         def on_epoch(row: dict) -> None:
             metrics = {f"pretrain_{k}": float(v) for k, v in row.items() if k != "epoch"}
@@ -69,9 +71,17 @@ def _train(params: PipelineParams, on_epoch: Callable[[dict], None] | None) -> t
 
     # Memory-mapped: the engine copies the pool onto the device when it fits, or streams it.
     pool, meta = load_pool(paths.PREPARED, in_memory=False)
-    result = pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), pretrain_settings(params),
+    result = pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), pretrain_settings(params, len(pool)),
                       on_epoch=on_epoch, checkpoint_path=paths.PRETRAIN_CHECKPOINT)
     return result, meta
+
+
+def pool_image_count() -> int:
+    """The number of prepared pool images, without reading them."""
+    from ssl_lib.data.prepared import load_pool
+
+    pool, _ = load_pool(paths.PREPARED, in_memory=False)
+    return len(pool)
 
 
 def _write_outputs(result: Any, meta: dict, settings: Any) -> dict:

@@ -27,12 +27,12 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
     from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
-    settings = pretrain_settings(params)
+    pool, _ = load_pool(paths.PREPARED)
+    settings = pretrain_settings(params, len(pool))
     section = {"seed": params.seed, "pseudo_labels": params.pseudo_labels.model_dump(),
                "pretrain.method": settings.method, "pretrain.epochs": settings.epochs,
                "pretrain.max_images": settings.max_images}
     with stage_run("pseudo_labels", params, section=section):
-        pool, _ = load_pool(paths.PREPARED)
         # A method that cannot use these images (colorization on grayscale) stops here, before any work.
         get_method(settings.method).check_data(int(pool.shape[3]), int(pool.shape[1]))
         pseudo = make_pseudo_labels(settings, len(pool))

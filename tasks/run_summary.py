@@ -124,9 +124,20 @@ def headline(params: PipelineParams, metrics: dict[str, float]) -> str:
             f"supervised-only baseline ({baseline:.4f}){rest}.")
 
 
+def plan_against_actual(plan: Any, stage_seconds: dict[str, float | None], total_seconds: float) -> str:
+    """``about 9.8 min planned, 10.3 min taken (pretrain 4.1/4.0, ...)``: the plan's estimate next to the run's
+    time, per training stage (estimated/actual minutes; a stage DVC skipped shows its few seconds)."""
+    head = f"{total_seconds / 60:.1f} min taken"
+    if plan.total_seconds is not None:
+        head = f"about {plan.total_seconds / 60:.1f} min planned, " + head
+    parts = [f"{s.stage} {s.seconds / 60:.1f}/{(stage_seconds.get(s.stage) or 0.0) / 60:.1f}"
+             for s in plan.stages if s.seconds is not None and s.stage in stage_seconds]
+    return head + (f" (estimated/actual minutes: {', '.join(parts)})" if parts else "")
+
+
 def describe(params: PipelineParams, metrics: dict[str, float], changes: dict[str, Any], commit: str | None,
              ran: list[str], skipped: list[str], dvc_experiment: str | None = None, model: str | None = None,
-             failed_stage: str | None = None) -> str:
+             failed_stage: str | None = None, timing: str | None = None, final_choice: str | None = None) -> str:
     """The run's description (markdown): result, changed params, commit, what DVC did, the registered model."""
     lines = [f"**Failed in stage `{failed_stage}`.**" if failed_stage else headline(params, metrics), ""]
     if changes:
@@ -139,6 +150,10 @@ def describe(params: PipelineParams, metrics: dict[str, float], changes: dict[st
     if skipped and not failed_stage:  # after a failure, the stages not run were not found up to date
         dvc += f"; skipped {', '.join(skipped)} (up to date)"
     lines.append(dvc + (f"; saved as DVC experiment `{dvc_experiment}`" if dvc_experiment else "") + ".")
+    if final_choice:
+        lines.append(f"- Final model: {final_choice}")
     if model:
         lines.append(f"- Model: {model}")
+    if timing:
+        lines.append(f"- Time: {timing}")
     return "\n".join(lines)

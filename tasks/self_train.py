@@ -34,13 +34,13 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
     from ssl_lib.io import atomic_path, save_torch, write_json
-    from ssl_lib.self_train import self_train
+    from ssl_lib.self_train import SELECTION_RULE, self_train
     from tasks.finetune import log_classifier
     from tasks.registry import provenance, tag_version
     from tasks.tracking import stage_run
 
     section = {"seed": params.seed, "self_train": params.self_train.model_dump()}
-    with stage_run("self_train", params, section=section):
+    with stage_run("self_train", params, section=section) as run_id:
         data = load_prepared(paths.PREPARED)
         if not paths.SSL_CLASSIFIER.is_file() or not paths.CLASSIFIER_INFO.is_file():
             raise DataError(f"{paths.SSL_CLASSIFIER} is missing; run the stage first: dvc repro finetune")
@@ -48,9 +48,11 @@ def run(params: PipelineParams) -> dict:
         spec = {k: info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
         model = build_classifier(**spec)
         model.load_state_dict(torch.load(paths.SSL_CLASSIFIER, weights_only=True, map_location="cpu"))
-        settings = self_train_settings(params)
         splits = data.manifest["split"].to_numpy()
         rows = pool_rows(splits)
+        settings = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])
+        mlflow.log_params({"resolved.epochs": round(settings.epochs, 4), "resolved.batch_size": settings.batch_size,
+                           "resolved.knn_k": settings.knn_k})
         history: list[dict] = []
         table = pd.DataFrame(columns=["index", "source_id", "label", "class", "confidence", "weight", "used"])
         if settings.steps and settings.rounds > 0:
@@ -73,6 +75,13 @@ def run(params: PipelineParams) -> dict:
             result = self_train(model, pool, labeled_rows, labels[rows][labeled_rows], val_x, val_y, settings,
                                 on_epoch=lambda r: (history.append(r), on_epoch(r)), on_round=on_round)
             model = result.model.cpu().eval()
+            candidates = [{"name": c.name, "val_accuracy": round(c.val_accuracy, 4), "chosen": i == result.chosen}
+                          for i, c in enumerate(result.candidates)]
+            chosen = result.candidates[result.chosen].name
+            mlflow.log_metrics({"final_candidate": result.chosen,
+                                **{f"candidate_val_accuracy_{c.name.replace(' ', '_')}": c.val_accuracy
+                                   for c in result.candidates}})
+            tag_final_choice(run_id, final_choice_text(result.candidates, result.chosen, len(val_y)))
             pseudo = result.pseudo_labels
             table = pd.DataFrame({"index": rows, "source_id": data.manifest["source_id"].to_numpy()[rows],
                                   "label": pseudo.label, "class": [data.class_names[i] for i in pseudo.label],
@@ -83,6 +92,7 @@ def run(params: PipelineParams) -> dict:
             mlflow.log_artifact(str(paths.POOL_PSEUDO_PREVIEW))
         else:
             log.info("self_train.method is none: the fine-tuned SSL classifier is the final model")
+            candidates, chosen = [], "fine-tune"
             save_pseudo_label_preview(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0),
                                       data.class_names, paths.POOL_PSEUDO_PREVIEW)
         with atomic_path(paths.POOL_PSEUDO_LABELS) as tmp:
@@ -110,8 +120,29 @@ def run(params: PipelineParams) -> dict:
             mlflow.log_artifact(str(Path(tmp) / SEEN_KEYS_FILE))
         ran = list(settings.steps) if settings.steps and settings.rounds > 0 else ["none"]
         write_json(paths.FINAL_INFO, {**spec, "class_names": data.class_names, "method": ran,
-                                      "rounds": settings.rounds, "registered_model": registered})
+                                      "rounds": settings.rounds, "registered_model": registered,
+                                      "final_model": chosen, "candidates": candidates, "rule": SELECTION_RULE})
     return registered
+
+
+def final_choice_text(candidates: list, chosen: int, val_images: int) -> str:
+    """``round 2, the best of fine-tune 0.7200, round 1 0.8000, round 2 0.8100 on the 100 val images ...``"""
+    scores = ", ".join(f"{c.name} {c.val_accuracy:.4f}" for c in candidates)
+    return (f"{candidates[chosen].name}, the best of {scores} on the {val_images} labeled val images (ties go to "
+            "the later candidate; test is never used to choose)")
+
+
+def tag_final_choice(run_id: str, text: str) -> None:
+    """The final model's choice, on this stage's run and on its parent (whose description shows it)."""
+    from mlflow import MlflowClient
+
+    from tasks.tracking import FINAL_CHOICE_TAG
+
+    client = MlflowClient()
+    client.set_tag(run_id, FINAL_CHOICE_TAG, text)
+    parent_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if parent_id:
+        client.set_tag(parent_id, FINAL_CHOICE_TAG, text)
 
 
 def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: np.ndarray, class_names: list[str],
@@ -132,16 +163,24 @@ def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: n
                     title="pseudo-labels per class: most confident (left) and least confident (right)")
 
 
-def self_train_settings(params: PipelineParams) -> SelfTrainSettings:
+def self_train_settings(params: PipelineParams, pool_size: int, num_classes: int,
+                        image_size: int) -> SelfTrainSettings:
+    """Self-training's settings, sized to a pool of ``pool_size`` images of ``image_size`` (``ssl_lib.sizing``):
+    the batch, the passes from the image budget unless ``self_train.epochs`` is set, the graph's k and the
+    labeled view's shift."""
+    from ssl_lib import sizing
     from ssl_lib.self_train import SelfTrainSettings
 
     s = params.self_train
-    return SelfTrainSettings(steps=s.steps, rounds=s.rounds, epochs=s.epochs, batch_size=s.batch_size,
+    size = sizing.self_train_size(pool_size, s.batch_size, s.epochs, s.images_seen, s.max_epochs, s.rounds,
+                                  len(s.steps))
+    return SelfTrainSettings(steps=s.steps, rounds=s.rounds, epochs=size.epochs, batch_size=size.batch_size,
                              labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
                              unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
                              distribution_alignment=s.distribution_alignment, temperature=s.temperature,
-                             knn_k=s.knn_k, alpha=s.alpha, balance=s.balance, whiten=s.whiten,
-                             bn_recalibration=s.bn_recalibration, seed=params.seed, device=s.device)
+                             knn_k=sizing.knn_k(s.knn_k, pool_size, num_classes), alpha=s.alpha, balance=s.balance,
+                             whiten=s.whiten, bn_recalibration=s.bn_recalibration,
+                             max_shift_px=sizing.shift_px(image_size), seed=params.seed, device=s.device)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ committed params, and its result.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,6 +27,9 @@ from tasks import stage_server
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
 from tasks.run_summary import committed_params, describe, flatten, param_changes, run_title
+
+if TYPE_CHECKING:
+    from ssl_lib.plan import RunPlan
 
 PARENT_RUN_ENV = "SSLPIPE_PARENT_RUN_ID"
 PREFECT_RUN_ENV = "SSLPIPE_PREFECT_FLOW_RUN_ID"
@@ -39,6 +43,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # what the run page shows as the run's description
 MODEL_TAG = "sslpipe.model"  # on a parent run: the registered version and its champion decision, in words
+FINAL_CHOICE_TAG = "sslpipe.final_model"  # on a parent run: which candidate became the final model, and why
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` (mlflow ui) serves a local store
 
 
@@ -196,7 +201,7 @@ def close_run(run_id: str, succeeded: bool, write_description: Callable[[], obje
 def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | None = None,
                         skipped: list[str] | None = None, dvc_experiment: str | None = None,
                         failed_stage: str | None = None, overrides: dict[str, Any] | None = None,
-                        root: Path | None = None) -> str:
+                        root: Path | None = None, timing: str | None = None) -> str:
     """Write the parent run's description from what it holds (metrics, commit, model) and what DVC did.
 
     ``ran``/``skipped`` are the stages DVC ran and found up to date; without them (a `dvc repro` parent) the
@@ -216,9 +221,28 @@ def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | No
     changes = param_changes(params, committed_params(root or project_root()), overrides)
     text = describe(params, run.data.metrics, changes, run.data.tags.get("mlflow.source.git.commit"), ran,
                     skipped or [], dvc_experiment=dvc_experiment, model=run.data.tags.get(MODEL_TAG),
-                    failed_stage=failed_stage)
+                    failed_stage=failed_stage, timing=timing, final_choice=run.data.tags.get(FINAL_CHOICE_TAG))
     client.set_tag(run_id, DESCRIPTION_TAG, text)
     return text
+
+
+def log_plan(run_id: str, plan: RunPlan) -> None:
+    """The run's plan on its parent run: plan.json (data, steps and estimated minutes per stage), and the
+    estimated total as a metric to compare with the run's own time."""
+    import json
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "plan.json"
+        path.write_text(json.dumps({"data": dataclasses.asdict(plan.data), "stages": plan.rows(),
+                                    "estimated_total_minutes": None if plan.total_seconds is None
+                                    else round(plan.total_seconds / 60, 2), "notes": plan.notes}, indent=2))
+        client.log_artifact(run_id, str(path))
+    if plan.total_seconds is not None:
+        client.log_metric(run_id, "planned_minutes", round(plan.total_seconds / 60, 2))
 
 
 def log_results(run_id: str, metrics: dict[str, float], files: list[Path]) -> None:

@@ -37,7 +37,7 @@ runner = CliRunner()
     ("self_train.threshold=0", ["self_train.threshold", "greater than 0"]),
     ("self_train.rounds=-1", ["self_train.rounds"]),
     ("self_train.method=mixmatch", ["self_train.method", "label_propagation", "fixmatch"]),
-    ("self_train.knn_k=100000", ["self_train.knn_k", "pool size"]),
+    ("self_train.images_seen=0", ["self_train.images_seen", "greater than or equal to 1"]),
 ])
 def test_run_rejects_bad_params_before_any_compute(project: Path, override: str, expected: list[str]):
     params_before = (project / "params.yaml").read_text()
@@ -54,7 +54,12 @@ def test_run_rejects_bad_params_before_any_compute(project: Path, override: str,
 def test_validate_accepts_good_overrides(project: Path):
     result = runner.invoke(app, ["validate", "--set", "pretrain.epochs=3", "--root", str(project)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["pretrain"]["epochs"] == 3
+    params_json, plan = result.output.split("\nplan: ", 1)
+    assert json.loads(params_json)["pretrain"]["epochs"] == 3
+    # The plan: the data's shape, then each training stage's steps and minutes from the probe.
+    assert "8x8x1 in 10 classes" in plan, plan
+    pretrain_line = next(line for line in plan.splitlines() if line.strip().startswith("pretrain"))
+    assert "3 passes" in pretrain_line and "min" in pretrain_line, plan
 
 
 def test_validate_rejects_a_mistyped_method_option_in_one_line(project: Path):

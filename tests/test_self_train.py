@@ -179,14 +179,16 @@ def test_bad_self_train_params_are_rejected_at_load(override, key):
     assert key in str(err.value)
 
 
-def test_knn_k_at_least_the_pool_size_is_rejected_before_any_compute():
+def test_knn_k_is_sized_to_the_pool_and_an_impossible_one_is_still_refused_by_the_library():
     from tasks.preflight import check_label_budget
+    from tasks.self_train import self_train_settings
 
     # digits: 1797 images, 20 % test, 10 val per class: the pool holds 1797 - 360 - 100 = 1337 images or so.
     params = parse_params({"data": {"source": "digits"}, "self_train": {"method": "label_propagation",
                                                                          "knn_k": 5000}})
-    with pytest.raises(ConfigError, match="self_train.knn_k"):
-        check_label_budget(params)
+    shape = check_label_budget(params)
+    settings = self_train_settings(params, shape.self_train_pool, shape.num_classes, shape.height)
+    assert settings.knn_k == shape.self_train_pool // (2 * shape.num_classes)
     with pytest.raises(ValueError, match="knn_k"):
         validate_settings(SelfTrainSettings(steps=("label_propagation",), knn_k=100), pool_size=100)
 
