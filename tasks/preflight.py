@@ -16,18 +16,20 @@ def check_label_budget(params: PipelineParams, root: Path | None = None) -> Data
     """Fail before any compute when the data cannot serve the params, with a UserError naming the fix; return
     the data's shape as the run will see it.
 
-    A label budget the classes cannot meet raises LabelBudgetError (from assign_splits), a method that cannot
+    A class without an image, or a source of one class, raises DataError (``check_classes``); a label budget
+    the classes cannot meet raises LabelBudgetError (from assign_splits), a method that cannot
     use these images MethodRequirementError. It lists the source without decoding a folder's images (file
     hashes from the cache of the project at ``root``) and writes nothing, so a bad budget leaves no partial
     outputs. Files that fail only when decoded are counted here; ingest, which drops them, checks the budget
     again.
     """
-    from ssl_lib.data.sources import RawDataset, load_source
+    from ssl_lib.data.sources import RawDataset, check_classes, load_source
     from ssl_lib.data.splits import assign_splits
     from tasks import paths
 
     data = params.data
     raw = load_source(data.source, data.path, cache_file=None if root is None else root / paths.SOURCE_HASH_CACHE)
+    check_classes(raw)  # before the budget: an empty class would only show up as a budget it cannot meet
     splits = assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class,
                            data.label_fraction, data.val_per_class, data.test_fraction, keys=raw.keys,
                            class_names=raw.class_names)

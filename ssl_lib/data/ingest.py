@@ -51,7 +51,7 @@ from .layout import (
     REPORT_FILE,
     read_manifest,
 )
-from .sources import FolderSource, RawDataset, SourceIndex, load_source
+from .sources import FolderSource, RawDataset, SourceIndex, check_classes, load_source
 from .splits import assign_splits, split_counts
 
 
@@ -414,6 +414,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     out = Path(out_dir)
     workers = workers or default_workers()
     loaded = load_source(source, path, image_size=image_size, cache_file=cache_file, workers=workers)
+    check_classes(loaded)
     previous = _read_previous(out)
     # Each image's row in the previous version (-1 if new): one lookup, used for its row, role, version and crossings.
     found = previous.find(loaded.identities) if previous is not None else np.full(len(loaded.source_ids), -1)
@@ -445,6 +446,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
             labels = raw.labels[kept]
             if not source_ids:
                 raise DataError(f"no readable images found under {path}; see the skipped files")
+            check_classes(raw, labels, [*raw.skipped, *pixels.failed])  # a class whose every file failed to decode
             splits = assign_splits(labels, raw.predefined_test[kept], *split_args,
                                    keys=None if raw.keys is None else keys,
                                    previous=_previous_roles(before, labels, previous, seed),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,46 @@ def load_digits() -> RawDataset:
 
 
 # --------------------------------------------------------------------------- folder
+
+def check_classes(source: SourceIndex, labels: np.ndarray | None = None,
+                  skipped: Sequence[tuple[str, str]] | None = None) -> None:
+    """Raise DataError unless the source has at least two classes and every class has an image.
+
+    A class without an image would still be a class of the model: it never learns it, class-balanced losses
+    divide by its zero count (NaN), and macro F1 averages it in. A source of one class would become a champion no
+    real model can be compared with. ``labels`` and ``skipped``: the images left once ingest dropped the files
+    that failed to decode, and every file left out (default: the source's own).
+    """
+    names = source.class_names
+    labels = source.labels if labels is None else labels
+    if len(names) == 1:
+        raise DataError(f"the source has one class ({names[0]!r}): a classifier needs at least two; put each "
+                        "class's images in its own sub-folder of data.path")
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))
+    empty = [names[c] for c in np.flatnonzero(counts == 0).tolist()]
+    if empty:
+        more = f" (so have {len(empty) - 1} more: {', '.join(map(repr, empty[1:]))})" if len(empty) > 1 else ""
+        reason = _empty_class_reason(source, empty[0], source.skipped if skipped is None else skipped)
+        raise DataError(f"class {empty[0]!r} has no usable image{more}: {reason}")
+
+
+def _empty_class_reason(source: SourceIndex, name: str, skipped: Sequence[tuple[str, str]]) -> str:
+    """Why a folder's class ``name`` has no image, and the fix."""
+    root = source.root if isinstance(source, FolderSource) else None
+    if root is None:
+        return "the source lists no image of it"
+    folders = [root / name, root / TEST_DIR / name]
+    if any(folder.is_symlink() for folder in folders):
+        # os.walk does not follow links to folders (a link to `.` would loop): the class's folder looks empty.
+        return f"data.path/{name} is a symbolic link, which is not followed; replace it with a real folder of images"
+    if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        return f"data.path/{name} is a folder named like an image file; rename it after its class, or remove it"
+    lost = [(rel, why) for rel, why in skipped if rel.startswith(f"{name}/") or rel.startswith(f"{TEST_DIR}/{name}/")]
+    if lost:
+        return (f"all {len(lost)} of its files are unusable ({lost[0][0]}: {lost[0][1]}); replace them, or remove "
+                f"data.path/{name}")
+    return f"its folder holds no image file; add images to data.path/{name}/ or remove the folder"
+
 
 def _class_dirs(directory: Path, reserved: set[str]) -> list[str]:
     if not directory.is_dir():
