@@ -21,6 +21,7 @@ from torch import nn
 from ssl_lib.acceleration import keep_freed_memory
 from ssl_lib.augment import nhwc_to_tensor, random_resized_crop, shift_flip
 from ssl_lib.device import select_device
+from ssl_lib.errors import TrainingDiverged
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
@@ -153,6 +154,7 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
         order = torch.randperm(n, generator=generator).to(x_train.device)
         loss_sum = torch.zeros((), device=x_train.device)
         correct = torch.zeros((), device=x_train.device, dtype=torch.long)
+        step_losses: list[torch.Tensor] = []
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             x = _augment(x_train[idx].float().div_(255.0), generator, settings)
@@ -166,6 +168,8 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
             scheduler.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y_train[idx]).sum()
+            step_losses.append(loss.detach())
+        _check_finite(loss_sum, step_losses, "linear-probe", epoch * steps_per_epoch, total, settings.lp_lr)
         if on_epoch is not None:
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
                                       "train_acc": int(correct) / n}
@@ -174,6 +178,22 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
                 record["val_loss"], record["val_acc"] = _evaluate(model, *val)
             record["seconds"] = time.perf_counter() - start
             on_epoch(record)
+
+
+def _check_finite(loss_sum: torch.Tensor, step_losses: list[torch.Tensor], phase: str, steps_before: int,
+                  total: int, lr: float) -> None:
+    """Raise TrainingDiverged if an epoch's loss is not finite, naming its first such step.
+
+    One look at the epoch's sum (a NaN or infinite step makes it so), once per epoch: no extra wait for the
+    device on every step. ``steps_before``: the steps of the earlier epochs. The caller knows which param set
+    ``lr`` (the SSL model's or the baseline's) and names it.
+    """
+    if bool(torch.isfinite(loss_sum)):
+        return
+    losses = torch.stack(step_losses).cpu()
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+    first = bad[0] if bad else len(losses) - 1  # finite steps whose sum overflowed: name the epoch's last
+    raise TrainingDiverged.at(phase, steps_before + first + 1, total, float(losses[first]), lr, None)
 
 
 def _evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> tuple[float, float]:
@@ -255,6 +275,7 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
             order = torch.randperm(n, generator=generator).to(device)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
+            step_losses: list[torch.Tensor] = []
             for step in range(steps_per_epoch):
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 if len(idx) < 2 and not linear:
@@ -269,6 +290,8 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
                 scheduler.step()
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == y_train[idx]).sum()
+                step_losses.append(loss.detach())
+            _check_finite(loss_sum, step_losses, "fine-tuning", epoch * steps_per_epoch, total, settings.lr)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
                                       "train_acc": int(correct) / n}
             if has_val:

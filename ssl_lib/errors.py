@@ -25,3 +25,17 @@ class LabelBudgetError(DataError):
 
 class MethodRequirementError(UserError):
     """The chosen method cannot train on this data or backbone (channels, image size, architecture)."""
+
+
+class TrainingDiverged(UserError):
+    """A training loss became NaN or infinite: the run stops there, and nothing it trained is kept or registered.
+
+    A user matter: the usual cause is a learning rate too high for the data and batch size, which the user sets.
+    """
+
+    @classmethod
+    def at(cls, phase: str, step: int, total: int, value: float, lr: float, key: str | None) -> TrainingDiverged:
+        """The error for ``phase``'s loss ``value`` at ``step`` (1-based) of ``total``; ``key`` is the param that
+        sets its learning rate ``lr`` (None: the caller names it)."""
+        return cls(f"the {phase} loss is {value} at step {step} of {total}: training diverged; lower "
+                   f"{key or 'the learning rate'} (now {lr:g}), or check the data for broken images")

@@ -28,7 +28,7 @@ from ssl_lib.checkpoint import TrainingState, load_state, run_fingerprint, save_
 from ssl_lib.device import select_device
 from ssl_lib.distributed import RankInfo, all_gather_objects, mean_across_ranks, rank_info
 from ssl_lib.engine import Engine, build_model, data_parallel, make_engine, train_step
-from ssl_lib.errors import DataError
+from ssl_lib.errors import DataError, TrainingDiverged
 from ssl_lib.methods import get_method
 from ssl_lib.pretrain_plan import PretrainSettings, subset_indices
 from ssl_lib.progress import progress_bar
@@ -217,6 +217,11 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                     on_step(done)
             seconds = time.perf_counter() - start
             losses = mean_across_ranks(torch.stack(epoch_losses).cpu())
+            # Checked once per epoch, on the losses already brought to the CPU: no extra wait for the device.
+            diverged = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+            if diverged:
+                raise TrainingDiverged.at("pretraining", epoch * steps_per_epoch + diverged[0] + 1, total_steps,
+                                          float(losses[diverged[0]]), settings.lr, "pretrain.lr")
             trainer.step_losses += losses.tolist()
             record: dict[str, Any] = {
                 "epoch": epoch + 1,

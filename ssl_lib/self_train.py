@@ -39,7 +39,7 @@ from ssl_lib.acceleration import keep_freed_memory
 from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
 from ssl_lib.classifier import Classifier
 from ssl_lib.device import select_device
-from ssl_lib.errors import ConfigError
+from ssl_lib.errors import ConfigError, TrainingDiverged
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
 from ssl_lib.sizing import self_train_steps
@@ -321,7 +321,11 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 optimizer.step()
                 scheduler.step()
                 ema.update_parameters(model)
-                sums["loss"] += float(loss.detach())
+                value = float(loss.detach())  # read every step already (the epoch's mean loss): checking it is free
+                if not math.isfinite(value):
+                    raise TrainingDiverged.at(f"self-training ({method}, round {tag['round']})", step + 1, total,
+                                              value, settings.lr, "self_train.lr")
+                sums["loss"] += value
                 sums["mask"] += float((weight > 0).float().mean())
                 done += 1
                 step += 1

@@ -18,6 +18,9 @@ log = logging.getLogger("sslpipe.finetune")
 
 # Listing requirements explicitly spares MLflow ~15 s of inferring them on every log_model call.
 MODEL_REQUIREMENTS = ["torch", "torchvision", "numpy"]
+# The params that set each model's learning rates (finetune_settings), named when its training diverges.
+_LR_KEYS = {"ssl": "finetune.lr, and finetune.lp_lr for the linear probe",
+            "baseline": "finetune.baseline_lr, or finetune.lr where it is null"}
 
 
 def load_encoder_info() -> tuple[dict, dict]:
@@ -39,6 +42,7 @@ def run(params: PipelineParams) -> dict:
 
     from ssl_lib.classifier import build_classifier, train_classifier
     from ssl_lib.data.prepared import load_prepared
+    from ssl_lib.errors import TrainingDiverged
     from ssl_lib.io import atomic_path, save_torch, write_json
     from tasks.tracking import stage_run
 
@@ -56,9 +60,12 @@ def run(params: PipelineParams) -> dict:
         for kind, state in (("ssl", encoder_state), ("baseline", None)):
             settings = finetune_settings(params, info["image_size"], baseline=kind == "baseline")
             model = build_classifier(**spec, encoder_state=state, seed=params.seed)
-            model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings,
-                                              on_epoch=_epoch_logger(f"{kind}_"),
-                                              on_lp_epoch=_epoch_logger(f"{kind}_lp_"))
+            try:
+                model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings,
+                                                  on_epoch=_epoch_logger(f"{kind}_"),
+                                                  on_lp_epoch=_epoch_logger(f"{kind}_lp_"))
+            except TrainingDiverged as err:  # the message names the phase and step; this, the model and its params
+                raise TrainingDiverged(f"{kind} classifier: {err} (set by {_LR_KEYS[kind]})") from None
             models[kind] = model.cpu().eval()
             with atomic_path(paths.FINETUNE_HISTORY[kind]) as tmp:
                 pd.DataFrame(history).to_csv(tmp, index=False)
