@@ -9,11 +9,13 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+
+from tasks.checkout_lock import hold_checkout
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Self-supervised pretraining pipeline: Prefect flows over DVC stages, tracked in MLflow.")
@@ -76,13 +78,16 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
     os.environ["SSLPIPE_ROOT"] = str(root)  # anchors the MLflow store at the project, wherever we run from
     configure_environment()
     started = time.perf_counter()
-    with _reported():
-        overrides = _parse_sets(set_)
-        params, _ = _validate(root, overrides)
-    from flows.pipeline import ssl_pipeline
+    with ExitStack() as held:
+        with _reported():
+            # First: a second run in this checkout stops here, before anything reads or writes params.yaml.
+            held.enter_context(hold_checkout(root))
+            overrides = _parse_sets(set_)
+            params, _ = _validate(root, overrides)
+        from flows.pipeline import ssl_pipeline
 
-    with _reported("pipeline failed: "):
-        summary = ssl_pipeline(overrides=overrides, root=str(root), force=force, save_experiment=not no_exp)
+        with _reported("pipeline failed: "):
+            summary = ssl_pipeline(overrides=overrides, root=str(root), force=force, save_experiment=not no_exp)
     _print_summary(summary, params, root, time.perf_counter() - started)
 
 
@@ -125,7 +130,7 @@ def stage(name: str = typer.Argument(..., help="ingest, pseudo_labels, pretrain,
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
-    with _reported():
+    with _reported(), hold_checkout(root):
         outcome = run_dvc_stage(name, root.resolve(), force=force)
     typer.echo(f"{name}: {'ran' if outcome.executed else 'up to date'} ({outcome.seconds:.1f} s)")
 
@@ -193,7 +198,7 @@ def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated m
 
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
-    with _reported():
+    with _reported(), hold_checkout(root):
         from flows.sweep import sweep_flow
 
         result = sweep_flow(dask_address)([m.strip() for m in methods.split(",") if m.strip()], _int_list(labels),

@@ -18,6 +18,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from flows.stages import StageOutcome, dvc_command, stage_server, stage_tasks, subprocess_env
 from tasks import paths
+from tasks.checkout_lock import hold_checkout
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
 from tasks.evaluate import RESULT_FILES, headline_metrics
@@ -95,73 +96,75 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     configure_environment()
     logger = get_run_logger()
     root_path = Path(root).resolve() if root else project_root()
-    shortcuts = {"pretrain.method": method, "pretrain.epochs": epochs, "data.labels_per_class": labels_per_class}
-    overrides = {**(overrides or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
-    if labels_per_class is not None:
-        overrides["data.label_fraction"] = None
-    params = apply_param_overrides(root_path / "params.yaml", overrides)
-    from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
-
-    plan, budget_overrides = plan_run(params, check_label_budget(params, root_path))
-    if budget_overrides:  # written like any override, so the stages, dvc.lock and MLflow record what ran
-        overrides = {**overrides, **budget_overrides}
+    # Before params.yaml is touched: a second run in this checkout stops here (tasks.checkout_lock).
+    with hold_checkout(root_path):
+        shortcuts = {"pretrain.method": method, "pretrain.epochs": epochs, "data.labels_per_class": labels_per_class}
+        overrides = {**(overrides or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
+        if labels_per_class is not None:
+            overrides["data.label_fraction"] = None
         params = apply_param_overrides(root_path / "params.yaml", overrides)
-    for line in plan.describe().splitlines():
-        logger.info(line)
+        from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
 
-    started = time.perf_counter()
-    flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
-    changes = param_changes(params, committed_params(root_path), fallback=overrides)
-    parent_id = open_parent_run(params, invocation=f"prefect-{flow_run_id}", owner="prefect",
-                                run_name=run_title(params, changes, flow_run.name or time.strftime("%H:%M:%S")),
-                                extra_tags={"prefect.flow_run_id": flow_run_id})
-    log_plan(parent_id, plan)
-    env = {PARENT_RUN_ENV: parent_id, PREFECT_RUN_ENV: flow_run_id, "SSLPIPE_ROOT": str(root_path)}
-    outcomes: list[StageOutcome] = []
-    exp_name = None
-    succeeded = False
-    try:
-        with stage_server(root_path) as server_env:
-            for stage_task in stage_tasks().values():
-                outcomes.append(stage_task(str(root_path), {**env, **server_env}, force=force))
-            if not outcomes[-1].executed:
-                # Nothing was re-evaluated: the parent run still carries the results it stands for.
-                metrics = json.loads((root_path / paths.METRICS).read_text())
-                log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
-            if save_experiment:
-                exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),
-                                               server_env)
-        succeeded = True
-    finally:
-        failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
+        plan, budget_overrides = plan_run(params, check_label_budget(params, root_path))
+        if budget_overrides:  # written like any override, so the stages, dvc.lock and MLflow record what ran
+            overrides = {**overrides, **budget_overrides}
+            params = apply_param_overrides(root_path / "params.yaml", overrides)
+        for line in plan.describe().splitlines():
+            logger.info(line)
 
-        def write_description() -> None:
-            tag_dataset_hash(parent_id)
-            describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
-                                skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
-                                failed_stage=failed, overrides=overrides,
-                                timing=plan_against_actual(plan, {o.stage: o.seconds for o in outcomes},
-                                                           time.perf_counter() - started))
+        started = time.perf_counter()
+        flow_run_id = str(flow_run.id) if flow_run.id else f"local-{time.time_ns()}"
+        changes = param_changes(params, committed_params(root_path), fallback=overrides)
+        parent_id = open_parent_run(params, invocation=f"prefect-{flow_run_id}", owner="prefect",
+                                    run_name=run_title(params, changes, flow_run.name or time.strftime("%H:%M:%S")),
+                                    extra_tags={"prefect.flow_run_id": flow_run_id})
+        log_plan(parent_id, plan)
+        env = {PARENT_RUN_ENV: parent_id, PREFECT_RUN_ENV: flow_run_id, "SSLPIPE_ROOT": str(root_path)}
+        outcomes: list[StageOutcome] = []
+        exp_name = None
+        succeeded = False
+        try:
+            with stage_server(root_path) as server_env:
+                for stage_task in stage_tasks().values():
+                    outcomes.append(stage_task(str(root_path), {**env, **server_env}, force=force))
+                if not outcomes[-1].executed:
+                    # Nothing was re-evaluated: the parent run still carries the results it stands for.
+                    metrics = json.loads((root_path / paths.METRICS).read_text())
+                    log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
+                if save_experiment:
+                    exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),
+                                                   server_env)
+            succeeded = True
+        finally:
+            failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
 
-        close_run(parent_id, succeeded, write_description)
+            def write_description() -> None:
+                tag_dataset_hash(parent_id)
+                describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
+                                    skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
+                                    failed_stage=failed, overrides=overrides,
+                                    timing=plan_against_actual(plan, {o.stage: o.seconds for o in outcomes},
+                                                               time.perf_counter() - started))
 
-    from mlflow import MlflowClient
+            close_run(parent_id, succeeded, write_description)
 
-    metrics = json.loads((root_path / paths.METRICS).read_text())
-    parent = MlflowClient().get_run(parent_id)
-    url, local_ui = run_url(parent_id, parent.info.experiment_id)
-    summary = {"mlflow_run_id": parent_id, "mlflow_run_name": parent.info.run_name, "mlflow_run_url": url,
-               "mlflow_local_ui": local_ui, "dvc_experiment": exp_name, "metrics": metrics,
-               "stages": [_stage_row(o) for o in outcomes]}
-    create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
-    create_markdown_artifact(key="pipeline-result", markdown=_result_markdown(parent, url, local_ui, exp_name),
-                             description="Test accuracies, the MLflow run and the DVC experiment")
-    create_link_artifact(key="pipeline-mlflow-run", link=url, link_text=f"MLflow run {parent.info.run_name}",
-                         description="The MLflow parent run of this flow run" + (LOCAL_UI_NOTE if local_ui else ""))
-    logger.info("baseline %.4f, SSL %.4f%s; MLflow run %s", metrics["baseline"]["accuracy"],
-                metrics["ssl"]["accuracy"], f", SSL + self-training {metrics['self_train']['accuracy']:.4f}"
-                if "self_train" in metrics else "", url)
-    return summary
+        from mlflow import MlflowClient
+
+        metrics = json.loads((root_path / paths.METRICS).read_text())
+        parent = MlflowClient().get_run(parent_id)
+        url, local_ui = run_url(parent_id, parent.info.experiment_id)
+        summary = {"mlflow_run_id": parent_id, "mlflow_run_name": parent.info.run_name, "mlflow_run_url": url,
+                   "mlflow_local_ui": local_ui, "dvc_experiment": exp_name, "metrics": metrics,
+                   "stages": [_stage_row(o) for o in outcomes]}
+        create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
+        create_markdown_artifact(key="pipeline-result", markdown=_result_markdown(parent, url, local_ui, exp_name),
+                                 description="Test accuracies, the MLflow run and the DVC experiment")
+        create_link_artifact(key="pipeline-mlflow-run", link=url, link_text=f"MLflow run {parent.info.run_name}",
+                             description="The MLflow parent run of this flow run" + (LOCAL_UI_NOTE if local_ui else ""))
+        logger.info("baseline %.4f, SSL %.4f%s; MLflow run %s", metrics["baseline"]["accuracy"],
+                    metrics["ssl"]["accuracy"], f", SSL + self-training {metrics['self_train']['accuracy']:.4f}"
+                    if "self_train" in metrics else "", url)
+        return summary
 
 
 def _result_markdown(parent: Any, url: str, local_ui: bool, exp_name: str | None) -> str:

@@ -29,6 +29,7 @@ from flows.stages import (
     subprocess_env,
     user_error_from,
 )
+from tasks.checkout_lock import hold_checkout
 from tasks.environment import configure_environment, project_root
 from tasks.evaluate import headline_metrics
 
@@ -198,33 +199,35 @@ def sweep(methods: list[str], labels_per_class: list[int], seeds: list[int] = (0
     configure_environment()
     logger = get_run_logger()
     root_path = Path(root).resolve() if root else project_root()
-    points = [SweepPoint(m, int(n), int(s)) for m, n, s in itertools.product(methods, labels_per_class, seeds)]
-    if not points:
-        raise ConfigError("the sweep grid is empty: give at least one method, label budget and seed")
-    raw = read_raw_params(root_path / "params.yaml")
-    for point in points:  # every point is validated before the first one runs
-        check_label_budget(parse_params(apply_overrides(raw, point.overrides), origin=f"sweep point {point}"),
-                           root_path)
-    if workers > 1 and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
-        raise ConfigError("parallel sweep points need an MLflow tracking server (SQLite takes one writer): "
-                          "start `mlflow server` and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000, or use workers=1")
-    sweep_id = time.strftime("sweep%Y%m%d-%H%M%S")
-    logger.info("sweep %s: %d points, %d worker(s)", sweep_id, len(points), workers)
-    rows = []
-    for start in range(0, len(points), max(1, workers)):  # at most `workers` DVC temp runs at a time
-        futures = [run_point.submit(p, str(root_path), sweep_id, experiment) for p in points[start:start + workers]]
-        rows += [f.result() for f in futures]
+    with hold_checkout(root_path):  # one run per checkout (tasks.checkout_lock)
+        points = [SweepPoint(m, int(n), int(s)) for m, n, s in itertools.product(methods, labels_per_class, seeds)]
+        if not points:
+            raise ConfigError("the sweep grid is empty: give at least one method, label budget and seed")
+        raw = read_raw_params(root_path / "params.yaml")
+        for point in points:  # every point is validated before the first one runs
+            check_label_budget(parse_params(apply_overrides(raw, point.overrides), origin=f"sweep point {point}"),
+                               root_path)
+        if workers > 1 and not os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
+            raise ConfigError("parallel sweep points need an MLflow tracking server (SQLite takes one writer): "
+                              "start `mlflow server` and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000, "
+                              "or use workers=1")
+        sweep_id = time.strftime("sweep%Y%m%d-%H%M%S")
+        logger.info("sweep %s: %d points, %d worker(s)", sweep_id, len(points), workers)
+        rows = []
+        for start in range(0, len(points), max(1, workers)):  # at most `workers` DVC temp runs at a time
+            futures = [run_point.submit(p, str(root_path), sweep_id, experiment) for p in points[start:start + workers]]
+            rows += [f.result() for f in futures]
 
-    table = pd.DataFrame(rows).sort_values(["method", "labels_per_class", "seed"]).reset_index(drop=True)
-    out_dir = root_path / output_dir / sweep_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from ssl_lib.io import atomic_path
+        table = pd.DataFrame(rows).sort_values(["method", "labels_per_class", "seed"]).reset_index(drop=True)
+        out_dir = root_path / output_dir / sweep_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from ssl_lib.io import atomic_path
 
-    with atomic_path(out_dir / "table.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    label_efficiency_plot(table, out_dir / "label_efficiency.png")
-    create_table_artifact(key="sweep-results", table=json.loads(table.to_json(orient="records")),
-                          description=f"Sweep {sweep_id}: SSL against the supervised baseline")
-    logger.info("sweep table: %s", out_dir / "table.csv")
-    return {"sweep_id": sweep_id, "table": str(out_dir / "table.csv"),
-            "plot": str(out_dir / "label_efficiency.png"), "rows": rows}
+        with atomic_path(out_dir / "table.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        label_efficiency_plot(table, out_dir / "label_efficiency.png")
+        create_table_artifact(key="sweep-results", table=json.loads(table.to_json(orient="records")),
+                              description=f"Sweep {sweep_id}: SSL against the supervised baseline")
+        logger.info("sweep table: %s", out_dir / "table.csv")
+        return {"sweep_id": sweep_id, "table": str(out_dir / "table.csv"),
+                "plot": str(out_dir / "label_efficiency.png"), "rows": rows}

@@ -1,0 +1,63 @@
+"""One run per checkout at a time (issue #28): a second `sslpipe run`, `sweep` or `stage` in a checkout another
+process holds stops at once, before it touches params.yaml, with one line saying which run holds it; the lock
+goes with its process, however that process ends."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.checkout_lock import CheckoutBusy, hold_checkout, lock_path
+from tests.conftest import REPO, run_cmd
+
+runner = CliRunner()
+
+_HOLDER = """
+import sys, time
+from tasks.checkout_lock import hold_checkout
+with hold_checkout(sys.argv[1], "sslpipe run --set seed=4"):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.fixture()
+def held(project: Path):
+    """Another process holding ``project``'s checkout, as a run in progress would."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(project)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("command", [["run", "--set", "seed=5"], ["sweep", "--methods", "rotation", "--labels", "1"],
+                                     ["stage", "ingest"]])
+def test_a_second_run_stops_before_touching_params(project: Path, held: subprocess.Popen, command: list[str]):
+    params_before = (project / "params.yaml").read_bytes()
+    result = runner.invoke(app, [*command, "--root", str(project)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1, result.output
+    for fragment in (f"pid {held.pid}", "`sslpipe run --set seed=4`", "since ", "another clone"):
+        assert fragment in result.output, (fragment, result.output)
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert not (project / "mlflow.db").exists() and not (project / "data").exists()
+
+
+def test_the_lock_dies_with_its_process_and_stays_out_of_git(project: Path, held: subprocess.Popen):
+    with pytest.raises(CheckoutBusy):
+        with hold_checkout(project):
+            pass
+    os.kill(held.pid, signal.SIGKILL)
+    held.wait()
+    with hold_checkout(project):  # no stale lock to clean up
+        with hold_checkout(project):  # the same process may enter again (a flow inside a command)
+            assert lock_path(project).is_file()
+    assert run_cmd(["git", "status", "--porcelain"], project).stdout == ""  # .dvc/tmp is git-ignored
