@@ -40,15 +40,25 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory; it replaces ``path`` as a whole only if the block succeeds."""
+def atomic_dir(path: str | os.PathLike[str], keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory; it replaces ``path`` as a whole only if the block succeeds.
+
+    ``keep``: files of the replaced directory that the block does not write (a tracked ``.gitignore`` beside DVC
+    outputs), copied into the new one before the swap, so that no kill ever leaves them deleted. What a killed
+    process left behind is put right first (``recover_dir``).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    recover_dir(target)
+    # The pid in the name tells a later process whether its owner is still alive (recover_dir).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        for name in keep:
+            if (target / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(target / name, tmp / name)
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = _old_dir(target)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             try:
@@ -62,6 +72,36 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _old_dir(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old")
+
+
+def recover_dir(path: str | os.PathLike[str]) -> None:
+    """Undo what a killed ``atomic_dir`` of ``path`` left: the previous version back in place if the kill came
+    between the two renames of the swap, and the temporary directories of dead processes removed."""
+    target = Path(path)
+    old = _old_dir(target)
+    if old.is_dir():
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)  # killed after the swap, before the clean-up
+        else:
+            os.replace(old, target)  # killed between the renames: the previous version is whole
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        pid = stale.name.removeprefix(f".{target.name}.").split(".", 1)[0]
+        if stale.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

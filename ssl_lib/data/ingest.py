@@ -18,7 +18,10 @@ rows appended to its images.npy are cut off again (``_restored_on_failure``). If
 previous version stays readable as it was: appended rows lie past the rows its header counts, which every
 reader ignores and the next ingest cuts off. Only a kill within the commit itself (``_commit``: one header write,
 then the directory swap) can leave the previous manifest with an images.npy counting more rows; readers then
-refuse it and the next ingest builds on its first rows.
+refuse it and the next ingest builds on its first rows. What a kill leaves beside the directory (the temporary
+one, or the previous version moved aside within the swap) the next ingest puts right first (``io.recover_dir``),
+and the files of the directory that ingest does not write (DVC's tracked .gitignore) pass into each new version
+before the swap, so git sees no change once an ingest has run.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_dir
+from ..io import atomic_dir, recover_dir
 from . import image_file
 from .errors import DataError
 from .files import default_workers
@@ -412,6 +415,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
     or test folder does that).
     """
     out = Path(out_dir)
+    recover_dir(out)  # a killed ingest's leftovers, before the previous version is read
     workers = workers or default_workers()
     loaded = load_source(source, path, image_size=image_size, cache_file=cache_file, workers=workers)
     check_classes(loaded)
@@ -432,7 +436,7 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
                             previous=_previous_roles(before, raw.labels, previous, seed), class_names=raw.class_names)
     planned_counted = _counted(planned)
 
-    with _restored_on_failure(previous, in_place), atomic_dir(out) as tmp:
+    with _restored_on_failure(previous, in_place), atomic_dir(out, keep=(".gitignore",)) as tmp:
         # mkdtemp makes the directory 0700; give it normal permissions so others can read it.
         os.chmod(tmp, 0o755)
         pixels = _write_pixels(tmp / IMAGES_FILE, raw, previous, old_rows, in_place, workers, planned_counted)
