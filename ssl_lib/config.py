@@ -8,28 +8,49 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ssl_lib.errors import ConfigError
 
 SOURCES = ("fashion-mnist", "digits", "folder")
 
 
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"Input should be a number, not a boolean (got {value!r})")
+    return value
+
+
+# A float param takes what YAML writes for a number (an int, a float, or PyYAML's string for `1e-3`), never a
+# boolean: `lr: true` is a mistake, not 1.0.
+Number = Annotated[float, Field(strict=False), BeforeValidator(_not_a_bool)]
+
+
 class _Section(BaseModel):
-    # forbid: a typo such as `pretrain.epoch` must fail loudly, not be silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # forbid: a typo such as `pretrain.epoch` must fail loudly, not be silently ignored. strict: an int param takes
+    # an integer and a bool param a boolean, never each other (`pretrain.epochs=true` is not 1 epoch), nor a string
+    # or a fractional number; float params are Number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(_Section):
     source: Literal["fashion-mnist", "digits", "folder"] = "fashion-mnist"
     path: str | None = None
     labels_per_class: int | None = Field(default=10, ge=1)
-    label_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    label_fraction: Number | None = Field(default=None, gt=0.0, le=1.0)
     val_per_class: int = Field(default=10, ge=0)
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    test_fraction: Number = Field(default=0.2, gt=0.0, lt=1.0)
     # Decoding processes for a folder source; None = one per core. Not a dependency of ingest (dvc.yaml): the
     # output is the same with any number.
     workers: int | None = Field(default=None, ge=1)
@@ -58,8 +79,8 @@ class PretrainParams(_Section):
     max_epochs: int = Field(default=100, ge=1)
     epochs: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=2)
-    lr: float = Field(default=3e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
+    lr: Number = Field(default=3e-3, gt=0)
+    weight_decay: Number = Field(default=1e-4, ge=0)
     max_images: int | None = Field(default=None, ge=2)
     device: str = "auto"
     # Hyper-parameters per method, keyed by method name, so switching `method` picks that method's own
@@ -147,15 +168,15 @@ class FinetuneParams(_Section):
     epochs: int = Field(default=100, ge=1)
     # >= 2 as train_classifier demands (BatchNorm needs two images a batch): caught here, before any compute.
     batch_size: int = Field(default=64, ge=2)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=1e-4, ge=0)
+    lr: Number = Field(default=1e-3, gt=0)
+    weight_decay: Number = Field(default=1e-4, ge=0)
     augment: bool = True
-    encoder_lr_mult: float = Field(default=1.0, gt=0)
+    encoder_lr_mult: Number = Field(default=1.0, gt=0)
     head_init: Literal["random", "prototype"] = "prototype"
     lp_epochs: int = Field(default=50, ge=0)
-    lp_lr: float = Field(default=1e-2, gt=0)
+    lp_lr: Number = Field(default=1e-2, gt=0)
     baseline_epochs: int | None = Field(default=None, ge=1)
-    baseline_lr: float | None = Field(default=None, gt=0)
+    baseline_lr: Number | None = Field(default=None, gt=0)
     device: str = "auto"
     registered_model_name: str = Field(default="ssl-pipeline-classifier", min_length=1)
 
@@ -170,19 +191,19 @@ class SelfTrainParams(_Section):
     # Compute, not passes (ssl_lib.sizing): pool images seen in all rounds and methods together; the passes
     # per method and round follow from the pool's size, at most max_epochs. An explicit epochs overrides it.
     images_seen: int = Field(default=240_000, ge=1)
-    max_epochs: float = Field(default=20.0, gt=0)
-    epochs: float | None = Field(default=None, gt=0)
+    max_epochs: Number = Field(default=20.0, gt=0)
+    epochs: Number | None = Field(default=None, gt=0)
     batch_size: int = Field(default=256, ge=2)
     labeled_batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=4e-3, gt=0)
-    weight_decay: float = Field(default=5e-4, ge=0)
-    unlabeled_weight: float = Field(default=1.0, ge=0)
-    ema_decay: float = Field(default=0.99, ge=0, lt=1)
-    threshold: float = Field(default=0.95, gt=0, le=1)
+    lr: Number = Field(default=4e-3, gt=0)
+    weight_decay: Number = Field(default=5e-4, ge=0)
+    unlabeled_weight: Number = Field(default=1.0, ge=0)
+    ema_decay: Number = Field(default=0.99, ge=0, lt=1)
+    threshold: Number = Field(default=0.95, gt=0, le=1)
     distribution_alignment: bool = True
-    temperature: float = Field(default=1.0, gt=0)
+    temperature: Number = Field(default=1.0, gt=0)
     knn_k: int = Field(default=10, ge=1)
-    alpha: float = Field(default=0.99, gt=0, lt=1)
+    alpha: Number = Field(default=0.99, gt=0, lt=1)
     balance: bool = True
     whiten: bool = True
     bn_recalibration: int = Field(default=40, ge=0)
@@ -211,14 +232,14 @@ class EvaluateParams(_Section):
     knn_k: int = Field(default=20, ge=1)
     # The champion rule (README): a new model version takes the `champion` alias when its test accuracy beats the
     # champion's, on the same test split, by more than this.
-    champion_margin: float = Field(default=0.005, ge=0, lt=1)
+    champion_margin: Number = Field(default=0.005, ge=0, lt=1)
 
 
 class PlanParams(_Section):
     # A wall-clock budget for the whole run, in minutes: `sslpipe run` scales the pretraining and self-training
     # budgets down to fit it before any compute (ssl_lib.plan), from a timed probe of the real steps. No stage
     # reads this section: the scaled budgets are what the run records and DVC tracks.
-    budget_minutes: float | None = Field(default=None, gt=0)
+    budget_minutes: Number | None = Field(default=None, gt=0)
     probe: bool = True  # time a few real steps to estimate minutes per stage (off: steps only)
 
 
@@ -244,7 +265,7 @@ def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tupl
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = _unknown_key_message(loc)
-        elif e["type"] in ("literal_error", "model_type") or e["type"].endswith("_parsing"):
+        elif e["type"] in ("literal_error", "model_type") or e["type"].endswith(("_parsing", "_type")):
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  - {key}: {msg}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ runner = CliRunner()
 @pytest.mark.parametrize("override, expected", [
     ("pretrain.epoch=3", ["pretrain.epoch", "unknown key"]),
     ("pretrain.epochs=many", ["pretrain.epochs", "integer"]),
+    ("pretrain.epochs=true", ["pretrain.epochs", "valid integer (got True)"]),  # not 1 epoch (issue #28)
     ("pretrain.method=sift", ["pretrain.method", "unknown method 'sift'", "rotation", "simclr"]),
     ("pretrain.backbone=vgg", ["pretrain.backbone", "convnet"]),
     ("pretrain.options={bogus: {x: 1}}", ["bogus", "allowed", "simclr"]),
