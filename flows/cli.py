@@ -73,6 +73,7 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
         root: Path = typer.Option(Path("."), help="Project root (where dvc.yaml and params.yaml are).")) -> None:
     """Run the whole pipeline as a Prefect flow and print both test accuracies."""
     from tasks.environment import configure_environment
+    from tasks.tracking import check_store_writable
 
     root = root.resolve()
     os.environ["SSLPIPE_ROOT"] = str(root)  # anchors the MLflow store at the project, wherever we run from
@@ -84,6 +85,7 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
             held.enter_context(hold_checkout(root))
             overrides = _parse_sets(set_)
             params, _ = _validate(root, overrides)
+            check_store_writable()
         from flows.pipeline import ssl_pipeline
 
         with _reported("pipeline failed: "):
@@ -195,10 +197,12 @@ def sweep(methods: str = typer.Option("rotation,simclr", help="Comma-separated m
           root: Path = typer.Option(Path("."), help="Project root.")) -> None:
     """Run a grid of DVC experiments; write a comparison table and a label-efficiency plot."""
     from tasks.environment import configure_environment
+    from tasks.tracking import check_store_writable
 
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
     with _reported(), hold_checkout(root):
+        check_store_writable()
         from flows.sweep import sweep_flow
 
         result = sweep_flow(dask_address)([m.strip() for m in methods.split(",") if m.strip()], _int_list(labels),

@@ -29,6 +29,7 @@ from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
     PREFECT_RUN_ENV,
+    check_store_writable,
     close_run,
     describe_parent_run,
     log_plan,
@@ -98,6 +99,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     root_path = Path(root).resolve() if root else project_root()
     # Before params.yaml is touched: a second run in this checkout stops here (tasks.checkout_lock).
     with hold_checkout(root_path):
+        check_store_writable()
         shortcuts = {"pretrain.method": method, "pretrain.epochs": epochs, "data.labels_per_class": labels_per_class}
         overrides = {**(overrides or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
         if labels_per_class is not None:

@@ -47,22 +47,25 @@ class StageOutcome:
 
 
 class StageFailed(RuntimeError):
-    """A DVC stage exited non-zero for a reason other than a user mistake: a bug or a transient failure."""
+    """A DVC stage exited non-zero for a reason other than a user mistake: a bug or a transient failure.
 
-    def __init__(self, stage: str, returncode: int, tail: str) -> None:
-        self.stage, self.returncode, self.tail = stage, returncode, tail
+    ``retry``: whether a retry may help; not for a crash its report says would only repeat (a full disk).
+    """
+
+    def __init__(self, stage: str, returncode: int, tail: str, retry: bool = True) -> None:
+        self.stage, self.returncode, self.tail, self.retry = stage, returncode, tail, retry
         super().__init__(f"stage {stage!r} failed (dvc exit {returncode}):\n{tail}")
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Task runners (Dask, process pools) pickle a task's exception; rebuild it from its fields.
-        return type(self), (self.stage, self.returncode, self.tail)
+        return type(self), (self.stage, self.returncode, self.tail, self.retry)
 
 
 class StageUserError(StageFailed):
     """The stage stopped on a user mistake (its ``UserError``): a retry cannot fix it; the message says what can."""
 
     def __init__(self, stage: str, returncode: int, tail: str, kind: str, message: str) -> None:
-        super().__init__(stage, returncode, tail)
+        super().__init__(stage, returncode, tail, retry=False)
         self.kind, self.message = kind, message
         self.args = (f"{stage}: {message}",)
 
@@ -140,6 +143,14 @@ def user_error_from(report: dict[str, Any] | None, stage: str, returncode: int, 
     return StageUserError((report or {}).get("stage", stage), returncode, tail, error["kind"], error["message"])
 
 
+def stage_failure(report: dict[str, Any] | None, stage: str, returncode: int, tail: str) -> StageFailed:
+    """The error for a failed stage: its user error when it stopped on one, else a crash, which may be retried
+    unless its report says a retry would only repeat it."""
+    crash = (report or {}).get("crash") or {}
+    return user_error_from(report, stage, returncode, tail) or StageFailed(stage, returncode, tail,
+                                                                         retry=crash.get("retry", True))
+
+
 def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = None, force: bool = False,
                   echo: Callable[[str], None] = print) -> StageOutcome:
     """``dvc repro --single-item STAGE`` (ingest: ``dvc repro ingest``, with the fingerprint stage before it): DVC
@@ -166,7 +177,7 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
         report = read_stage_report(report_path)
     if returncode != 0:
         tail = "\n".join(lines[-40:])
-        raise user_error_from(report, stage, returncode, tail) or StageFailed(stage, returncode, tail)
+        raise stage_failure(report, stage, returncode, tail)
     if report is None or report.get("stage") != stage:
         # DVC found the stage up to date (or restored it from its run cache); only the fingerprint may have run.
         return StageOutcome(stage=stage, executed=False, seconds=seconds)
@@ -179,11 +190,16 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect retry condition: retry a failure unless it is a user mistake, which a retry cannot fix."""
     from ssl_lib.errors import UserError
+    from tasks.common import NO_RETRY_ERRNOS
 
     try:
         state.result()
     except (StageUserError, UserError):
         return False
+    except StageFailed as err:
+        return err.retry
+    except OSError as err:  # in the flow's own process: a full disk stays full
+        return err.errno not in NO_RETRY_ERRNOS
     except Exception:
         return True
     return False

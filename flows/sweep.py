@@ -26,6 +26,7 @@ from flows.stages import (
     dvc_command,
     read_stage_report,
     retry_unless_user_error,
+    stage_failure,
     subprocess_env,
     user_error_from,
 )
@@ -80,6 +81,8 @@ def _point_failure(name: str, returncode: int, output: str, report_path: Path) -
     """The error for a failed ``dvc exp run``: the stage's own user error when it stopped on one, else a crash."""
     tail = output[-3000:]
     report = read_stage_report(report_path)
+    if ((report or {}).get("crash") or {}).get("retry") is False:  # a full disk: the point's retry would repeat it
+        return stage_failure(report, name, returncode, tail)
     return user_error_from(report, name, returncode, tail) or RuntimeError(f"dvc exp run {name} failed:\n{tail}")
 
 

@@ -6,6 +6,7 @@ built in ``flows.stages``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from tasks import stage_server
 from tasks.environment import configure_environment
 
 USER_ERROR_EXIT = 2
+# Failures a retry would only repeat: a full disk (or quota) stays full until someone frees space.
+NO_RETRY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "evaluate")
 # Where the runner (flows.stages) wants this stage's report: that it ran, its timings, its user error if any.
 STAGE_REPORT_ENV = "SSLPIPE_STAGE_REPORT"
@@ -76,4 +79,9 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
         _write_report({**report, "user_error": {"kind": type(err).__name__, "message": str(err)}})
         print(f"sslpipe {stage}: error: {err}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+    except OSError as err:
+        if err.errno in NO_RETRY_ERRNOS:  # still a crash with its traceback, but the runner must not retry it
+            _write_report({**report, "crash": {"kind": type(err).__name__, "errno": errno.errorcode[err.errno],
+                                               "retry": False}})
+        raise
     _write_report({**report, "work_ended": time.time()})

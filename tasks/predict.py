@@ -5,6 +5,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -108,6 +109,16 @@ def _check_fits(loaded: LoadedModel, images: np.ndarray, source: str) -> None:
                         "this data, or pass a folder of images instead of a split")
 
 
+def _nothing_to_predict(source: str) -> NoReturn:
+    from ssl_lib.data.files import IMAGE_EXTENSIONS
+    from ssl_lib.errors import DataError
+
+    if source.startswith(SPLIT_PREFIX):
+        raise DataError(f"{source}: the split holds no image; pick another (split:test, split:val, ...)")
+    raise DataError(f"{source} holds no image file ({', '.join(sorted(IMAGE_EXTENSIONS))}, in it or any "
+                    "sub-folder): nothing to predict; point it at a folder of images or an image file")
+
+
 def split_accuracy(model_uri: str, prepared_dir: str | Path = paths.PREPARED, split: str = "test",
                    batch_size: int = 512) -> float:
     """Accuracy of a registered model on a split of the prepared data (DataError when it was trained for other
@@ -136,6 +147,8 @@ def predict(source: str, model_uri: str, output: str | Path, prepared_dir: str |
 
     loaded = load_model(model_uri)
     ids, images, failed = _source_images(source, loaded, Path(prepared_dir))
+    if not ids and not failed:  # an empty CSV and "wrote 0 predictions" would pass for a result
+        _nothing_to_predict(source)
     _check_fits(loaded, images, source)
     probs = _probabilities(loaded.model, images, batch_size, len(loaded.class_names))
     table = pd.DataFrame({"id": ids, "predicted_class": [loaded.class_names[i] for i in probs.argmax(1)],

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ssl_lib.config import PipelineParams
+from ssl_lib.errors import UserError
 from tasks import stage_server
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
@@ -47,6 +48,35 @@ FINAL_CHOICE_TAG = "sslpipe.final_model"  # on a parent run: which candidate bec
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` (mlflow ui) serves a local store
 
 
+class StoreNotWritable(UserError):
+    """The MLflow store is a local SQLite file this process cannot write; the message names it and the fix."""
+
+
+def check_store_writable() -> None:
+    """Raise StoreNotWritable when the tracking store is a local SQLite file that cannot be written.
+
+    Checked before a run starts and by each stage before its first MLflow call: MLflow would otherwise fail at
+    its first write, with a traceback from every stage and retry. A server (or any other store) reports its own
+    errors.
+    """
+    configure_environment()
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    folder = path.parent
+    if not folder.is_dir():
+        problem = f"its folder {folder} does not exist"
+    elif path.exists() and not os.access(path, os.W_OK):
+        problem = "the file is read-only"
+    elif not os.access(folder, os.W_OK):  # SQLite writes its journal beside the database
+        problem = f"its folder {folder} is read-only"
+    else:
+        return
+    raise StoreNotWritable(f"the MLflow store {path} cannot be written ({problem}): make it writable (e.g. "
+                           f"chmod u+w {path} {folder}), or point MLFLOW_TRACKING_URI at a store you can write")
+
+
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
@@ -61,7 +91,7 @@ def experiment_id(name: str | None = None) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    configure_environment()
+    check_store_writable()  # configures the environment too
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     name = name or experiment_name()
     experiment = mlflow.get_experiment_by_name(name)
