@@ -90,11 +90,12 @@ def recover_dir(path: str | os.PathLike[str]) -> None:
             os.replace(old, target)  # killed between the renames: the previous version is whole
     for stale in target.parent.glob(f".{target.name}.*.tmp"):
         pid = stale.name.removeprefix(f".{target.name}.").split(".", 1)[0]
-        if stale.is_dir() and not (pid.isdigit() and _alive(int(pid))):
+        if stale.is_dir() and not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this machine) still runs."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

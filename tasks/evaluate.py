@@ -163,7 +163,14 @@ def _record_on_registry(params: PipelineParams, name: str, version: str, metrics
     import mlflow
     from mlflow import MlflowClient
 
-    from tasks.registry import apply_champion_rule, describe_version, logged_model_id, record_metrics
+    from tasks.registry import (
+        STATUS_TAG,
+        apply_champion_rule,
+        describe_version,
+        logged_model_id,
+        record_metrics,
+        tag_version,
+    )
     from tasks.run_summary import label_budget
     from tasks.tracking import MODEL_TAG
 
@@ -187,6 +194,7 @@ def _record_on_registry(params: PipelineParams, name: str, version: str, metrics
         client.set_tag(parent_id, MODEL_TAG, f"`{name}` v{version}, {decision.text}")
         if decision.champion_accuracy is not None:
             client.log_metric(parent_id, "champion_test_accuracy", decision.champion_accuracy)
+    tag_version(name, version, {STATUS_TAG: "evaluated"})  # last: until here a retry redoes every step above
 
 
 def _in_registry(registered: dict) -> bool:

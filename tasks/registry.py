@@ -7,6 +7,7 @@ when its test accuracy beats the champion's by more than ``evaluate.champion_mar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ CHAMPION = "champion"
 DECISION_TAG = "champion_decision"
 ACCURACY_TAG = "test_accuracy"
 CHAMPION_ACCURACY_TAG = "champion_test_accuracy"
+# Where a version stands: "pending" from its registration (self_train) until the evaluate stage has recorded its
+# scores and decision ("evaluated"); "abandoned" once the run that registered it is known to have been killed.
+STATUS_TAG = "sslpipe.status"
 
 
 @dataclass(frozen=True)
@@ -131,13 +135,37 @@ def apply_champion_rule(name: str, version: str, accuracy: float, margin: float,
         except UserError as err:
             why = str(err).split("\n")[0]
     decision = decide(version, accuracy, champion, champion_accuracy, margin, why)
-    if decision.promoted:
-        MlflowClient().set_registered_model_alias(name, CHAMPION, version)
     tags = {ACCURACY_TAG: f"{accuracy:.6f}"}
     if champion != version:  # re-evaluating the champion itself keeps the decision that made it one
         tags[DECISION_TAG] = decision.text
         if champion_accuracy is not None:
             tags[CHAMPION_ACCURACY_TAG] = f"{champion_accuracy:.6f}"
+    elif current is not None and current.tags.get(DECISION_TAG):
+        # Also what a retry finds after a kill just after the alias moved: say how it became the champion.
+        decision = dataclasses.replace(decision, text=f"{decision.text}; it became the champion as "
+                                                      f"{current.tags[DECISION_TAG]}")
+    # The tags before the alias: a kill between the two leaves a version whose tags say what was decided, which
+    # a retry decides again and completes; a champion never lacks the decision that made it one.
     tag_version(name, version, tags)
+    if decision.promoted:
+        MlflowClient().set_registered_model_alias(name, CHAMPION, version)
     log.info("%s v%s: %s", name, version, decision.text)
     return decision
+
+
+def abandon_versions_of(run_id: str) -> list[tuple[str, str]]:
+    """Mark the versions registered by ``run_id`` (a killed run) that were never evaluated as abandoned, so that
+    no READY version without scores passes for a finished one; return them as (name, version)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    abandoned = []
+    for found in client.search_model_versions(f"run_id = '{run_id}'"):
+        if found.tags.get(STATUS_TAG) == "evaluated" or ACCURACY_TAG in found.tags:
+            continue
+        client.set_model_version_tag(found.name, found.version, STATUS_TAG, "abandoned")
+        client.update_model_version(found.name, found.version, description=(
+            f"Abandoned: the run that registered it ({run_id}) was killed before the evaluate stage scored it. "
+            "Not a candidate for champion; a rerun registers a new version."))
+        abandoned.append((found.name, str(found.version)))
+    return abandoned

@@ -36,7 +36,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.self_train import SELECTION_RULE, self_train
     from tasks.finetune import log_classifier
-    from tasks.registry import provenance, tag_version
+    from tasks.registry import STATUS_TAG, provenance, tag_version
     from tasks.tracking import stage_run
 
     section = {"seed": params.seed, "self_train": params.self_train.model_dump()}
@@ -107,7 +107,8 @@ def run(params: PipelineParams) -> dict:
         registered = log_classifier(model, train_x[:4], params.finetune.registered_model_name,
                                     class_names=data.class_names, model_params=trained_from)
         if registered["version"]:
-            tag_version(registered["name"], registered["version"], trained_from)
+            # pending until the evaluate stage records its scores (tasks.registry.STATUS_TAG)
+            tag_version(registered["name"], registered["version"], {STATUS_TAG: "pending", **trained_from})
         # What this model has seen (digests of every non-test image's key): the record that lets anyone check
         # a comparison with another model was made on images neither has seen.
         import tempfile

@@ -46,6 +46,10 @@ DESCRIPTION_TAG = "mlflow.note.content"  # what the run page shows as the run's 
 MODEL_TAG = "sslpipe.model"  # on a parent run: the registered version and its champion decision, in words
 FINAL_CHOICE_TAG = "sslpipe.final_model"  # on a parent run: which candidate became the final model, and why
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` (mlflow ui) serves a local store
+# On every run this code opens: the process that keeps it RUNNING, so that a later start can tell one whose process
+# was killed (it stays RUNNING forever otherwise) from one still in progress.
+PID_TAG = "sslpipe.pid"
+HOST_TAG = "sslpipe.host"
 
 
 class StoreNotWritable(UserError):
@@ -107,6 +111,41 @@ def experiment_id(name: str | None = None) -> str:
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process keeps a run RUNNING (``end_dead_runs``)."""
+    import socket
+
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def end_dead_runs(exp_id: str) -> list[str]:
+    """End as KILLED the runs of experiment ``exp_id`` left RUNNING by a process of this machine that is gone (a
+    SIGKILL, a power cut), and mark the model versions they registered and never evaluated; return their ids.
+
+    Runs of other machines, runs without an owner, and runs whose process still runs (another sweep point, a run
+    in another checkout) are left alone.
+    """
+    from mlflow import MlflowClient
+
+    from ssl_lib.io import process_alive
+    from tasks.registry import abandon_versions_of
+
+    client = MlflowClient()
+    host = owner_tags()[HOST_TAG]
+    ended = []
+    for run in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        pid = run.data.tags.get(PID_TAG, "")
+        if run.data.tags.get(HOST_TAG) != host or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        abandon_versions_of(run.info.run_id)
+        ended.append(run.info.run_id)
+    if ended:
+        logging.getLogger("sslpipe").warning("ended %d MLflow run(s) whose process was killed as KILLED: %s",
+                                             len(ended), ", ".join(ended))
+    return ended
 
 
 def run_url(run_id: str, experiment: str) -> tuple[str, bool]:
@@ -182,17 +221,20 @@ def open_parent_run(params: PipelineParams, invocation: str, owner: str, run_nam
     from mlflow import MlflowClient
 
     exp_id = experiment_id(experiment)
+    end_dead_runs(exp_id)
     client = MlflowClient()
     found = client.search_runs([exp_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'", max_results=1)
     if found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
+        for key, value in owner_tags().items():  # this process keeps it running now
+            client.set_tag(run_id, key, value)
         return run_id
     # A `dvc exp run` names its experiment; a plain `dvc repro` gets the time, to tell its runs apart.
     suffix = os.environ.get("DVC_EXP_NAME") or time.strftime("%Y-%m-%d %H:%M:%S")
     name = run_name or run_title(params, param_changes(params, committed_params(project_root())), suffix)
     tags = {**common_tags(params), **(extra_tags or {}), INVOCATION_TAG: invocation, OWNER_TAG: owner,
-            "mlflow.runName": name}
+            "mlflow.runName": name, **owner_tags()}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     flat = flatten(params.model_dump(mode="json"))
     client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in flat.items()])
@@ -317,7 +359,9 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
 
     exp_id = experiment_id()
     parent_id, owns_parent = _resolve_parent(params)
-    tags = {**common_tags(params), "mlflow.parentRunId": parent_id, "sslpipe.stage": stage}
+    if not owns_parent:  # (open_parent_run ended them already)
+        end_dead_runs(exp_id)
+    tags = {**common_tags(params), "mlflow.parentRunId": parent_id, "sslpipe.stage": stage, **owner_tags()}
     succeeded = False
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
