@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ssl_lib.config import PipelineParams
+from tasks import paths
 
 log = logging.getLogger("sslpipe.registry")
 
@@ -111,20 +114,66 @@ def decide(version: str, accuracy: float, champion: str | None, champion_accurac
                     champion_accuracy)
 
 
+def measure_on_unseen_test(model_uri: str, prepared_dir: Path = paths.PREPARED) -> float:
+    """A registered model's accuracy on the prepared data's test split, provided it never trained on any of its
+    images: DataError otherwise, saying how many it had seen.
+
+    What a model saw is what its run recorded (``seen_keys.npy``, key digests of every non-test image of its data).
+    Another seed or test_fraction draws another test split, which can hold images the model trained on: measured
+    there, it would look better than it is. A model recorded without them (an older version) is measured as before.
+    """
+    from ssl_lib.data.prepared import key_digests, load_prepared
+    from ssl_lib.errors import DataError
+    from tasks.predict import split_accuracy
+
+    seen = _seen_keys(model_uri)
+    if seen is not None:
+        data = load_prepared(prepared_dir)
+        manifest = data.manifest
+        test = key_digests(manifest.loc[manifest["split"] == "test", "key"].tolist())
+        overlap = int(np.isin(test, seen).sum())
+        if overlap:
+            raise DataError(f"it trained on {overlap} of the {len(test)} images of this test split (drawn with another "
+                            "seed or test_fraction); compare models on one split: the same seed and test_fraction")
+    return split_accuracy(model_uri, prepared_dir)
+
+
+def _seen_keys(model_uri: str) -> np.ndarray | None:
+    """The key digests the run that registered ``model_uri`` (models:/NAME/VERSION) recorded as seen, if any."""
+    import tempfile
+
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ssl_lib.data.prepared import SEEN_KEYS_FILE
+
+    name, _, version = model_uri.removeprefix("models:/").rpartition("/")
+    try:
+        run_id = MlflowClient().get_model_version(name, version).run_id
+        if not run_id:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return np.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SEEN_KEYS_FILE,
+                                                               dst_path=tmp))
+    except (MlflowException, OSError):  # none recorded (an older version), or its artifacts are gone
+        return None
+
+
 def apply_champion_rule(name: str, version: str, accuracy: float, margin: float,
                         measure: Callable[[str], float] | None = None) -> Decision:
     """Decide for ``version`` (test accuracy ``accuracy``), move the alias if it wins, and tag the version.
 
     ``measure(model_uri)`` is the test accuracy of a registered model on the same test split (by default the
-    prepared data's test split, in the working directory); a ``UserError`` from it (the champion takes other
-    images or predicts other classes, or its files are gone) means it cannot be compared here, and it stays.
+    prepared data's test split, in the working directory: ``measure_on_unseen_test``); a ``UserError`` from it
+    (the champion takes other images, predicts other classes, trained on images of this test split, or its files
+    are gone) means it cannot be compared here, and it stays.
     """
     from mlflow import MlflowClient
 
     from ssl_lib.errors import UserError
-    from tasks.predict import split_accuracy
 
-    measure = measure or split_accuracy
+    measure = measure or measure_on_unseen_test
 
     current = champion_version(name)
     champion = None if current is None else str(current.version)
