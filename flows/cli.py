@@ -73,6 +73,7 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
         root: Path = typer.Option(Path("."), help="Project root (where dvc.yaml and params.yaml are).")) -> None:
     """Run the whole pipeline as a Prefect flow and print both test accuracies."""
     from tasks.environment import configure_environment
+    from tasks.registry import check_same_task
     from tasks.tracking import check_store_writable
 
     root = root.resolve()
@@ -84,8 +85,10 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
             # First: a second run in this checkout stops here, before anything reads or writes params.yaml.
             held.enter_context(hold_checkout(root))
             overrides = _parse_sets(set_)
-            params, _ = _validate(root, overrides)
+            params, shape = _validate(root, overrides)
             check_store_writable()
+            check_same_task(params.finetune.registered_model_name, shape.num_classes,
+                            (shape.channels, shape.height, shape.width))
         from flows.pipeline import ssl_pipeline
 
         with _reported("pipeline failed: "):

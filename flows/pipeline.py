@@ -24,6 +24,7 @@ from tasks.environment import configure_environment, project_root
 from tasks.evaluate import RESULT_FILES, headline_metrics
 from tasks.params_file import apply_param_overrides
 from tasks.preflight import check_label_budget
+from tasks.registry import check_same_task
 from tasks.run_summary import committed_params, param_changes, plan_against_actual, run_title
 from tasks.tracking import (
     DESCRIPTION_TAG,
@@ -107,7 +108,10 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         params = apply_param_overrides(root_path / "params.yaml", overrides)
         from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
 
-        plan, budget_overrides = plan_run(params, check_label_budget(params, root_path))
+        shape = check_label_budget(params, root_path)
+        check_same_task(params.finetune.registered_model_name, shape.num_classes,
+                        (shape.channels, shape.height, shape.width))
+        plan, budget_overrides = plan_run(params, shape)
         if budget_overrides:  # written like any override, so the stages, dvc.lock and MLflow record what ran
             overrides = {**overrides, **budget_overrides}
             params = apply_param_overrides(root_path / "params.yaml", overrides)

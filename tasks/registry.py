@@ -160,6 +160,48 @@ def _seen_keys(model_uri: str) -> np.ndarray | None:
         return None
 
 
+def check_same_task(name: str, num_classes: int, chw: tuple[int, int, int],
+                    class_names: list[str] | None = None) -> None:
+    """Raise ConfigError if registered model ``name`` has a champion for other classes or other images than these
+    (``chw``: channels, height, width), naming the fix: models for other data are never compared with it, so
+    registered under its name they could never take its alias. Checked before a run's compute and again by the
+    stage that registers; a store without that model, or without a champion, passes.
+    """
+    from ssl_lib.errors import ConfigError
+
+    champion = champion_version(name) if _store_exists() else None
+    if champion is None:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import get_model_info
+
+    try:
+        info = get_model_info(f"models:/{name}/{champion.version}")
+    except (MlflowException, OSError):  # its files are gone: the champion rule says it cannot be measured
+        return
+    specs = info.signature.inputs.inputs if info.signature is not None and info.signature.inputs else []
+    shape = tuple(int(d) for d in getattr(specs[0], "shape", ())[1:]) if specs else ()
+    names = list((info.metadata or {}).get("class_names") or [])
+    theirs = f"{len(names) or 'its'} classes of {'x'.join(map(str, shape)) or 'its'} images"
+    ours = f"{num_classes} classes of {'x'.join(map(str, chw))} images"
+    other_images = bool(shape) and shape != tuple(chw)
+    other_classes = bool(names) and (len(names) != num_classes or
+                                     (class_names is not None and names != list(class_names)))
+    if other_images or other_classes:
+        raise ConfigError(f"finetune.registered_model_name {name!r}: its champion v{champion.version} is for "
+                          f"{theirs} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), this run's data "
+                          f"has {ours}; a model for other data is never compared with it, so register this one "
+                          f"under a name of its own (--set finetune.registered_model_name={name}-<data>)")
+
+
+def _store_exists() -> bool:
+    """False for a local SQLite store not created yet: asking it would create it."""
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).exists()
+
+
 def apply_champion_rule(name: str, version: str, accuracy: float, margin: float,
                         measure: Callable[[str], float] | None = None) -> Decision:
     """Decide for ``version`` (test accuracy ``accuracy``), move the alias if it wins, and tag the version.

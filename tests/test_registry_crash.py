@@ -47,13 +47,18 @@ with stage_run("self_train", PipelineParams()) as run_id:
 def store(tmp_path_factory) -> Path:
     """An MLflow store of this module's, for this process and the ones it starts (created once: it takes seconds);
     each test registers its own model."""
+    import mlflow
+
     root = tmp_path_factory.mktemp("store")
+    before = mlflow.get_tracking_uri()
     with pytest.MonkeyPatch.context() as patch:
         for key in ("SSLPIPE_PARENT_RUN_ID", "DVC_EXP_NAME"):
             patch.delenv(key, raising=False)
         patch.setenv("SSLPIPE_ROOT", str(root))
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")  # as experiment_id() sets it, for MlflowClient()
         yield root
+    mlflow.set_tracking_uri(before)
 
 
 def _run(script: str, *args: str) -> int:
