@@ -76,11 +76,48 @@ def hold_checkout(root: str | os.PathLike[str], command: str | None = None) -> I
         os.close(fd)  # releases the lock
 
 
-def _busy_message(path: Path, root: str) -> str:
+def check_stage_may_run(root: str | os.PathLike[str]) -> None:
+    """For a stage process: raise CheckoutBusy if a run other than the one that started it holds the checkout.
+
+    A stage takes no lock of its own: the run that started it (a flow, `sslpipe stage`) holds it, or none does (a
+    plain `dvc repro`). So a `dvc repro` started beside a running flow stops at its first stage, before that stage
+    reads the params the flow wrote for its own stages.
+    """
+    key = str(Path(root).resolve())
+    path = lock_path(Path(key))
+    if key in _HELD or not path.is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # free: nobody holds it (released when fd closes)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+    finally:
+        os.close(fd)
+    import psutil
+
+    holder = _holder(path).get("pid")
+    if holder not in {parent.pid for parent in psutil.Process().parents()}:
+        raise CheckoutBusy(_busy_message(path, key))
+
+
+def _holder(path: Path) -> dict:
+    """What the holder wrote into the lock file; {} when it has not written yet."""
     try:
         holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _busy_message(path: Path, root: str) -> str:
+    holder = _holder(path)
+    try:
         who = f"pid {holder['pid']} (`{holder['command']}`, since {holder['since']})"
-    except (OSError, ValueError, KeyError, TypeError):  # taken a moment ago, not written yet
+    except KeyError:  # taken a moment ago, not written yet
         who = "another process"
     return (f"another run holds the checkout {root}: {who}; wait for it to end (or stop it), or run from another "
             "clone")

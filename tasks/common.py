@@ -18,6 +18,7 @@ from typing import Any
 
 from ssl_lib.errors import UserError
 from tasks import stage_server
+from tasks.checkout_lock import check_stage_may_run
 from tasks.environment import configure_environment
 
 USER_ERROR_EXIT = 2
@@ -73,7 +74,9 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
     report = {"stage": stage, "process_started": stage_server.process_start_time(), "work_started": time.time(),
               "stage_server": stage_server.forked()}
     try:
-        params = load("params.yaml")  # DVC runs each stage in the repository root
+        # DVC runs each stage in the repository root; a run that holds it and did not start this stage stops it.
+        check_stage_may_run(".")
+        params = load("params.yaml")
         body(params)
     except UserError as err:
         _write_report({**report, "user_error": {"kind": type(err).__name__, "message": str(err)}})

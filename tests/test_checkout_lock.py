@@ -61,3 +61,26 @@ def test_the_lock_dies_with_its_process_and_stays_out_of_git(project: Path, held
         with hold_checkout(project):  # the same process may enter again (a flow inside a command)
             assert lock_path(project).is_file()
     assert run_cmd(["git", "status", "--porcelain"], project).stdout == ""  # .dvc/tmp is git-ignored
+
+
+def test_a_stage_beside_another_run_stops_and_one_started_by_it_runs(project: Path, held: subprocess.Popen,
+                                                                     monkeypatch, capsys):
+    """A plain `dvc repro` beside a running flow: its first stage stops before reading params.yaml."""
+    from tasks.common import USER_ERROR_EXIT, run_stage_cli
+
+    monkeypatch.chdir(project)  # DVC runs a stage in the repository root
+    ran: list[object] = []
+    with pytest.raises(SystemExit) as info:
+        run_stage_cli("ingest", ran.append, load=lambda path: "params")
+    assert info.value.code == USER_ERROR_EXIT and ran == []
+    assert f"sslpipe ingest: error: another run holds the checkout {project}: pid {held.pid}" in capsys.readouterr().err
+    held.kill()
+    held.wait()
+
+    check = [sys.executable, "-c", "from tasks.checkout_lock import check_stage_may_run; check_stage_may_run('.')"]
+    with hold_checkout(project):  # the run holding it starts a stage (through DVC: a descendant)
+        child = subprocess.run(check, cwd=project, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                               text=True)
+        assert child.returncode == 0, child.stderr
+        run_stage_cli("ingest", ran.append, load=lambda path: "params")  # or runs it in this very process
+    assert ran == ["params"]
