@@ -36,3 +36,17 @@ def test_what_yaml_writes_for_numbers_still_loads(tmp_path):
     assert params.pretrain.lr == 1e-3 and params.pretrain.epochs == 3 and params.pretrain.compile is True
     assert params.finetune.lr == 1.0 and isinstance(params.finetune.lr, float)
     assert parse_params(params.model_dump(mode="json")) == params  # a run's params read back as they were
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"simclr": {"temperature": True}}, "pretrain.options.simclr.temperature: Input should be a number, not a boolean"),
+    ({"autoencoder": {"decoder_width": 2.5}}, "pretrain.options.autoencoder.decoder_width: Input should be a valid "
+                                              "integer (got 2.5)"),
+    ({"autoencoder": {"decoder_width": True}}, "pretrain.options.autoencoder.decoder_width: Input should be a number"),
+])
+def test_method_options_are_as_strict(options: dict, expected: str):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        parse_params({"pretrain": {"options": options}})
+    given = {"simclr": {"temperature": "1e-3"}, "autoencoder": {"decoder_width": 8}}  # YAML's 1e-3 is a string
+    ok = parse_params({"pretrain": {"options": given}})
+    assert ok.pretrain.options == {"simclr": {"temperature": 1e-3}, "autoencoder": {"decoder_width": 8}}

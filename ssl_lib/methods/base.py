@@ -14,13 +14,14 @@ Pseudo-label arrays follow one convention that ``ssl_lib.pretrain`` relies on:
 """
 from __future__ import annotations
 
+import numbers
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from ssl_lib.errors import ConfigError, MethodRequirementError
@@ -47,6 +48,19 @@ class MethodOptions(BaseModel):
     # forbid: a misspelt option must fail, not silently train with the default; frozen: the options a
     # model was built with cannot drift from what its heads were sized for.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """As params are (ssl_lib.config): a boolean is no number (`temperature: true` is not 1.0), and an int
+        option takes an integer (not 2.5, nor "3"); a float option still takes an int or YAML's `1e-3`."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        types = set(get_args(annotation)) | {annotation}
+        if isinstance(value, bool) and bool not in types:
+            raise ValueError(f"Input should be a number, not a boolean (got {value!r})")
+        if types & {int} and not types & {float, str} and not isinstance(value, (numbers.Integral, type(None))):
+            raise ValueError(f"Input should be a valid integer (got {value!r})")
+        return value
 
 
 # What ``resolve_options`` (and so the constructor, previews) accepts: a mapping of set options, a ready
