@@ -146,21 +146,32 @@ def summarize(points: list[dict]) -> str:
             continue
         cells = [_cell([p[k] for p in rows if k in p]) + "<br>" + " / ".join(f"{p[k]:.4f}" for p in rows if k in p)
                  for k in ROWS]
-        gain = _cell([100 * (p["ssl_semi"] - p["baseline"]) for p in rows]).replace("±", "±")
+        gain = _cell([100 * (p["ssl_semi"] - p["baseline"]) for p in rows])
         every = all(p["ssl_semi"] > p["baseline"] and p["ssl_semi"] > p["ssl"] for p in rows)
         chosen = ", ".join(p.get("ssl_semi_final", "?") for p in rows)
         first = rows[0]
-        per_seed = statistics.fmean(p["ssl_s"] / 2 + p["ssl_semi_s"] for p in rows)  # ssl_s: both models' half
         minutes = (f"{first['pretrain_s'] / 60:.1f} ({first['planned_pretrain_s'] / 60:.1f}) + "
                    f"{statistics.fmean(p['ssl_s'] + p['baseline_s'] for p in rows) / 60:.1f} + "
                    f"{statistics.fmean(p['ssl_semi_s'] for p in rows) / 60:.1f} "
                    f"({first['planned_self_train_s'] / 60:.1f})")
-        del per_seed
         shape_text = "×".join(str(d) for d in first["image_shape"])
         lines.append(f"| {shape} (seeds {', '.join(str(p['seed']) for p in rows)}) | {first['pool']}, {shape_text}, "
                      f"{first['classes']} classes, {first['num_test']} test | " + " | ".join(cells)
                      + f" | {gain} | {'yes' if every else 'NO'} | {chosen} | {minutes} |")
     return "\n".join(lines)
+
+
+def machine_header(command: str, points_file: Path) -> str:
+    """Where, when and how the table was measured."""
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    when = time.strftime("%Y-%m-%d", time.gmtime(points_file.stat().st_mtime)) if points_file.is_file() else "?"
+    return (f"Measured {when} on {cpu}, {os.cpu_count()} cores, no GPU, {torch.get_num_threads()} torch threads, "
+            f"nothing else timed on the machine: `.venv/bin/python {command}` with params.yaml as committed "
+            f"(only the data source changed). Each cell: mean ± std over seeds, then each seed's value. Test "
+            f"accuracy; minutes are wall-clock.\n\n")
 
 
 def main() -> None:
@@ -194,7 +205,7 @@ def main() -> None:
     table = summarize(list(points.values()))
     print(table)
     with atomic_path(args.out) as tmp_path:
-        Path(tmp_path).write_text(table + "\n")
+        Path(tmp_path).write_text(machine_header("benchmarks/generality.py", points_file) + table + "\n")
 
 
 if __name__ == "__main__":

@@ -236,9 +236,10 @@ def main() -> None:
     table, means = summarize(results, labels)
     seeds = sorted({r["seed"] for r in results})
     header = (f"Fashion-MNIST test accuracy (10 000 images), mean ± std over seeds {seeds}; pretraining "
-              f"{params.pretrain.method} {params.pretrain.epochs} epochs ({params.pretrain.backbone}), self-training "
-              f"{'+'.join(params.self_train.steps) or 'none'} x {params.self_train.rounds} rounds x "
-              f"{params.self_train.epochs} epochs (lr {params.self_train.lr:g})"
+              f"{params.pretrain.method} ({params.pretrain.backbone}) for "
+              f"{_budget(params.pretrain.epochs, params.pretrain.images_seen)}, self-training "
+              f"{'+'.join(params.self_train.steps) or 'none'} x {params.self_train.rounds} rounds for "
+              f"{_budget(params.self_train.epochs, params.self_train.images_seen)} (lr {params.self_train.lr:g})"
               f"{', balanced' if params.self_train.balance else ''}"
               f"{', whitened graph' if params.self_train.whiten else ''}"
               f"{', BatchNorm recalibrated' if params.self_train.bn_recalibration else ''}; encoder: "
@@ -249,6 +250,10 @@ def main() -> None:
     with atomic_path(out / "label_efficiency.md") as tmp_path:
         Path(tmp_path).write_text(header + table + "\n")
     plot(means, labels, out / "label_efficiency.png")
+
+
+def _budget(epochs: float | None, images_seen: int) -> str:
+    return f"{epochs:g} epochs" if epochs is not None else f"{images_seen} images seen"
 
 
 def _read_points(path: str) -> list[dict]:
