@@ -139,3 +139,24 @@ def test_a_budget_in_minutes_gives_a_plan_within_it():
     assert scaled.total_seconds <= minutes * 60 * 1.01, scaled.describe()  # whole passes: within a hair
     assert scaled.total_seconds >= minutes * 60 * 0.95
     assert f"budget_minutes={minutes:g}" in scaled.describe()
+
+
+def test_a_folder_of_large_photos_is_scaled_down_and_data_image_size_overrides(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ssl_lib.data.sources import load_folder
+
+    assert sizing.fit_image_size(4032, 3024) == (64, 48)
+    assert sizing.fit_image_size(28, 28) == (28, 28)
+    assert sizing.fit_image_size(30, 200) == (10, 64)
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((80, 100, 3), 40 * i, np.uint8)).save(tmp_path / label / f"{i}.png")
+    assert load_folder(tmp_path).size_wh == (64, 51)
+    assert load_folder(tmp_path, image_size=(40, 50)).size_wh == (50, 40)
+    assert parse_params({"data": {"source": "folder", "path": str(tmp_path), "image_size": [40, 50]}}
+                        ).data.image_size == (40, 50)
+    with pytest.raises(ConfigError, match="data.image_size only applies"):
+        parse_params({"data": {"source": "digits", "image_size": 16}})
