@@ -77,10 +77,15 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
     for kind, state in (("ssl", encoder_state), ("baseline", None)):
         start = time.perf_counter()
         model = build_classifier(**spec, encoder_state=state, seed=seed)
-        model, _ = train_classifier(model, train_x, train_y, val_x, val_y,
+        model, history = train_classifier(model, train_x, train_y, val_x, val_y,
                                     finetune_settings(params, spec["image_size"], baseline=kind == "baseline"),
                                     progress=False)
         models[kind] = model
+        # How optimistic the kept epoch's val accuracy is: it is the best of all epochs on these same val images;
+        # the mean of the last 20 epochs is what the model scores there without being chosen on them.
+        val_curve = [row["val_acc"] for row in history if "val_acc" in row]
+        if val_curve:
+            result[f"{kind}_val_optimism"] = max(val_curve) - float(np.mean(val_curve[-20:]))
         result[kind] = accuracy(model, test_x, test_y)
         result[f"{kind}_s"] = time.perf_counter() - start
     # Dev: the unlabeled pool's hidden labels, for choosing settings without the test split (never trained on

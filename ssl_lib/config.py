@@ -197,6 +197,9 @@ class SelfTrainParams(_Section):
     balance: bool = True
     whiten: bool = True
     bn_recalibration: int = Field(default=40, ge=0)
+    # The final model is the last round unless an earlier candidate leads it on val by more than this (README
+    # "Your own images"): the fine-tune's val accuracy is the best of its epochs, about 3 points optimistic.
+    selection_margin: float = Field(default=0.03, ge=0, lt=1)
     device: str = "auto"
 
     @field_validator("method")
