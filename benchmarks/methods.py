@@ -88,7 +88,7 @@ def main() -> None:
         probe_y = data.manifest["label"].to_numpy()[unlabeled_idx]
     mean, std = data.meta["mean"], data.meta["std"]
     channels, size = data.meta["shape"][2], data.meta["shape"][0]
-    finetune, baseline_finetune = finetune_settings(params), finetune_settings(params, baseline=True)
+    finetune, baseline_finetune = finetune_settings(params, size), finetune_settings(params, size, baseline=True)
     if args.finetune_epochs is not None:
         finetune = replace(finetune, epochs=args.finetune_epochs,
                            lp_epochs=min(finetune.lp_epochs, args.finetune_epochs))
@@ -116,7 +116,7 @@ def main() -> None:
         backbone = "vit_tiny" if name in VIT_METHODS else conv_backbone
         epochs = max(1, round(args.images_seen / len(pool)))
         max_images = min(len(pool), args.images_seen)
-        settings = replace(pretrain_settings(params), method=name, backbone=backbone, epochs=epochs,
+        settings = replace(pretrain_settings(params, len(pool)), method=name, backbone=backbone, epochs=epochs,
                            max_images=max_images, options=dict(params.pretrain.options.get(name) or {}))
         try:
             start = time.perf_counter()
@@ -162,7 +162,7 @@ def measure_speed(params, methods: list[str], steps: int, out: str | None) -> No
     lines = ["| method | backbone | batch | images/s (median) | ms/step (median) |", "|---|---|---|---|---|"]
     for name in methods:
         backbone = "vit_tiny" if name in VIT_METHODS else params.pretrain.backbone
-        settings = replace(pretrain_settings(params), method=name, backbone=backbone, epochs=1,
+        settings = replace(pretrain_settings(params, len(images)), method=name, backbone=backbone, epochs=1,
                            max_images=(steps + 3) * params.pretrain.batch_size,
                            options=dict(params.pretrain.options.get(name) or {}))
         stamps: list[float] = []

@@ -117,8 +117,9 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     console.print(table)
     ran = ", ".join(s["stage"] for s in summary["stages"] if s["executed"]) or "nothing (all up to date)"
     gain = m.get("self_train_gain", m["ssl_gain"])
+    planned = summary.get("planned_minutes")
     console.print(f"final model's gain over the baseline: {100 * gain:+.1f} points   stages run: {ran}   "
-                  f"total {seconds:.0f} s")
+                  f"total {seconds / 60:.1f} min" + (f" (planned {planned:.1f} min)" if planned is not None else ""))
     console.print(f"metrics: {root / 'results/metrics.json'}   DVC experiment: {summary['dvc_experiment']}")
     local = " (start the UI with make ui)" if summary["mlflow_local_ui"] else ""
     console.print(f"MLflow run {summary['mlflow_run_name']!r}: {summary['mlflow_run_url']}{local}", soft_wrap=True)

@@ -162,7 +162,13 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         summary = {"mlflow_run_id": parent_id, "mlflow_run_name": parent.info.run_name, "mlflow_run_url": url,
                    "mlflow_local_ui": local_ui, "dvc_experiment": exp_name, "metrics": metrics,
                    "stages": [_stage_row(o) for o in outcomes]}
+        actual = {o.stage: o.seconds for o in outcomes}
+        summary["plan"] = [{**row, "actual_minutes": None if actual.get(row["stage"]) is None
+                            else round(actual[row["stage"]] / 60, 2)} for row in plan.rows()]
+        summary["planned_minutes"] = None if plan.total_seconds is None else round(plan.total_seconds / 60, 2)
         create_table_artifact(key="pipeline-stages", table=summary["stages"], description="What DVC ran or skipped")
+        create_table_artifact(key="pipeline-plan", table=summary["plan"],
+                              description="The plan made before any compute (steps, estimated minutes) against the run")
         create_markdown_artifact(key="pipeline-result", markdown=_result_markdown(parent, url, local_ui, exp_name),
                                  description="Test accuracies, the MLflow run and the DVC experiment")
         create_link_artifact(key="pipeline-mlflow-run", link=url, link_text=f"MLflow run {parent.info.run_name}",

@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -51,6 +52,10 @@ class DataParams(_Section):
     label_fraction: Number | None = Field(default=None, gt=0.0, le=1.0)
     val_per_class: int = Field(default=10, ge=0)
     test_fraction: Number = Field(default=0.2, gt=0.0, lt=1.0)
+    # folder: the size images are resized to, one int (square) or [height, width]; null = the most common size,
+    # scaled down to a longer side of at most 64 px (ssl_lib.sizing.fit_image_size): a folder of photos must not
+    # train a CPU model on 4000-pixel images. A pair comes from YAML as a list: the pair is lax, its sides strict.
+    image_size: int | Annotated[tuple[StrictInt, StrictInt], Field(strict=False)] | None = None
     # Decoding processes for a folder source; None = one per core. Not a dependency of ingest (dvc.yaml): the
     # output is the same with any number.
     workers: int | None = Field(default=None, ge=1)
@@ -63,6 +68,13 @@ class DataParams(_Section):
             )
         if self.source == "folder" and not self.path:
             raise ValueError("data.source 'folder' needs data.path: a folder with one sub-folder of images per class")
+        if self.image_size is not None:
+            if self.source != "folder":
+                raise ValueError(f"data.image_size only applies to data.source 'folder' ({self.source!r} has a "
+                                 "fixed size): set it to null")
+            sides = (self.image_size,) if isinstance(self.image_size, int) else self.image_size
+            if any(side < 4 for side in sides):
+                raise ValueError(f"data.image_size must be at least 4 pixels a side, got {self.image_size}")
         return self
 
 
@@ -207,6 +219,9 @@ class SelfTrainParams(_Section):
     balance: bool = True
     whiten: bool = True
     bn_recalibration: int = Field(default=40, ge=0)
+    # The final model is the last round unless an earlier candidate leads it on val by more than this (README
+    # "Your own images"): the fine-tune's val accuracy is the best of its epochs, about 3 points optimistic.
+    selection_margin: Number = Field(default=0.03, ge=0, lt=1)
     device: str = "auto"
 
     @field_validator("method")

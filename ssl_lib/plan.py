@@ -223,7 +223,8 @@ def fit_to_budget(plan: RunPlan, params: PipelineParams, minutes: float) -> dict
     """
     total = plan.total_seconds
     if total is None:
-        raise ConfigError("plan.budget_minutes needs the timed probe: set plan.probe: true")
+        raise ConfigError("plan.budget_minutes needs the timed probe of the steps: set plan.probe: true"
+                          + (f" ({plan.notes[-1]})" if plan.notes else ""))
     budget = minutes * 60.0
     if total <= budget:
         return {}
@@ -267,7 +268,10 @@ def plan_run(params: PipelineParams, data: DataShape) -> tuple[RunPlan, dict[str
     """The run's plan (probed when ``plan.probe``), and the overrides that fit it to ``plan.budget_minutes``."""
     plan = make_plan(params, data)
     if params.plan.probe:
-        plan = probe(plan, params)
+        try:
+            plan = probe(plan, params)
+        except Exception as err:  # noqa: BLE001 - the estimate is a courtesy: the stages raise on a real problem
+            plan.notes.append(f"no minutes: timing the steps failed ({type(err).__name__}: {err})")
     minutes = params.plan.budget_minutes
     if minutes is None:
         return plan, {}

@@ -18,8 +18,8 @@ and the weights kept are an exponential moving average of the student's, which b
 All randomness comes from ``settings.seed``: two CPU runs with the same thread count are identical.
 
 Self-training can also make a model worse (a small pool, a poor teacher). So every round's model is a candidate
-next to the fine-tuned model it started from, and ``choose_final`` keeps the one with the best accuracy on the
-labeled val images (never test), ties going to the later candidate.
+next to the fine-tuned model it started from, and ``choose_final`` keeps the last round unless an earlier
+candidate leads it on the labeled val images (never test) by more than ``selection_margin``.
 """
 from __future__ import annotations
 
@@ -69,6 +69,7 @@ class SelfTrainSettings:
     whiten: bool = True  # label_propagation: PCA-whiten the features before building the graph
     bn_recalibration: int = 40  # batches of clean pool images that re-estimate BatchNorm statistics after a step
     max_shift_px: int = 2  # the labeled (weak) view's shift; ssl_lib.sizing.shift_px sizes it to the images
+    selection_margin: float = 0.03  # val accuracy an earlier candidate must lead by to replace a later one
     seed: int = 0
     device: str = "auto"
     warmup_fraction: float = 0.05
@@ -102,16 +103,19 @@ class SelfTrainResult:
     chosen: int = 0  # index into candidates
 
 
-SELECTION_RULE = ("the final model is the candidate (the SSL fine-tune, then each self-training round) with the "
-                  "best accuracy on the labeled val images, never test; ties go to the later candidate")
+SELECTION_RULE = ("the final model is the last self-training round unless an earlier candidate (the SSL fine-tune, "
+                  "an earlier round) leads it in accuracy on the labeled val images, never test, by more than "
+                  "self_train.selection_margin")
 
 
-def choose_final(val_accuracies: list[float]) -> int:
-    """The index of the candidate to ship: the best val accuracy, ties (and a missing val set) going to the later
-    candidate, which has learned from more of the data."""
+def choose_final(val_accuracies: list[float], margin: float = 0.0) -> int:
+    """The index of the candidate to ship: the last, unless an earlier one leads the current choice on val by more
+    than ``margin``. The later candidates learned from more of the data, and the fine-tune's val accuracy is the
+    best of its epochs on these same images (optimistic), so an earlier one must win clearly. NaN (no val images)
+    never wins."""
     best = len(val_accuracies) - 1
     for index in range(len(val_accuracies) - 2, -1, -1):
-        if val_accuracies[index] > val_accuracies[best]:  # NaN (no val images) never wins
+        if val_accuracies[index] > val_accuracies[best] + margin + 1e-9:  # 1e-9: 0.74 vs 0.71 + 0.03 in floats
             best = index
     return best
 
@@ -429,7 +433,7 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
                                        val, record_epoch, progress)
         if settings.steps:
             result.candidates.append(candidate(f"round {round_index + 1}"))
-    result.chosen = choose_final([c.val_accuracy for c in result.candidates])
+    result.chosen = choose_final([c.val_accuracy for c in result.candidates], settings.selection_margin)
     chosen = result.candidates[result.chosen]
     log.info("final model: %s (val accuracy %s)", chosen.name,
              ", ".join(f"{c.name} {c.val_accuracy:.4f}" for c in result.candidates))

@@ -13,6 +13,8 @@ Each rule is a small pure function, used by the stage that trains and by the pla
 - **augmentation against image size and channels**: the supervised shift is about 1/14 of the side (2 px at
   28x28, 1 px at 8x8); colour jitter's saturation and random grayscale act on 3-channel images only
   (``ssl_lib.augment``);
+- **image size against compute**: a folder's images are resized to their most common size, scaled down to a longer
+  side of 64 px (aspect kept) unless ``data.image_size`` is set;
 - **backbone depth against image size**: the ConvNet stops pooling once a map would fall below 3x3
   (``ssl_lib.models.backbones.ConvNet``), so 8x8 digits keep spatial layers as 32x32 images do.
 """
@@ -22,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 MIN_STEPS_PER_PASS = 8
+MAX_IMAGE_SIDE = 64  # a folder's images are scaled down to this longer side unless data.image_size says otherwise
 
 
 def fit_batch_size(requested: int, pool_size: int, multiple: int = 1) -> int:
@@ -61,6 +64,16 @@ def knn_probe_k(requested: int, labeled: int, num_classes: int) -> int:
 def shift_px(image_size: int) -> int:
     """The supervised augmentation's largest shift in pixels: about 1/14 of the side, at least 1."""
     return max(1, round(image_size / 14))
+
+
+def fit_image_size(width: int, height: int, max_side: int = MAX_IMAGE_SIDE) -> tuple[int, int]:
+    """A folder's image size (width, height): its most common size, scaled down (aspect kept) to a longer side of
+    ``max_side`` when it is larger. Training cost grows with the pixels; small images learn well in these models."""
+    longest = max(width, height)
+    if longest <= max_side:
+        return width, height
+    scale = max_side / longest
+    return max(4, round(width * scale)), max(4, round(height * scale))
 
 
 @dataclass(frozen=True)

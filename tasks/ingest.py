@@ -34,7 +34,8 @@ def run(params: PipelineParams) -> dict:
         meta = ingest(source=data.source, path=data.path, seed=params.seed,
                       labels_per_class=data.labels_per_class, label_fraction=data.label_fraction,
                       val_per_class=data.val_per_class, test_fraction=data.test_fraction,
-                      out_dir=paths.PREPARED, workers=data.workers, cache_file=paths.SOURCE_HASH_CACHE)
+                      out_dir=paths.PREPARED, image_size=data.image_size, workers=data.workers,
+                      cache_file=paths.SOURCE_HASH_CACHE)
         skipped = meta.get("skipped", [])
         if skipped:
             log.warning("skipped %d unreadable image(s) (full list in %s):\n  %s", len(skipped),

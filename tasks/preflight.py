@@ -28,7 +28,8 @@ def check_label_budget(params: PipelineParams, root: Path | None = None) -> Data
     from tasks import paths
 
     data = params.data
-    raw = load_source(data.source, data.path, cache_file=None if root is None else root / paths.SOURCE_HASH_CACHE)
+    raw = load_source(data.source, data.path, image_size=data.image_size,
+                      cache_file=None if root is None else root / paths.SOURCE_HASH_CACHE)
     check_classes(raw)  # before the budget: an empty class would only show up as a budget it cannot meet
     splits = assign_splits(raw.labels, raw.predefined_test, params.seed, data.labels_per_class,
                            data.label_fraction, data.val_per_class, data.test_fraction, keys=raw.keys,

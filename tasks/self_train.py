@@ -85,7 +85,8 @@ def run(params: PipelineParams) -> dict:
             mlflow.log_metrics({"final_candidate": result.chosen,
                                 **{f"candidate_val_accuracy_{c.name.replace(' ', '_')}": c.val_accuracy
                                    for c in result.candidates}})
-            tag_final_choice(run_id, final_choice_text(result.candidates, result.chosen, len(val_y)))
+            tag_final_choice(run_id, final_choice_text(result.candidates, result.chosen, len(val_y),
+                                                       settings.selection_margin))
             pseudo = result.pseudo_labels
             table = pd.DataFrame({"index": rows, "source_id": data.manifest["source_id"].to_numpy()[rows],
                                   "label": pseudo.label, "class": [data.class_names[i] for i in pseudo.label],
@@ -130,11 +131,11 @@ def run(params: PipelineParams) -> dict:
     return registered
 
 
-def final_choice_text(candidates: list, chosen: int, val_images: int) -> str:
-    """``round 2, the best of fine-tune 0.7200, round 1 0.8000, round 2 0.8100 on the 100 val images ...``"""
+def final_choice_text(candidates: list, chosen: int, val_images: int, margin: float) -> str:
+    """``round 2, of fine-tune 0.7400, round 1 0.7200, round 2 0.7200 in accuracy on the 100 val images ...``"""
     scores = ", ".join(f"{c.name} {c.val_accuracy:.4f}" for c in candidates)
-    return (f"{candidates[chosen].name}, the best of {scores} on the {val_images} labeled val images (ties go to "
-            "the later candidate; test is never used to choose)")
+    return (f"{candidates[chosen].name}, of {scores} in accuracy on the {val_images} labeled val images (the last "
+            f"round unless an earlier candidate leads it by more than {margin:g}; test is never used to choose)")
 
 
 def tag_final_choice(run_id: str, text: str) -> None:
@@ -185,7 +186,8 @@ def self_train_settings(params: PipelineParams, pool_size: int, num_classes: int
                              distribution_alignment=s.distribution_alignment, temperature=s.temperature,
                              knn_k=sizing.knn_k(s.knn_k, pool_size, num_classes), alpha=s.alpha, balance=s.balance,
                              whiten=s.whiten, bn_recalibration=s.bn_recalibration,
-                             max_shift_px=sizing.shift_px(image_size), seed=params.seed, device=s.device)
+                             max_shift_px=sizing.shift_px(image_size), selection_margin=s.selection_margin,
+                             seed=params.seed, device=s.device)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,48 @@ def test_throughput_steps_can_be_given_per_model():
     assert steps("--steps", "4", "--warmup", "resnet18=2") == {"convnet": (3, 4), "resnet18": (2, 4)}
     with pytest.raises(SystemExit):
         parse_args(["--steps", "resnet18=two"])
+
+
+def test_generality_quick_on_digits(tmp_path):
+    """The generality script trains every row on one shape and prints its table: test accuracies for each row,
+    whether the final model beat the baseline and the SSL fine-tune, the candidate chosen and the minutes."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["pretrain"].update(backbone="convnet_small", images_seen=3_000)
+    raw["finetune"].update(epochs=4, lp_epochs=2)
+    raw["self_train"].update(images_seen=3_000)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "benchmarks/generality.py", "--shapes", "digits", "--seeds", "0",
+                           "--params", str(params), "--points", str(tmp_path / "points.jsonl"),
+                           "--out", str(tmp_path / "generality.md")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = _table_rows(proc.stdout)
+    assert len(rows) == 1 and rows[0]["shape"].startswith("digits")
+    for column in ("supervised-only baseline", "SSL fine-tune", "SSL + semi-supervised (final)",
+                   "semi-supervised from scratch"):
+        assert re.match(r"0\.\d{4} ± 0\.0000<br>0\.\d{4}$", rows[0][column]), rows[0]
+    assert rows[0]["final model chosen"] in ("fine-tune", "round 1", "round 2")
+    assert (tmp_path / "generality.md").read_text().startswith("Measured ")
+
+
+def test_the_colour_shapes_folder_has_one_folder_per_class_of_distinct_shapes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.shapes import CLASSES, _inside, write_folder
+
+    grid = np.arange(64) - 31.5
+    x, y = np.meshgrid(grid, grid)
+    masks = {shape: _inside(shape, x, y, 24.0, 0.3) for shape in CLASSES}
+    for a in CLASSES:
+        for b in CLASSES:
+            if a < b:  # at the same place, size and angle, two classes cover different pixels
+                assert (masks[a] != masks[b]).mean() > 0.05, (a, b)
+    root = write_folder(tmp_path / "shapes", per_class=2, size=32, seed=1)
+    for shape in CLASSES:
+        files = sorted((root / shape).glob("*.png"))
+        assert len(files) == 2
+        assert np.asarray(Image.open(files[0])).shape == (32, 32, 3)

@@ -118,6 +118,32 @@ def test_mlflow_names_and_describes_the_run(flow_run):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_the_plan_is_logged_before_compute_and_set_against_the_run(flow_run):
+    """The plan (steps and estimated minutes per stage, from the probe) is on the parent run; the description
+    and the flow's summary put the estimate next to the time taken, and say which candidate became the final
+    model, chosen on val."""
+    project, summary = flow_run
+    client = _client()
+    parent = client.get_run(summary["mlflow_run_id"])
+    plan_path = client.download_artifacts(parent.info.run_id, "plan.json", str(project / "downloaded"))
+    plan = json.loads(Path(plan_path).read_text())
+    stages = {row["stage"]: row for row in plan["stages"]}
+    assert stages["pretrain"]["steps"] > 0 and stages["pretrain"]["estimated_minutes"] is not None
+    assert plan["data"]["height"] == 8 and plan["data"]["num_classes"] == 10
+    assert parent.data.metrics["planned_minutes"] == pytest.approx(plan["estimated_total_minutes"])
+    description = parent.data.tags["mlflow.note.content"]
+    assert "min planned" in description and "min taken" in description, description
+    final = json.loads((project / "artifacts/self_train/final.json").read_text())
+    assert [c["name"] for c in final["candidates"]] == ["fine-tune", "round 1", "round 2"]
+    from ssl_lib.self_train import choose_final
+
+    chosen = [i for i, c in enumerate(final["candidates"]) if c["chosen"]]
+    assert chosen == [choose_final([c["val_accuracy"] for c in final["candidates"]], margin=0.03)]
+    assert final["candidates"][chosen[0]]["name"] == final["final_model"]
+    assert f"Final model: {final['final_model']}, of fine-tune" in description, description
+    assert {row["stage"] for row in summary["plan"]} == {"pretrain", "finetune", "self_train", "evaluate"}
+
+
 def test_stage_runs_log_their_histories_and_the_lp_phase(flow_run):
     import pandas as pd
 

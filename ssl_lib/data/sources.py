@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..sizing import fit_image_size
 from .decode import GREY_MODES
 from .errors import DataError
 from .files import IMAGE_EXTENSIONS, FileRecord, folder_version, scan_files
@@ -339,7 +340,8 @@ def load_folder(path: str | os.PathLike[str] | None, *, image_size: int | tuple[
     Unusable files (unreadable, not an image, a test image without a class) are listed in ``skipped``, never
     fatal; files that fail only when decoded are skipped by ingest. All images get one mode (RGB if any image
     has colour, else L) and one size (``image_size`` as (height, width), else the most common size, read from
-    the headers), resized bilinearly. Each image's key is the sha256 of its file.
+    the headers, scaled down to a longer side of ``sizing.MAX_IMAGE_SIDE``), resized bilinearly. Each image's
+    key is the sha256 of its file.
     """
     if path is None:
         raise DataError("the 'folder' source needs a directory: set data.path")
@@ -378,7 +380,7 @@ def load_folder(path: str | os.PathLike[str] | None, *, image_size: int | tuple[
     if target_hw is None:
         # Most common size; ties go to the smallest so the choice never depends on file order.
         counts = Counter((r.width, r.height) for r, _, _ in kept)
-        size_wh = min(counts, key=lambda wh: (-counts[wh], wh[1] * wh[0], wh))
+        size_wh = fit_image_size(*min(counts, key=lambda wh: (-counts[wh], wh[1] * wh[0], wh)))
     else:
         size_wh = (target_hw[1], target_hw[0])
     decode_mode = "L" if all(r.mode in GREY_MODES for r, _, _ in kept) else "RGB"

@@ -1,0 +1,124 @@
+"""How the passes caps were chosen: pretraining's and self-training's ``max_epochs`` on small pools, judged on dev.
+
+Dev is the unlabeled pool's hidden labels (those images enter self-training unlabeled; the test split is never
+read). Fashion-MNIST's pool is large enough that neither cap binds there (5 and 2 passes), so the caps are chosen on
+the small shapes, where they decide the compute: scikit-learn's digits (1 438 pool images, 8x8) and the colour
+shapes folder (2 400, 32x32). Per shape and pretraining cap, one encoder (seed 0); per seed, every row as the
+stages train it (``benchmarks/label_efficiency.run_point``), 10 labels per class.
+
+    .venv/bin/python benchmarks/budget_ablation.py                    # the table in benchmarks/results/
+    .venv/bin/python benchmarks/budget_ablation.py --shapes digits --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.generality import LABELS_PER_CLASS, shape_params  # noqa: E402
+from benchmarks.label_efficiency import run_point  # noqa: E402
+from ssl_lib.config import apply_overrides, parse_params, read_raw_params  # noqa: E402
+from ssl_lib.data.ingest import ingest  # noqa: E402
+from ssl_lib.data.prepared import load_prepared  # noqa: E402
+from ssl_lib.io import atomic_path  # noqa: E402
+from ssl_lib.pretrain import pretrain  # noqa: E402
+from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
+from tasks.settings import pretrain_settings  # noqa: E402
+
+# (pretrain.max_epochs, self_train.max_epochs): the committed (100, 20), then each cap halved and doubled alone.
+CONFIGS = ((100, 20), (50, 20), (200, 20), (100, 10), (100, 40))
+
+
+def run(shape: str, seeds: list[int], base: dict, work: Path,
+        configs: tuple[tuple[int, int], ...] = CONFIGS) -> list[dict]:
+    params0 = shape_params(shape, work, base)
+    prepared = work / f"{shape}-pool"
+    ingest(params0.data.source, params0.data.path, 0, labels_per_class=LABELS_PER_CLASS, label_fraction=None,
+           val_per_class=params0.data.val_per_class, test_fraction=params0.data.test_fraction, out_dir=prepared)
+    data = load_prepared(prepared)
+    pool = data.pretrain_pool()
+    encoders: dict[int, tuple[dict, float]] = {}
+    points = []
+    for pretrain_cap, self_train_cap in configs:
+        params = parse_params(apply_overrides(params0.model_dump(mode="json"), {
+            "pretrain.max_epochs": pretrain_cap, "self_train.max_epochs": self_train_cap}))
+        if pretrain_cap not in encoders:
+            settings = replace(pretrain_settings(params, len(pool)), seed=0)
+            start = time.perf_counter()
+            state = pretrain(pool, data.meta["mean"], data.meta["std"], make_pseudo_labels(settings, len(pool)),
+                             settings, progress=False).encoder_state
+            encoders[pretrain_cap] = (state, time.perf_counter() - start)
+        encoder, pretrain_s = encoders[pretrain_cap]
+        for seed in seeds:
+            point = run_point(params, encoder, seed, LABELS_PER_CLASS, False, work)
+            point.update(shape=shape, pretrain_max_epochs=pretrain_cap, self_train_max_epochs=self_train_cap,
+                         pretrain_s=pretrain_s)
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()
+                   if not k.startswith("ssl_semi_") or k.endswith(("_dev", "_s", "_final"))}, flush=True)
+            points.append(point)
+    return points
+
+
+def summarize(points: list[dict]) -> str:
+    lines = ["| shape | pretrain.max_epochs | self_train.max_epochs | SSL fine-tune, dev | final model, dev "
+             "| final model, val | minutes: pretrain + self-train |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({(p["shape"], p["pretrain_max_epochs"], p["self_train_max_epochs"]) for p in points},
+                  key=lambda k: (k[0], [c for c in CONFIGS].index(k[1:]) if k[1:] in CONFIGS else 99))
+    for shape, pre, st in keys:
+        rows = [p for p in points if (p["shape"], p["pretrain_max_epochs"], p["self_train_max_epochs"])
+                == (shape, pre, st)]
+
+        def cell(key: str, rows: list[dict] = rows) -> str:
+            values = [p[key] for p in rows if key in p]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+
+        final_val = [max(v for k, v in p.items() if k.startswith("ssl_semi_") and k.endswith("_val"))
+                     for p in rows]
+        minutes = f"{rows[0]['pretrain_s'] / 60:.1f} + {statistics.fmean(p['ssl_semi_s'] for p in rows) / 60:.1f}"
+        lines.append(f"| {shape} (n={len(rows)}) | {pre} | {st} | {cell('ssl_dev')} | {cell('ssl_semi_dev')} | "
+                     f"{statistics.fmean(final_val):.4f} | {minutes} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="digits,shapes-colour")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--points", default="benchmarks/results/budget_ablation_points.jsonl")
+    parser.add_argument("--out", default="benchmarks/results/budget_ablation.md")
+    parser.add_argument("--configs", default=",".join(f"{a}:{b}" for a, b in CONFIGS),
+                        help="pretrain.max_epochs:self_train.max_epochs pairs, comma-separated")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    configs = tuple(tuple(int(v) for v in pair.split(":")) for pair in args.configs.split(",") if pair.strip())
+    torch.set_num_threads(int(os.environ.get("SSLPIPE_THREADS", torch.get_num_threads())))
+    base = read_raw_params(args.params)
+    points_file = Path(args.points)
+    if not args.table_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+                for point in run(shape, [int(s) for s in args.seeds.split(",")], base, Path(tmp),
+                                 configs):  # type: ignore[arg-type]
+                    with points_file.open("a") as fh:
+                        fh.write(json.dumps(point) + "\n")
+    points = [json.loads(line) for line in points_file.read_text().splitlines() if line.strip()]
+    table = summarize(points)
+    print(table)
+    with atomic_path(args.out) as tmp_path:
+        Path(tmp_path).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

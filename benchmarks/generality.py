@@ -1,0 +1,231 @@
+"""Generality: the committed recipe (params.yaml) on data shapes it was not tuned on, 10 labels per class.
+
+Shapes (each made here, from data on this machine):
+- ``fashion-mnist``: 70 000 28x28 grey images (Debian's dataset-fashion-mnist; 10 000 of them are the test split);
+- ``folder-5000``: 5 000 28x28 grey PNGs in one folder per class, written from Fashion-MNIST's *test* images
+  (500 per class: images the defaults were never chosen on), read as a user's folder;
+- ``digits``: scikit-learn's 1 797 8x8 digits;
+- ``shapes-colour``: 3 000 32x32 colour PNGs of eight shape classes (``benchmarks/shapes.py``).
+
+Per shape, one encoder is pretrained (seed 0; pretraining sees no labels), then every seed draws its labels and
+trains every row exactly as the stages do (``benchmarks/label_efficiency.run_point``): the supervised-only
+baseline, the SSL fine-tune, SSL + semi-supervised (the final model, chosen on val among the fine-tune and each
+self-training round) and semi-supervised from scratch (the same self-training from the baseline). Minutes are
+wall-clock on this machine: pretraining once, then fine-tuning both models and self-training, per seed; the
+plan's estimate (``ssl_lib.plan``, from its probe) stands next to them.
+
+    .venv/bin/python benchmarks/generality.py                        # every shape x seeds 0, 1, 2
+    .venv/bin/python benchmarks/generality.py --shapes digits --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.label_efficiency import run_point  # noqa: E402
+from benchmarks.shapes import write_folder as write_shapes_folder  # noqa: E402
+from ssl_lib.config import apply_overrides, parse_params, read_raw_params  # noqa: E402
+from ssl_lib.data.ingest import ingest  # noqa: E402
+from ssl_lib.data.prepared import load_prepared  # noqa: E402
+from ssl_lib.io import atomic_path  # noqa: E402
+from ssl_lib.plan import DataShape, make_plan, probe  # noqa: E402
+from ssl_lib.pretrain import pretrain  # noqa: E402
+from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
+from ssl_lib.self_train import choose_final  # noqa: E402
+from tasks.settings import pretrain_settings  # noqa: E402
+
+SHAPES = ("fashion-mnist", "folder-5000", "digits", "shapes-colour")
+ROWS = {"baseline": "supervised-only baseline", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised (final)",
+        "scratch_semi": "semi-supervised from scratch"}
+LABELS_PER_CLASS = 10
+
+
+def write_fashion_folder(root: Path, per_class: int = 500) -> Path:
+    """``per_class`` of Fashion-MNIST's test images per class as PNGs, one folder per class."""
+    from PIL import Image
+
+    from ssl_lib.data.sources import load_fashion_mnist
+
+    raw = load_fashion_mnist()
+    test = np.flatnonzero(raw.predefined_test)
+    for c, name in enumerate(raw.class_names):
+        folder = root / name.replace("/", "-").replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        members = test[raw.labels[test] == c][:per_class]
+        for i, row in enumerate(members):
+            Image.fromarray(raw.images[row][..., 0]).save(folder / f"{i:04d}.png")
+    return root
+
+
+def shape_params(shape: str, work: Path, base: dict):
+    """params.yaml with only the source changed, as a new user would run it."""
+    if shape == "fashion-mnist":
+        data = {"data.source": "fashion-mnist"}
+    elif shape == "digits":
+        data = {"data.source": "digits"}
+    elif shape == "folder-5000":
+        data = {"data.source": "folder", "data.path": str(write_fashion_folder(work / "folder-5000"))}
+    elif shape == "shapes-colour":
+        data = {"data.source": "folder", "data.path": str(write_shapes_folder(work / "shapes-colour", 375))}
+    else:
+        raise SystemExit(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
+    return parse_params(apply_overrides(base, data), origin=f"params.yaml with {data}")
+
+
+def data_shape(data) -> DataShape:
+    splits = data.manifest["split"].to_numpy()
+
+    def count(*names: str) -> int:
+        return int(np.isin(splits, names).sum())
+
+    height, width, channels = data.meta["shape"]
+    return DataShape(images=len(splits), pretrain_pool=count("unlabeled", "labeled", "val"),
+                     self_train_pool=count("unlabeled", "labeled"), labeled=count("labeled"), val=count("val"),
+                     test=count("test"), num_classes=len(data.class_names), height=height, width=width,
+                     channels=channels)
+
+
+def run_shape(shape: str, seeds: list[int], base: dict, work: Path) -> list[dict]:
+    params = shape_params(shape, work, base)
+    prepared = work / f"{shape}-pool"
+    ingest(params.data.source, params.data.path, 0, labels_per_class=LABELS_PER_CLASS, label_fraction=None,
+           val_per_class=params.data.val_per_class, test_fraction=params.data.test_fraction, out_dir=prepared)
+    data = load_prepared(prepared)
+    plan = probe(make_plan(params, data_shape(data)), params)
+    pool = data.pretrain_pool()
+    settings = replace(pretrain_settings(params, len(pool)), seed=0)
+    start = time.perf_counter()
+    encoder = pretrain(pool, data.meta["mean"], data.meta["std"], make_pseudo_labels(settings, len(pool)), settings,
+                       progress=False).encoder_state
+    pretrain_s = time.perf_counter() - start
+    print(f"{shape}: pretrained {settings.epochs} epochs at batch {settings.batch_size} in {pretrain_s:.0f} s "
+          f"(planned {plan.stage('pretrain').seconds:.0f} s)", flush=True)
+    results = []
+    for seed in seeds:
+        point = run_point(params, encoder, seed, LABELS_PER_CLASS, True, work)
+        point.update(shape=shape, pretrain_s=pretrain_s, pretrain_epochs=settings.epochs,
+                     planned_pretrain_s=plan.stage("pretrain").seconds,
+                     planned_finetune_s=plan.stage("finetune").seconds,
+                     planned_self_train_s=plan.stage("self_train").seconds,
+                     self_train_epochs=plan.stage("self_train").epochs, image_shape=list(data.meta["shape"]),
+                     pool=len(pool), classes=len(data.class_names))
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()}, flush=True)
+        results.append(point)
+    return results
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def apply_rule(point: dict, margin: float) -> dict:
+    """``point`` with each semi-supervised row's final model chosen by ``choose_final`` from the candidates' recorded
+    val accuracies (each candidate's test accuracy is recorded too, never used to choose): the table always shows
+    the committed rule, whichever rule ran when the point was measured."""
+    point = dict(point)
+    for kind in ("ssl_semi", "scratch_semi"):
+        names = ["fine_tune"] + sorted((k[len(kind) + 1:-len("_val")] for k in point
+                                        if k.startswith(f"{kind}_round_") and k.endswith("_val")),
+                                       key=lambda name: int(name.split("_")[1]))
+        if not all(f"{kind}_{name}_val" in point for name in names) or len(names) < 2:
+            continue
+        chosen = names[choose_final([point[f"{kind}_{name}_val"] for name in names], margin)]
+        point[kind] = point[f"{kind}_{chosen}_test"]
+        point[f"{kind}_final"] = chosen.replace("_", " ").replace("fine tune", "fine-tune")
+    return point
+
+
+def summarize(points: list[dict]) -> str:
+    """The generality table: per shape, each row's mean ± std over seeds and its per-seed values; minutes; and
+    whether the final model beat the baseline and the SSL fine-tune on every seed."""
+    lines = ["| shape | pool, image | " + " | ".join(ROWS.values())
+             + " | final − baseline (points) | final > baseline and > SSL fine-tune, every seed | final model chosen"
+             " | minutes: pretrain (planned) + fine-tune + self-train per seed (planned) |",
+             "|---|---|" + "---|" * len(ROWS) + "---|---|---|---|"]
+    for shape in SHAPES:
+        rows = sorted((p for p in points if p["shape"] == shape), key=lambda p: p["seed"])
+        if not rows:
+            continue
+        cells = [_cell([p[k] for p in rows if k in p]) + "<br>" + " / ".join(f"{p[k]:.4f}" for p in rows if k in p)
+                 for k in ROWS]
+        gain = _cell([100 * (p["ssl_semi"] - p["baseline"]) for p in rows])
+        every = all(p["ssl_semi"] > p["baseline"] and p["ssl_semi"] > p["ssl"] for p in rows)
+        chosen = ", ".join(p.get("ssl_semi_final", "?") for p in rows)
+        first = rows[0]
+        minutes = (f"{first['pretrain_s'] / 60:.1f} ({first['planned_pretrain_s'] / 60:.1f}) + "
+                   f"{statistics.fmean(p['ssl_s'] + p['baseline_s'] for p in rows) / 60:.1f} + "
+                   f"{statistics.fmean(p['ssl_semi_s'] for p in rows) / 60:.1f} "
+                   f"({first['planned_self_train_s'] / 60:.1f})")
+        shape_text = "×".join(str(d) for d in first["image_shape"])
+        lines.append(f"| {shape} (seeds {', '.join(str(p['seed']) for p in rows)}) | {first['pool']}, {shape_text}, "
+                     f"{first['classes']} classes, {first['num_test']} test | " + " | ".join(cells)
+                     + f" | {gain} | {'yes' if every else 'NO'} | {chosen} | {minutes} |")
+    return "\n".join(lines)
+
+
+def machine_header(command: str, points_file: Path) -> str:
+    """Where, when and how the table was measured."""
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
+    when = time.strftime("%Y-%m-%d", time.gmtime(points_file.stat().st_mtime)) if points_file.is_file() else "?"
+    return (f"Measured {when} on {cpu}, {os.cpu_count()} cores, no GPU, {torch.get_num_threads()} torch threads, "
+            f"nothing else timed on the machine: `.venv/bin/python {command}` with params.yaml as committed "
+            f"(only the data source changed). Each cell: mean ± std over seeds, then each seed's value. Test "
+            f"accuracy; minutes are wall-clock.\n\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--points", default="benchmarks/results/generality_points.jsonl",
+                        help="JSON lines, one per shape and seed: new points are appended, the table is built "
+                             "from every point in it (a point measured again replaces the earlier one)")
+    parser.add_argument("--out", default="benchmarks/results/generality.md")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("SSLPIPE_THREADS", torch.get_num_threads())))
+    base = read_raw_params(args.params)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    points_file = Path(args.points)
+    if not args.table_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+                for point in run_shape(shape, seeds, base, Path(tmp)):
+                    points_file.parent.mkdir(parents=True, exist_ok=True)
+                    with points_file.open("a") as fh:
+                        fh.write(json.dumps(point) + "\n")
+    points: dict[tuple[str, int], dict] = {}
+    if points_file.is_file():
+        for line in points_file.read_text().splitlines():
+            if line.strip():
+                point = json.loads(line)
+                points[(point["shape"], point["seed"])] = point
+    margin = parse_params(base).self_train.selection_margin
+    table = summarize([apply_rule(p, margin) for p in points.values()])
+    print(table)
+    with atomic_path(args.out) as tmp_path:
+        Path(tmp_path).write_text(machine_header("benchmarks/generality.py", points_file) + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
