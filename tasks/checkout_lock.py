@@ -23,6 +23,11 @@ from pathlib import Path
 from ssl_lib.errors import UserError
 
 LOCK_FILE = Path(".dvc/tmp/sslpipe-run.lock")
+# Set by the holder for everything it starts: a stage process, however it was started (by DVC, through a stage
+# server forked elsewhere, by a flow in a worker's subprocess), belongs to the run that holds the checkout when
+# it carries the holder's pid. Ancestry alone cannot tell: a stage forked by a stage server descends from the
+# server, not from the run.
+HOLDER_ENV = "SSLPIPE_CHECKOUT_HOLDER"
 # Checkouts this process holds, by resolved root, with how deep: a flow inside a command (or the pipeline flow
 # inside the retrain flow) takes the lock its caller already holds. A second flock from the same process would
 # fail on itself: locks belong to open files, not processes.
@@ -68,10 +73,16 @@ def hold_checkout(root: str | os.PathLike[str], command: str | None = None) -> I
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         _HELD[key] = 1
+        previous = os.environ.get(HOLDER_ENV)
+        os.environ[HOLDER_ENV] = str(os.getpid())
         try:
             yield
         finally:
             del _HELD[key]
+            if previous is None:
+                os.environ.pop(HOLDER_ENV, None)
+            else:
+                os.environ[HOLDER_ENV] = previous
     finally:
         os.close(fd)  # releases the lock
 
@@ -79,9 +90,9 @@ def hold_checkout(root: str | os.PathLike[str], command: str | None = None) -> I
 def check_stage_may_run(root: str | os.PathLike[str]) -> None:
     """For a stage process: raise CheckoutBusy if a run other than the one that started it holds the checkout.
 
-    A stage takes no lock of its own: the run that started it (a flow, `sslpipe stage`) holds it, or none does (a
-    plain `dvc repro`). So a `dvc repro` started beside a running flow stops at its first stage, before that stage
-    reads the params the flow wrote for its own stages.
+    A stage takes no lock of its own: the run that started it (a flow, `sslpipe stage`) holds it and handed its
+    pid down in ``$SSLPIPE_CHECKOUT_HOLDER``, or none does (a plain `dvc repro`). So a `dvc repro` started beside a
+    running flow stops at its first stage, before that stage reads the params the flow wrote for its own stages.
     """
     key = str(Path(root).resolve())
     path = lock_path(Path(key))
@@ -97,10 +108,8 @@ def check_stage_may_run(root: str | os.PathLike[str]) -> None:
                 raise
     finally:
         os.close(fd)
-    import psutil
-
     holder = _holder(path).get("pid")
-    if holder not in {parent.pid for parent in psutil.Process().parents()}:
+    if holder is None or str(holder) != os.environ.get(HOLDER_ENV):
         raise CheckoutBusy(_busy_message(path, key))
 
 

@@ -84,3 +84,45 @@ def test_a_stage_beside_another_run_stops_and_one_started_by_it_runs(project: Pa
         assert child.returncode == 0, child.stderr
         run_stage_cli("ingest", ran.append, load=lambda path: "params")  # or runs it in this very process
     assert ran == ["params"]
+
+
+@pytest.mark.slow
+def test_two_real_runs_at_once_leave_mlflow_agreeing_with_dvc_lock(project: Path, prefect_server):
+    """A real `sslpipe run --set seed=4` holds the checkout; a second real one with seed=5 stops before it touches
+    params.yaml; the first finishes, and its MLflow record, params.yaml and dvc.lock all say seed 4."""
+    import time
+
+    import yaml
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    first = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--set", "seed=4", "--no-exp",
+                              "--root", str(project)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the first run holds the checkout
+            try:
+                with hold_checkout(project):
+                    pass
+            except CheckoutBusy:
+                break
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+            time.sleep(0.2)
+        second = runner.invoke(app, ["run", "--set", "seed=5", "--root", str(project)])
+        assert second.exit_code == 2 and f"pid {first.pid}" in second.output, second.output
+        output, _ = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, output
+    assert yaml.safe_load((project / "params.yaml").read_text())["seed"] == 4
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert {stage["params"]["params.yaml"]["seed"] for stage in lock["stages"].values()
+            if "seed" in stage.get("params", {}).get("params.yaml", {})} == {4}
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("ssl-pipeline")
+    parents = [r for r in client.search_runs([experiment.experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.params["seed"] == "4", [r.data.params.get("seed") for r in parents]
