@@ -38,13 +38,16 @@ INVOCATION_TAG = "sslpipe.invocation"
 OWNER_TAG = "sslpipe.parent_owner"
 PREPARED_DATA = "data/prepared"
 DATASET_FILES = ("images.npy", "manifest.csv")
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses, and may guess GenAI.
+# MLflow 3's UI may open an experiment in the view its kind names (3.17 does not: see MODEL_TRAINING_VIEW).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # what the run page shows as the run's description
 MODEL_TAG = "sslpipe.model"  # on a parent run: the registered version and its champion decision, in words
 FINAL_CHOICE_TAG = "sslpipe.final_model"  # on a parent run: which candidate became the final model, and why
 LOCAL_UI = "http://127.0.0.1:5000"  # where `make ui` (mlflow ui) serves a local store
+# MLflow 3.17's UI shows an experiment in the view its sidebar switch last chose (GenAI by default) and ignores the
+# experiment's kind tag; a link with this query opens the model-training view (runs, metrics, the model registry).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def experiment_name() -> str:
@@ -79,13 +82,23 @@ def experiment_id(name: str | None = None) -> str:
     return experiment.experiment_id
 
 
-def run_url(run_id: str, experiment: str) -> tuple[str, bool]:
-    """The MLflow UI's page of a run, and whether it is the local UI's (a sqlite or file store, shown by
-    `make ui`) rather than the tracking server's own."""
+def ui_base() -> tuple[str, bool]:
+    """The MLflow UI's address, and whether it is the local UI's (a sqlite or file store, shown by `make ui`)
+    rather than the tracking server's own."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     local = not uri.startswith(("http://", "https://"))
-    base = LOCAL_UI if local else uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}", local
+    return (LOCAL_UI if local else uri.rstrip("/")), local
+
+
+def experiment_url(experiment: str) -> str:
+    """The runs table of an experiment, in MLflow's model-training view (``MODEL_TRAINING_VIEW``)."""
+    return f"{ui_base()[0]}/#/experiments/{experiment}?{MODEL_TRAINING_VIEW}"
+
+
+def run_url(run_id: str, experiment: str) -> tuple[str, bool]:
+    """The MLflow UI's page of a run, in the model-training view, and whether it is the local UI's."""
+    base, local = ui_base()
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}?{MODEL_TRAINING_VIEW}", local
 
 
 def git_commit(root: Path | None = None) -> str | None:

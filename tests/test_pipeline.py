@@ -197,7 +197,8 @@ def test_prefect_result_links_to_the_mlflow_run(flow_run):
         artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[UUID(parent.data.tags["prefect.flow_run_id"])])))
     by_key = {a.key: a for a in artifacts}
-    url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    url = (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+           "?workflowType=machine_learning")
     assert summary["mlflow_run_url"] == url  # a sqlite store: the address `make ui` serves it at
     result = by_key["pipeline-result"].data
     assert f"]({url})" in result and f"DVC experiment `{summary['dvc_experiment']}`" in result

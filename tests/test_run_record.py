@@ -56,13 +56,15 @@ def test_the_description_rounds_the_result_and_says_what_ran():
     assert describe(params, {}, {}, None, ["ingest"], [], failed_stage="pretrain").startswith("**Failed in stage")
 
 
-def test_the_link_to_a_run_is_the_server_or_the_local_ui(monkeypatch):
-    from tasks.tracking import run_url
+def test_the_link_to_a_run_is_the_server_or_the_local_ui_in_the_model_training_view(monkeypatch):
+    from tasks.tracking import experiment_url, run_url
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/mlflow.db")
-    assert run_url("abc", "7") == ("http://127.0.0.1:5000/#/experiments/7/runs/abc", True)
+    view = "?workflowType=machine_learning"  # MLflow 3.17 opens the GenAI view without it
+    assert run_url("abc", "7") == (f"http://127.0.0.1:5000/#/experiments/7/runs/abc{view}", True)
+    assert experiment_url("7") == f"http://127.0.0.1:5000/#/experiments/7{view}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/")
-    assert run_url("abc", "7") == ("https://mlflow.example.org/#/experiments/7/runs/abc", False)
+    assert run_url("abc", "7") == (f"https://mlflow.example.org/#/experiments/7/runs/abc{view}", False)
 
 
 def test_per_class_table_is_wide(tmp_path):
