@@ -90,6 +90,8 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tasks.run_summary import against_baseline
+
     m = summary["metrics"]
     table = Table(title=f"ssl-pipeline: {params.pretrain.method} / {params.pretrain.backbone} on {params.data.source}")
     table.add_column("model")
@@ -108,7 +110,7 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     ran = ", ".join(s["stage"] for s in summary["stages"] if s["executed"]) or "nothing (all up to date)"
     gain = m.get("self_train_gain", m["ssl_gain"])
     planned = summary.get("planned_minutes")
-    console.print(f"final model's gain over the baseline: {100 * gain:+.1f} points   stages run: {ran}   "
+    console.print(f"final model: {against_baseline(gain)}   stages run: {ran}   "
                   f"total {seconds / 60:.1f} min" + (f" (planned {planned:.1f} min)" if planned is not None else ""))
     console.print(f"metrics: {root / 'results/metrics.json'}   DVC experiment: {summary['dvc_experiment']}")
     local = " (start the UI with make ui)" if summary["mlflow_local_ui"] else ""

@@ -28,13 +28,14 @@ from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
     PREFECT_RUN_ENV,
+    attach_model,
     close_run,
     describe_parent_run,
     log_plan,
     log_results,
     open_parent_run,
+    record_data,
     run_url,
-    tag_dataset_hash,
 )
 
 # A sqlite or file store has no UI of its own: the link is where `make ui` (mlflow ui) serves it.
@@ -128,6 +129,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
                 # Nothing was re-evaluated: the parent run still carries the results it stands for.
                 metrics = json.loads((root_path / paths.METRICS).read_text())
                 log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
+                _attach_final_model(parent_id, root_path)
             if save_experiment:
                 exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),
                                                server_env)
@@ -136,7 +138,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
 
         def write_description() -> None:
-            tag_dataset_hash(parent_id)
+            record_data(parent_id, params, root_path)
             describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
                                 skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
                                 failed_stage=failed, overrides=overrides,
@@ -168,6 +170,21 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
                 metrics["ssl"]["accuracy"], f", SSL + self-training {metrics['self_train']['accuracy']:.4f}"
                 if "self_train" in metrics else "", url)
     return summary
+
+
+def _attach_final_model(parent_id: str, root: Path) -> None:
+    """The final model DVC kept, on a parent run whose stages were all up to date (when it is in this store)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model_id = (json.loads((root / paths.FINAL_INFO).read_text()).get("registered_model") or {}).get("model_id")
+    if not model_id:
+        return
+    try:
+        mlflow.get_logged_model(model_id)
+    except MlflowException:
+        return  # logged in another tracking store (outputs pulled with `dvc pull`)
+    attach_model(parent_id, model_id)
 
 
 def _result_markdown(parent: Any, url: str, local_ui: bool, exp_name: str | None) -> str:

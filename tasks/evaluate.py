@@ -164,8 +164,8 @@ def _record_on_registry(params: PipelineParams, name: str, version: str, metrics
     from mlflow import MlflowClient
 
     from tasks.registry import apply_champion_rule, describe_version, logged_model_id, record_metrics
-    from tasks.run_summary import label_budget
-    from tasks.tracking import MODEL_TAG
+    from tasks.run_summary import against_baseline, data_label, label_budget
+    from tasks.tracking import MODEL_TAG, attach_model
 
     client = MlflowClient()
     scores = metrics[final]
@@ -178,13 +178,16 @@ def _record_on_registry(params: PipelineParams, name: str, version: str, metrics
     # The alias moves only once the scores are recorded: a failure before leaves the champion as it was.
     decision = apply_champion_rule(name, version, scores["accuracy"], params.evaluate.champion_margin)
     gain = scores["accuracy"] - metrics["baseline"]["accuracy"]
+    # It leads with what tells versions apart in a list: the data, the label budget and the result.
     describe_version(name, version, (
-        f"{label}: {params.pretrain.method} pretraining of {params.pretrain.backbone}, {params.finetune.mode} "
-        f"fine-tune on {label_budget(params)} of {params.data.source}. Test accuracy {scores['accuracy']:.4f} "
-        f"(macro F1 {scores['macro_f1']:.4f}, kNN {scores['knn_accuracy']:.4f}), {100 * gain:+.1f} points over the "
-        f"supervised-only baseline ({metrics['baseline']['accuracy']:.4f}). Champion: {decision.text}."))
+        f"{data_label(params)}, {label_budget(params)}: test accuracy {scores['accuracy']:.4f} (macro F1 "
+        f"{scores['macro_f1']:.4f}, kNN {scores['knn_accuracy']:.4f}), {against_baseline(gain)} "
+        f"({metrics['baseline']['accuracy']:.4f}). {label}: {params.pretrain.method} pretraining of "
+        f"{params.pretrain.backbone}, {params.finetune.mode} fine-tune. Champion: {decision.text}."))
     if parent_id:
         client.set_tag(parent_id, MODEL_TAG, f"`{name}` v{version}, {decision.text}")
+        if model_id:  # the run a user opens shows the model it produced among its logged models
+            attach_model(parent_id, model_id)
         if decision.champion_accuracy is not None:
             client.log_metric(parent_id, "champion_test_accuracy", decision.champion_accuracy)
 

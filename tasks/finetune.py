@@ -100,12 +100,14 @@ def model_input(images) -> object:
 
 def log_classifier(model, example_images, registered_name: str, class_names: list[str],
                    model_params: dict[str, str] | None = None) -> dict:
-    """Log and register ``model``; ``model_params`` (what it was trained from) go on the logged model."""
+    """Log and register ``model``; ``model_params`` (what it was trained from: ``tasks.registry.provenance``) go
+    on the logged model, and name it after what it is (``tasks.run_summary.model_name``)."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
     from tasks.mlflow_pytorch import import_mlflow_pytorch
+    from tasks.run_summary import model_name
 
     # Exported as it is: a model left in training mode would normalise each batch by its own statistics, and the
     # registered model would then disagree with the one that was evaluated (a self_train.method: none bug, now tested).
@@ -114,7 +116,8 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)
-    model_info = import_mlflow_pytorch().log_model(model, name="classifier", signature=signature, input_example=example,
+    name = model_name(model_params) if model_params else "classifier"
+    model_info = import_mlflow_pytorch().log_model(model, name=name, signature=signature, input_example=example,
                                           pip_requirements=MODEL_REQUIREMENTS,
                                           # a torch.export program: loads without this package installed
                                           serialization_format="pt2",

@@ -32,20 +32,52 @@ class Decision:
 
 
 def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]:
-    """What a registered version was trained from: method, label budget, data (and its DVC version).
+    """What a registered version was trained from: method, label budget, data (its DVC version, classes and image
+    shape, which decide whether two versions can be compared: ``data_mismatch``).
 
-    ``root`` is the workspace whose dvc.lock holds the data version (a stage runs in its own, temp or not).
+    ``root`` is the workspace whose dvc.lock and prepared data describe the data (a stage runs in its own, temp or
+    not).
     """
-    from tasks.run_summary import label_budget
-    from tasks.tracking import dataset_hash
+    import hashlib
+    import json
+
+    from tasks.run_summary import data_label, label_budget
+    from tasks.tracking import PREPARED_DATA, dataset_hash
 
     info = {"method": params.pretrain.method, "backbone": params.pretrain.backbone,
             "finetune_mode": params.finetune.mode, "self_train": "+".join(params.self_train.steps) or "none",
-            "label_budget": label_budget(params), "data_source": params.data.source}
+            "label_budget": label_budget(params), "data_source": params.data.source, "data": data_label(params)}
     data_version = dataset_hash(root)
     if data_version:
         info["data_version"] = data_version
+    meta_path = root / PREPARED_DATA / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        names = json.dumps(meta["class_names"]).encode()
+        info.update({"num_classes": str(len(meta["class_names"])), "class_set": hashlib.md5(names).hexdigest()[:8],
+                     "image_shape": "x".join(str(n) for n in meta["shape"])})
     return info
+
+
+# The tags that say what a version predicts and from what images: versions that differ in one are not compared.
+DATA_KEYS = ("class_set", "image_shape")
+
+
+def data_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> str | None:
+    """Why two versions (by their tags) are not compared, in words; None when they may be (or when one of them,
+    registered before these tags existed, does not say: measuring it then decides)."""
+    if not all(key in tags for tags in (mine, theirs) for key in DATA_KEYS):
+        return None
+    if all(mine[key] == theirs[key] for key in DATA_KEYS):
+        return None
+
+    def data(tags: dict[str, str]) -> str:
+        source, classes = tags.get("data_source", "other data"), tags.get("num_classes", "?")
+        return f"{source} ({classes} classes of {tags['image_shape']})"
+
+    if data(mine) == data(theirs):
+        return f"it predicts other classes than this run's {data(mine)}"
+    return f"it was trained for {data(theirs)}, this run for {data(mine)}"
 
 
 def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
@@ -57,7 +89,7 @@ def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
 
 
 def record_metrics(name: str, version: str, metrics: dict[str, float]) -> None:
-    tag_version(name, version, {key: f"{value:.6f}" for key, value in metrics.items()})
+    tag_version(name, version, {key: f"{value:.4f}" for key, value in metrics.items()})  # read by people
 
 
 def describe_version(name: str, version: str, text: str) -> None:
@@ -97,8 +129,8 @@ def decide(version: str, accuracy: float, champion: str | None, champion_accurac
     if champion == version:
         return Decision(False, f"unchanged: v{version} is the champion (test accuracy {accuracy:.4f})", champion)
     if champion_accuracy is None:
-        return Decision(False, f"kept champion: v{champion} cannot be measured on this run's test split "
-                               f"({why_not_measured}); v{version} scored {accuracy:.4f}", champion)
+        return Decision(False, f"kept champion: v{champion} is not compared with v{version}: {why_not_measured}",
+                        champion)
     promoted = accuracy > champion_accuracy + margin
     verb = "promoted" if promoted else "kept champion"
     relation = "beats" if promoted else "does not beat"
@@ -126,18 +158,22 @@ def apply_champion_rule(name: str, version: str, accuracy: float, margin: float,
     champion = None if current is None else str(current.version)
     champion_accuracy, why = None, None
     if champion is not None and champion != version:
-        try:
-            champion_accuracy = measure(f"models:/{name}/{champion}")
-        except UserError as err:
-            why = str(err).split("\n")[0]
+        # Models for other classes or images are never compared: said in words, before loading anything.
+        why = data_mismatch(MlflowClient().get_model_version(name, version).tags, current.tags)
+        if why is None:
+            try:
+                champion_accuracy = measure(f"models:/{name}/{champion}")
+            except UserError as err:  # its own words name shapes and lists of classes: logged, not shown
+                log.info("champion v%s cannot be measured: %s", champion, err)
+                why = "it cannot be measured on this run's test split (other images or classes, or files gone)"
     decision = decide(version, accuracy, champion, champion_accuracy, margin, why)
     if decision.promoted:
         MlflowClient().set_registered_model_alias(name, CHAMPION, version)
-    tags = {ACCURACY_TAG: f"{accuracy:.6f}"}
+    tags = {ACCURACY_TAG: f"{accuracy:.4f}"}  # tags are read by people: rounded as in every description
     if champion != version:  # re-evaluating the champion itself keeps the decision that made it one
         tags[DECISION_TAG] = decision.text
         if champion_accuracy is not None:
-            tags[CHAMPION_ACCURACY_TAG] = f"{champion_accuracy:.6f}"
+            tags[CHAMPION_ACCURACY_TAG] = f"{champion_accuracy:.4f}"
     tag_version(name, version, tags)
     log.info("%s v%s: %s", name, version, decision.text)
     return decision

@@ -77,6 +77,26 @@ def label_budget(params: PipelineParams) -> str:
     return f"{(params.data.label_fraction or 0) * 100:g}% labeled"
 
 
+def data_label(params: PipelineParams) -> str:
+    """The data in a word or two: the source, and a folder's own name (``folder shapes``)."""
+    if params.data.source == "folder" and params.data.path:
+        return f"folder {Path(params.data.path).name}"
+    return params.data.source
+
+
+def model_name(trained_from: dict[str, str]) -> str:
+    """A logged model's name, saying what it is, from what it was trained from (``tasks.registry.provenance``):
+    pretraining method, backbone, data, label budget, then the self-training steps:
+    ``simclr-convnet-digits-5-per-class-label_propagation`` (MLflow allows no '/', '.' or '%' in the name)."""
+    import re
+
+    budget = trained_from["label_budget"].replace("/class", " per class").replace("% labeled", " pct labeled")
+    steps = trained_from.get("self_train", "none")
+    parts = [trained_from["method"], trained_from["backbone"], trained_from.get("data", trained_from["data_source"]),
+             budget, *([] if steps == "none" else [steps])]
+    return re.sub(r"[^A-Za-z0-9_+]+", "-", " ".join(parts)).strip("-")
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -110,6 +130,15 @@ def run_title(params: PipelineParams, changes: dict[str, Any], suffix: str | Non
     return f"{title}{NAME_SEPARATOR}{suffix}" if suffix else title
 
 
+def against_baseline(gain: float) -> str:
+    """A gain (a fraction) in words, its sign in the words: ``3.3 points below the supervised-only baseline``
+    rather than ``-3.3 points over`` it; within half a tenth of a point, ``level with`` it."""
+    points = round(100 * gain, 1)
+    if points == 0:
+        return "level with the supervised-only baseline"
+    return f"{abs(points):.1f} points {'above' if points > 0 else 'below'} the supervised-only baseline"
+
+
 def headline(params: PipelineParams, metrics: dict[str, float]) -> str:
     """The result in one sentence, rounded: the final model's test accuracy and its gain over the baseline."""
     if "test_accuracy_ssl" not in metrics or "test_accuracy_baseline" not in metrics:
@@ -120,8 +149,7 @@ def headline(params: PipelineParams, metrics: dict[str, float]) -> str:
         rest = f"; SSL fine-tune alone {metrics['test_accuracy_ssl']:.4f}"
     else:
         final, label, rest = metrics["test_accuracy_ssl"], f"SSL fine-tune ({params.pretrain.method})", ""
-    return (f"**{label}: test accuracy {final:.4f}**, {100 * (final - baseline):+.1f} points over the "
-            f"supervised-only baseline ({baseline:.4f}){rest}.")
+    return f"**{label}: test accuracy {final:.4f}**, {against_baseline(final - baseline)} ({baseline:.4f}){rest}."
 
 
 def plan_against_actual(plan: Any, stage_seconds: dict[str, float | None], total_seconds: float) -> str:

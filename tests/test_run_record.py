@@ -47,7 +47,7 @@ def test_the_description_rounds_the_result_and_says_what_ran():
                "ssl_gain": 0.013100000000000056}
     text = describe(params, metrics, {"finetune.lp_epochs": 40}, "0123456789abcdef0123", ["finetune", "evaluate"],
                     ["ingest"], dvc_experiment="simclr-papaya", model="`m` v2, promoted: first champion")
-    assert "**SSL + label_propagation: test accuracy 0.7475**, +5.1 points" in text
+    assert "**SSL + label_propagation: test accuracy 0.7475**, 5.1 points above the supervised-only baseline" in text
     assert "`finetune.lp_epochs=40`" in text and "`0123456789ab`" in text
     assert "DVC ran finetune, evaluate; skipped ingest (up to date); saved as DVC experiment `simclr-papaya`" in text
     assert "Model: `m` v2" in text
@@ -144,3 +144,68 @@ def test_a_failed_run_keeps_its_own_error_when_describing_it_fails_too(monkeypat
         tracking.close_run("succeeded", True, broken_description)
     tracking.close_run("described", True, lambda: None)
     assert marked == {"failed": False, "succeeded": False, "described": True}
+
+
+def test_the_prepared_data_is_an_mlflow_dataset_named_after_its_source_and_version(tmp_path):
+    import hashlib
+    import json
+
+    import yaml
+
+    from tasks.tracking import dataset_entity
+
+    params = _params()
+    assert dataset_entity(params, tmp_path) is None  # before ingest: nothing to log
+    prepared = tmp_path / "data/prepared"
+    prepared.mkdir(parents=True)
+    (prepared / "meta.json").write_text(json.dumps({"source": "digits", "num_classes": 10, "shape": [8, 8, 1],
+                                                    "source_version": "sha256:abc"}))
+    (prepared / "lineage.json").write_text(json.dumps({"data_version": 3}))
+    (prepared / "manifest.csv").write_text("index,split\n0,test\n1,labeled\n2,unlabeled\n3,unlabeled\n4,val\n")
+    without_dvc = dataset_entity(params, tmp_path)
+    manifest_md5 = hashlib.md5((prepared / "manifest.csv").read_bytes()).hexdigest()
+    assert without_dvc.digest == manifest_md5[:8]
+    lock = {"stages": {"ingest": {"outs": [{"path": "data/prepared/images.npy", "md5": "a" * 32},
+                                           {"path": "data/prepared/manifest.csv", "md5": "b" * 32}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    dataset = dataset_entity(params, tmp_path)
+    dvc_digest = hashlib.md5(f"{'a' * 32}:{'b' * 32}".encode()).hexdigest()  # the sslpipe.dataset_hash tag's
+    assert (dataset.name, dataset.digest) == ("digits v3", dvc_digest[:8])
+    profile = json.loads(dataset.profile)
+    assert profile["splits"] == {"unlabeled": 2, "labeled": 1, "val": 1, "test": 1}
+    assert profile["num_images"] == 5 and profile["image_shape"] == "8x8x1" and profile["digest"] == dvc_digest
+    assert json.loads(dataset.source) == {"uri": "digits"}
+
+
+def test_a_gain_is_worded_with_its_sign():
+    from tasks.run_summary import against_baseline
+
+    assert against_baseline(-0.033) == "3.3 points below the supervised-only baseline"
+    assert against_baseline(0.0512) == "5.1 points above the supervised-only baseline"
+    assert against_baseline(-0.0004) == "level with the supervised-only baseline"
+
+
+def test_models_for_other_classes_or_images_are_never_compared_and_the_decision_says_why_in_words():
+    from tasks.registry import data_mismatch, decide
+
+    fashion = {"data_source": "fashion-mnist", "num_classes": "10", "class_set": "aaaa1111", "image_shape": "28x28x1"}
+    digits = {"data_source": "digits", "num_classes": "10", "class_set": "bbbb2222", "image_shape": "8x8x1"}
+    assert data_mismatch(digits, dict(digits)) is None
+    assert data_mismatch(digits, {"data_source": "digits"}) is None  # an older version: measuring it decides
+    why = data_mismatch(digits, fashion)
+    assert why == "it was trained for fashion-mnist (10 classes of 28x28x1), this run for digits (10 classes of 8x8x1)"
+    renamed = data_mismatch(digits, {**digits, "class_set": "cccc3333"})
+    assert renamed == "it predicts other classes than this run's digits (10 classes of 8x8x1)"
+    kept = decide("3", 0.9, "2", None, 0.005, why)
+    assert not kept.promoted and kept.text == f"kept champion: v2 is not compared with v3: {why}"
+    assert "[" not in kept.text and kept.text.count(".") == 0  # one sentence, no Python lists
+
+
+def test_a_logged_model_is_named_after_what_it_is():
+    from tasks.run_summary import model_name
+
+    trained = {"method": "simclr", "backbone": "convnet", "data_source": "folder", "data": "folder shapes",
+               "label_budget": "10/class", "self_train": "label_propagation+fixmatch"}
+    assert model_name(trained) == "simclr-convnet-folder-shapes-10-per-class-label_propagation+fixmatch"
+    assert model_name({**trained, "label_budget": "5% labeled", "self_train": "none"}) \
+        == "simclr-convnet-folder-shapes-5-pct-labeled"
