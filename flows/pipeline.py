@@ -23,7 +23,7 @@ from tasks.environment import configure_environment, project_root
 from tasks.evaluate import RESULT_FILES, headline_metrics
 from tasks.params_file import apply_param_overrides
 from tasks.preflight import check_label_budget
-from tasks.run_summary import committed_params, param_changes, plan_against_actual, run_title
+from tasks.run_summary import committed_params, inherited_note, param_changes, plan_against_actual, run_title
 from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
@@ -100,6 +100,9 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     overrides = {**(overrides or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
     if labels_per_class is not None:
         overrides["data.label_fraction"] = None
+    inherited = inherited_note(root_path, overrides)  # before the overrides are written into the file
+    if inherited:
+        logger.warning(inherited)
     params = apply_param_overrides(root_path / "params.yaml", overrides)
     from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
 

@@ -70,6 +70,31 @@ def param_changes(params: PipelineParams, baseline: dict[str, Any] | None,
     return {key: value for key, value in after.items() if before.get(key, missing) != value}
 
 
+def inherited_note(root: Path, overrides: dict[str, Any]) -> str | None:
+    """What a run takes from params.yaml that neither the last commit nor this run's overrides set, in one line,
+    with the way back; None when the file is as committed (or outside git).
+
+    ``sslpipe run --set`` writes its overrides into params.yaml (as `dvc exp run -S` does), so a later run starts
+    from them: this is said before any compute, not discovered in MLflow afterwards.
+    """
+    from ssl_lib.config import parse_params, read_raw_params
+    from ssl_lib.errors import UserError
+
+    committed = committed_params(root)
+    if committed is None:
+        return None
+    try:
+        current = parse_params(read_raw_params(root / "params.yaml"))
+    except UserError:
+        return None  # the run's own validation says what is wrong
+    inherited = {k: v for k, v in param_changes(current, committed).items() if k not in overrides}
+    if not inherited:
+        return None
+    shown = ", ".join(f"{k}={format_value(v)}" for k, v in inherited.items())
+    return (f"params.yaml differs from the last commit, and this run keeps it: {shown} (left by an earlier run or "
+            "an edit; `git checkout params.yaml` goes back to the committed params)")
+
+
 def label_budget(params: PipelineParams) -> str:
     """``10/class``, or ``5% labeled`` for a label fraction."""
     if params.data.labels_per_class is not None:

@@ -209,3 +209,26 @@ def test_a_logged_model_is_named_after_what_it_is():
     assert model_name(trained) == "simclr-convnet-folder-shapes-10-per-class-label_propagation+fixmatch"
     assert model_name({**trained, "label_budget": "5% labeled", "self_train": "none"}) \
         == "simclr-convnet-folder-shapes-5-pct-labeled"
+
+
+def test_a_run_says_what_it_inherits_from_an_uncommitted_params_yaml(tmp_path):
+    import shutil
+
+    import yaml
+
+    from tasks.run_summary import inherited_note
+    from tests.conftest import REPO, run_cmd
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    assert inherited_note(tmp_path, {}) is None  # not a git repository: nothing to compare with
+    run_cmd(["git", "init", "-q"], tmp_path)
+    run_cmd(["git", "add", "params.yaml"], tmp_path)
+    run_cmd(["git", "commit", "-qm", "params"], tmp_path)
+    assert inherited_note(tmp_path, {}) is None  # as committed
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["seed"] = 3  # what `sslpipe run --set seed=3` leaves behind
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    note = inherited_note(tmp_path, {"data.source": "digits"})
+    assert note.startswith("params.yaml differs from the last commit, and this run keeps it: seed=3 (")
+    assert "`git checkout params.yaml`" in note
+    assert inherited_note(tmp_path, {"seed": 0}) is None  # this run sets it again: nothing inherited
