@@ -219,6 +219,35 @@ def test_prefect_result_links_to_the_mlflow_run(flow_run):
     assert by_key["pipeline-mlflow-run"].data == f"[MLflow run {parent.info.run_name}]({url})"
 
 
+def _task_run_states(flow_run_id: str) -> dict[str, str]:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_a_rerun_with_nothing_changed_shows_its_stages_skipped_and_still_says_which_data_and_model(flow_run):
+    """DVC skips every stage: Prefect shows them "Skipped", not "Completed" like stages that ran; the new parent run
+    still shows the data and the final model it stands for."""
+    from flows.pipeline import ssl_pipeline
+
+    project, first = flow_run
+    first_parent = _client().get_run(first["mlflow_run_id"])
+    assert _task_run_states(first_parent.data.tags["prefect.flow_run_id"]) == {s: "Completed" for s in STAGES}
+    again = ssl_pipeline(root=str(project), save_experiment=False)
+    assert not any(s["executed"] for s in again["stages"])
+    parent = _client().get_run(again["mlflow_run_id"])
+    assert _task_run_states(parent.data.tags["prefect.flow_run_id"]) == {s: "Skipped" for s in STAGES}
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["digits v1"]
+    final = json.loads((project / "artifacts/self_train/final.json").read_text())["registered_model"]
+    assert [o.model_id for o in parent.outputs.model_outputs] == [final["model_id"]]
+    assert parent.data.metrics["test_accuracy_ssl"] == first_parent.data.metrics["test_accuracy_ssl"]
+
+
 def test_champion_rule_in_both_directions(flow_run):
     """The rule that every run's evaluate stage applies: better by more than the margin moves the alias, else not."""
     from mlflow import MlflowClient
