@@ -113,8 +113,8 @@ def run(params: PipelineParams) -> dict:
 
         write_json(paths.METRICS, metrics)
         ordered = {kind: tables[kind] for kind in ("baseline", "ssl", "self_train") if kind in tables}
-        with atomic_path(paths.PER_CLASS) as tmp:
-            wide_per_class_table(ordered).to_csv(tmp, index=False)
+        with atomic_path(paths.PER_CLASS) as tmp:  # read by people: 4 decimals (1/1038 needs no more)
+            wide_per_class_table(ordered).round(4).to_csv(tmp, index=False)
         save_per_class_png(ordered, paths.PER_CLASS_PNG, labels={kind: labels[kind] for kind in ordered},
                            accuracies={kind: metrics[kind]["accuracy"] for kind in ordered})
         with atomic_path(paths.PREDICTIONS) as tmp:

@@ -168,6 +168,8 @@ def test_stage_runs_log_their_histories_and_the_lp_phase(flow_run):
     table = pd.read_csv(project / "results/per_class.csv")
     assert len(table) == 10 and table["class"].is_unique
     assert {"support", "baseline_f1", "ssl_f1", "self_train_f1", "ssl_recall"} <= set(table.columns)
+    numbers = (project / "results/per_class.csv").read_text().replace(",", " ").split()
+    assert max(len(n.split(".")[1]) for n in numbers if "." in n) <= 4  # rounded where people read
     assert (project / "results/per_class.png").read_bytes()[:4] == b"\x89PNG"
 
 
