@@ -152,7 +152,8 @@ def validate(set_: list[str] | None = typer.Option(None, "--set", "-S", help=CHE
 @app.command()
 def predict(source: str = typer.Argument(..., help="A folder of images (or one image), or split:NAME of the "
                                                     "prepared data, e.g. split:test"),
-            model: str = typer.Option("models:/ssl-pipeline-classifier@champion", help="MLflow model URI."),
+            model: str | None = typer.Option(None, help="MLflow model URI (default: the champion of the data "
+                                                         "params.yaml names, models:/<registered model>@champion)."),
             output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV to write."),
             flow: bool = typer.Option(False, "--flow", help="Run as a Prefect flow (observable, retried)."),
             root: Path = typer.Option(Path("."), help="Project root (for split:NAME and the MLflow store).")) -> None:
@@ -162,6 +163,11 @@ def predict(source: str = typer.Argument(..., help="A folder of images (or one i
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
     with _reported():
+        if model is None:
+            from ssl_lib.config import load_params
+            from tasks.registry import champion_uri
+
+            model = champion_uri(load_params(root.resolve() / "params.yaml"))
         if flow:
             from flows.predict import predict_flow
 

@@ -31,6 +31,27 @@ class Decision:
     champion_accuracy: float | None = None
 
 
+def registered_name(base: str, data: str) -> str:
+    """The registered model a final model goes to: ``finetune.registered_model_name`` and the data it was trained
+    on (``tasks.run_summary.data_label``), e.g. ``ssl-pipeline-classifier-digits``. One registered model per data
+    source, so a champion is only ever challenged by models of the same data."""
+    import re
+
+    return f"{base}-{re.sub(r'[^a-z0-9]+', '-', data.lower()).strip('-')}"
+
+
+def registered_model(params: PipelineParams) -> str:
+    """The registered model of the data ``params`` name."""
+    from tasks.run_summary import data_label
+
+    return registered_name(params.finetune.registered_model_name, data_label(params))
+
+
+def champion_uri(params: PipelineParams) -> str:
+    """``models:/<registered model>@champion``: what `sslpipe predict` loads unless told otherwise."""
+    return f"models:/{registered_model(params)}@{CHAMPION}"
+
+
 def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]:
     """What a registered version was trained from: method, label budget, data (its DVC version, classes and image
     shape, which decide whether two versions can be compared: ``data_mismatch``).

@@ -118,7 +118,7 @@ def test_mlflow_names_and_describes_the_run(flow_run):
     assert f"Git commit: `{commit[:12]}`" in description
     assert "DVC ran ingest, pseudo_labels, pretrain, finetune, self_train, evaluate" in description
     assert summary["dvc_experiment"] in description
-    assert "`test-classifier` v1, promoted: first champion" in description
+    assert "`test-classifier-digits` v1, promoted: first champion" in description
     # The parent run carries the results it stands for: metrics and the result files.
     assert {"per_class.png", "per_class.csv", "metrics.json", "confusion_final.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -180,9 +180,9 @@ def test_logged_model_and_version_carry_the_scores(flow_run):
 
     project, _ = flow_run
     metrics = json.loads((project / "results/metrics.json").read_text())
-    version = _client().get_model_version("test-classifier", "1")
+    version = _client().get_model_version("test-classifier-digits", "1")
     model_id = json.loads((project / "artifacts/self_train/final.json").read_text())["registered_model"]["model_id"]
-    assert logged_model_id("test-classifier", "1") == model_id
+    assert logged_model_id("test-classifier-digits", "1") == model_id
     logged = mlflow.get_logged_model(model_id)
     scores = {m.key: m.value for m in logged.metrics}
     assert scores["test_accuracy"] == pytest.approx(metrics["self_train"]["accuracy"])
@@ -304,13 +304,13 @@ def test_registered_model_loads_by_champion_alias(flow_run):
     import torch
 
     project, _ = flow_run
-    model = mlflow.pytorch.load_model("models:/test-classifier@champion")
+    model = mlflow.pytorch.load_model("models:/test-classifier-digits@champion")
     images = np.load(project / "data/prepared/images.npy")[:5]
     x = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     with torch.no_grad():
         logits = model(x)
     assert logits.shape == (5, 10)
-    version = _client().get_model_version_by_alias("test-classifier", "champion")
+    version = _client().get_model_version_by_alias("test-classifier-digits", "champion")
     assert float(version.tags["test_accuracy"]) > 0
 
 
@@ -409,13 +409,14 @@ def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
     assert parent.info.run_name.startswith("rotation 5/class") and "finetune.epochs=5" in parent.info.run_name
     assert "DVC ran finetune, self_train, evaluate" in parent.data.tags["mlflow.note.content"]
     # A second registered version exists, with its metrics, and the champion rule decided for it as in any run.
-    versions = client.search_model_versions("name = 'test-classifier'")
+    versions = client.search_model_versions("name = 'test-classifier-digits'")
     assert len(versions) == 2 and all("test_accuracy" in v.tags for v in versions)
-    v1, v2 = (client.get_model_version("test-classifier", v) for v in ("1", "2"))
+    v1, v2 = (client.get_model_version("test-classifier-digits", v) for v in ("1", "2"))
     better = float(v2.tags["test_accuracy"]) > float(v2.tags["champion_test_accuracy"]) + 0.005
     assert v2.tags["champion_decision"].startswith("promoted" if better else "kept champion")
     assert v2.tags["champion_test_accuracy"] == v1.tags["test_accuracy"]  # both rounded to 4 decimals
-    assert str(client.get_model_version_by_alias("test-classifier", "champion").version) == ("2" if better else "1")
+    champion = client.get_model_version_by_alias("test-classifier-digits", "champion")
+    assert str(champion.version) == ("2" if better else "1")
 
 
 def test_pseudo_labels_cover_the_pool_and_never_val_or_test(flow_run):
@@ -491,8 +492,8 @@ def test_predict_from_champion_on_a_folder_with_a_corrupt_image(flow_run, tmp_pa
         Image.fromarray(image).save(folder / f"img{i}.png")
     (folder / "zz_broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "pred.csv"
-    result = CliRunner().invoke(app, ["predict", str(folder), "--model", "models:/test-classifier@champion",
-                                      "-o", str(out), "--root", str(project)])
+    # No --model: the champion of the data params.yaml names (test-classifier-digits: one registered model per source).
+    result = CliRunner().invoke(app, ["predict", str(folder), "-o", str(out), "--root", str(project)])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
     assert list(table["status"]) == ["ok", "ok", "ok", "error"]
@@ -507,8 +508,8 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
     from tasks.predict import predict
 
     project, _ = flow_run
-    version = _client().get_model_version_by_alias("test-classifier", "champion")
-    table = predict("split:test", f"models:/test-classifier/{version.version}", tmp_path / "p.csv",
+    version = _client().get_model_version_by_alias("test-classifier-digits", "champion")
+    table = predict("split:test", f"models:/test-classifier-digits/{version.version}", tmp_path / "p.csv",
                     prepared_dir=project / "data/prepared")
     manifest = pd.read_csv(project / "data/prepared/manifest.csv")
     test = manifest[manifest["split"] == "test"]
@@ -516,7 +517,7 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
     names = [str(i) for i in range(10)]
     predicted = table["predicted_class"].astype(str).map(names.index).to_numpy()
     accuracy = float((predicted == test["label"].to_numpy()).mean())
-    versions = {v.version: v.tags for v in _client().search_model_versions("name = 'test-classifier'")}
+    versions = {v.version: v.tags for v in _client().search_model_versions("name = 'test-classifier-digits'")}
     assert version.tags["test_accuracy"] == f"{accuracy:.4f}", (version.version, versions)  # rounded: read by people
 
 

@@ -232,3 +232,12 @@ def test_a_run_says_what_it_inherits_from_an_uncommitted_params_yaml(tmp_path):
     assert note.startswith("params.yaml differs from the last commit, and this run keeps it: seed=3 (")
     assert "`git checkout params.yaml`" in note
     assert inherited_note(tmp_path, {"seed": 0}) is None  # this run sets it again: nothing inherited
+
+
+def test_one_registered_model_per_data_source():
+    from tasks.registry import champion_uri, registered_name
+
+    assert registered_name("ssl-pipeline-classifier", "fashion-mnist") == "ssl-pipeline-classifier-fashion-mnist"
+    assert registered_name("m", "folder My Shapes") == "m-folder-my-shapes"
+    params = _params(data={"source": "folder", "path": "/data/shapes"})
+    assert champion_uri(params) == "models:/ssl-pipeline-classifier-folder-shapes@champion"
