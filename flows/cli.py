@@ -115,6 +115,7 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     console.print(f"metrics: {root / 'results/metrics.json'}   DVC experiment: {summary['dvc_experiment']}")
     local = " (start the UI with make ui)" if summary["mlflow_local_ui"] else ""
     console.print(f"MLflow run {summary['mlflow_run_name']!r}: {summary['mlflow_run_url']}{local}", soft_wrap=True)
+    console.print(f"all runs: {summary['mlflow_experiment_url']}", soft_wrap=True)
 
 
 @app.command()

@@ -31,6 +31,7 @@ from tasks.tracking import (
     attach_model,
     close_run,
     describe_parent_run,
+    experiment_url,
     log_plan,
     log_results,
     open_parent_run,
@@ -156,6 +157,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     parent = MlflowClient().get_run(parent_id)
     url, local_ui = run_url(parent_id, parent.info.experiment_id)
     summary = {"mlflow_run_id": parent_id, "mlflow_run_name": parent.info.run_name, "mlflow_run_url": url,
+               "mlflow_experiment_url": experiment_url(parent.info.experiment_id),
                "mlflow_local_ui": local_ui, "dvc_experiment": exp_name, "metrics": metrics,
                "stages": [_stage_row(o) for o in outcomes]}
     actual = {o.stage: o.seconds for o in outcomes}

@@ -190,9 +190,12 @@ def plan_against_actual(plan: Any, stage_seconds: dict[str, float | None], total
 
 def describe(params: PipelineParams, metrics: dict[str, float], changes: dict[str, Any], commit: str | None,
              ran: list[str], skipped: list[str], dvc_experiment: str | None = None, model: str | None = None,
-             failed_stage: str | None = None, timing: str | None = None, final_choice: str | None = None) -> str:
-    """The run's description (markdown): result, changed params, commit, what DVC did, the registered model."""
+             failed_stage: str | None = None, timing: str | None = None, final_choice: str | None = None,
+             data: str | None = None) -> str:
+    """The run's description (markdown): result, data, changed params, commit, what DVC did, the registered model."""
     lines = [f"**Failed in stage `{failed_stage}`.**" if failed_stage else headline(params, metrics), ""]
+    if data:
+        lines.append(f"- Data: {data}")
     if changes:
         lines.append("- Changed from the committed params.yaml: "
                      + ", ".join(f"`{k}={format_value(v)}`" for k, v in changes.items()))

@@ -237,7 +237,8 @@ def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | No
     changes = param_changes(params, committed_params(root or project_root()), overrides)
     text = describe(params, run.data.metrics, changes, run.data.tags.get("mlflow.source.git.commit"), ran,
                     skipped or [], dvc_experiment=dvc_experiment, model=run.data.tags.get(MODEL_TAG),
-                    failed_stage=failed_stage, timing=timing, final_choice=run.data.tags.get(FINAL_CHOICE_TAG))
+                    failed_stage=failed_stage, timing=timing, final_choice=run.data.tags.get(FINAL_CHOICE_TAG),
+                    data=data_summary(dataset_entity(params, root)))
     client.set_tag(run_id, DESCRIPTION_TAG, text)
     return text
 
@@ -308,6 +309,17 @@ def dataset_entity(params: PipelineParams, root: Path | None = None) -> Any | No
     return Dataset(name=f"{source} v{version}" if version else source, digest=digest[:8], source_type="local",
                    source=json.dumps({"uri": params.data.path or params.data.source}),
                    profile=json.dumps(profile))
+
+
+def data_summary(dataset: Any | None) -> str | None:
+    """A dataset in a line: ``digits v1 (1a2b3c4d): 1797 images, 50 labeled, 30 val, 359 test, 1358 unlabeled``."""
+    import json
+
+    if dataset is None:
+        return None
+    profile = json.loads(dataset.profile)
+    splits = ", ".join(f"{profile['splits'][split]} {split}" for split in ("labeled", "val", "test", "unlabeled"))
+    return f"`{dataset.name}` ({dataset.digest}): {profile['num_images']} images of {profile['image_shape']}, {splits}"
 
 
 def log_dataset(run_id: str, params: PipelineParams, context: str, root: Path | None = None) -> None:

@@ -119,6 +119,8 @@ def test_mlflow_names_and_describes_the_run(flow_run):
     assert "DVC ran ingest, pseudo_labels, pretrain, finetune, self_train, evaluate" in description
     assert summary["dvc_experiment"] in description
     assert "`test-classifier-digits` v1, promoted: first champion" in description
+    assert parent.data.metrics["test_accuracy"] == metrics["self_train"]["accuracy"]  # the final model's, first
+    assert "- Data: `digits v1` (" in description and "50 labeled, 30 val" in description
     # The parent run carries the results it stands for: metrics and the result files.
     assert {"per_class.png", "per_class.csv", "metrics.json", "confusion_final.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -216,6 +218,8 @@ def test_prefect_result_links_to_the_mlflow_run(flow_run):
     url = (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
            "?workflowType=machine_learning")
     assert summary["mlflow_run_url"] == url  # a sqlite store: the address `make ui` serves it at
+    assert summary["mlflow_experiment_url"] == (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
+                                                "?workflowType=machine_learning")
     result = by_key["pipeline-result"].data
     assert f"]({url})" in result and f"DVC experiment `{summary['dvc_experiment']}`" in result
     assert by_key["pipeline-mlflow-run"].data == f"[MLflow run {parent.info.run_name}]({url})"

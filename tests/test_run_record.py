@@ -152,7 +152,7 @@ def test_the_prepared_data_is_an_mlflow_dataset_named_after_its_source_and_versi
 
     import yaml
 
-    from tasks.tracking import dataset_entity
+    from tasks.tracking import data_summary, dataset_entity
 
     params = _params()
     assert dataset_entity(params, tmp_path) is None  # before ingest: nothing to log
@@ -175,6 +175,9 @@ def test_the_prepared_data_is_an_mlflow_dataset_named_after_its_source_and_versi
     assert profile["splits"] == {"unlabeled": 2, "labeled": 1, "val": 1, "test": 1}
     assert profile["num_images"] == 5 and profile["image_shape"] == "8x8x1" and profile["digest"] == dvc_digest
     assert json.loads(dataset.source) == {"uri": "digits"}
+    line = data_summary(dataset)  # what the parent run's description says of its data
+    assert line == f"`digits v3` ({dvc_digest[:8]}): 5 images of 8x8x1, 1 labeled, 1 val, 1 test, 2 unlabeled"
+    assert f"- Data: {line}" in describe(params, {}, {}, None, [], [], data=line)
 
 
 def test_a_gain_is_worded_with_its_sign():
