@@ -33,6 +33,7 @@ from tasks.tracking import (
     describe_parent_run,
     experiment_url,
     log_plan,
+    log_planned_minutes,
     log_results,
     open_parent_run,
     record_data,
@@ -128,7 +129,9 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     try:
         with stage_server(root_path) as server_env:
             for stage_task in stage_tasks().values():
-                outcomes.append(stage_task(str(root_path), {**env, **server_env}, force=force))
+                # Its state, then its result: a stage DVC skipped ends in a state of its own (flows.stages.SKIPPED).
+                state = stage_task(str(root_path), {**env, **server_env}, force=force, return_state=True)
+                outcomes.append(state.result())
             if not outcomes[-1].executed:
                 # Nothing was re-evaluated: the parent run still carries the results it stands for.
                 metrics = json.loads((root_path / paths.METRICS).read_text())
@@ -142,6 +145,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
 
         def write_description() -> None:
+            log_planned_minutes(parent_id, plan)
             record_data(parent_id, params, root_path)
             describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
                                 skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,

@@ -244,8 +244,8 @@ def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | No
 
 
 def log_plan(run_id: str, plan: RunPlan) -> None:
-    """The run's plan on its parent run: plan.json (data, steps and estimated minutes per stage), and the
-    estimated total as a metric to compare with the run's own time."""
+    """The run's plan on its parent run, before any compute: plan.json (data, steps and estimated minutes per
+    stage). Its estimated total is a metric too, logged when the run is described (``log_planned_minutes``)."""
     import json
     import tempfile
 
@@ -258,8 +258,15 @@ def log_plan(run_id: str, plan: RunPlan) -> None:
                                     "estimated_total_minutes": None if plan.total_seconds is None
                                     else round(plan.total_seconds / 60, 2), "notes": plan.notes}, indent=2))
         client.log_artifact(run_id, str(path))
+
+
+def log_planned_minutes(run_id: str, plan: RunPlan) -> None:
+    """The plan's estimated total as a metric, to compare with the run's own time. Logged after the results:
+    MLflow's compare view plots a run's first metric, which should be the final model's test accuracy."""
+    from mlflow import MlflowClient
+
     if plan.total_seconds is not None:
-        client.log_metric(run_id, "planned_minutes", round(plan.total_seconds / 60, 2))
+        MlflowClient().log_metric(run_id, "planned_minutes", round(plan.total_seconds / 60, 2))
 
 
 def log_results(run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
