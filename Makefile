@@ -17,7 +17,7 @@ $(error could not read the offline switches: $(PYTHON) -B tasks/environment.py p
 endif
 $(foreach switch,$(OFFLINE_SWITCHES),$(eval export $(switch)))
 
-.PHONY: install run lint test test-fast bench-gpu ui serve data repro clean
+.PHONY: install run lint test test-fast bench-gpu ui serve prefect-server data repro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,17 +66,29 @@ bench-gpu: install data
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
-# A local Prefect server (127.0.0.1:4200) and the retrain deployment served on its cron schedule.
+# A local Prefect server (127.0.0.1:$(PREFECT_PORT), 4200 by default) and the retrain deployment served on its cron
+# schedule. `prefect server start --port` moves the API but not the URL its UI calls, which comes from
+# PREFECT_API_URL or the settings' port (4200): the UI of a server on another port would then show "Can't connect"
+# or, worse, another server's data. The server process is told its own API URL (tests/test_serve.py checks it).
 PREFECT_PORT ?= 4200
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+PREFECT_SERVER := PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
+	PREFECT_UI_API_URL=$(PREFECT_API) PREFECT_API_URL=$(PREFECT_API) \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# The server alone, in the foreground (what `serve` starts in the background).
+prefect-server:
+	$(PREFECT_SERVER)
+
 serve: install
-	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .prefect-server.log 2>&1 & \
+	$(PREFECT_SERVER) > .prefect-server.log 2>&1 & \
 	server=$$!; trap "kill $$server" EXIT INT TERM; \
 	for i in $$(seq 120); do \
-		$(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health', timeout=2)" 2>/dev/null && break; \
+		$(BIN)/python -c "import urllib.request as u; u.urlopen('$(PREFECT_API)/health', timeout=2)" 2>/dev/null && break; \
 		sleep 1; \
 	done; \
 	echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (deployment ssl-retrain/nightly-retrain)"; \
-	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/python -m flows.retrain serve
+	PREFECT_API_URL=$(PREFECT_API) $(BIN)/python -m flows.retrain serve
 
 clean:
 	rm -rf data/prepared artifacts results mlflow.db

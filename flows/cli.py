@@ -73,7 +73,7 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
         root: Path = typer.Option(Path("."), help="Project root (where dvc.yaml and params.yaml are).")) -> None:
     """Run the whole pipeline as a Prefect flow and print both test accuracies."""
     from tasks.environment import configure_environment
-    from tasks.registry import check_same_task
+    from tasks.registry import check_same_task, registered_model
     from tasks.tracking import check_store_writable
 
     root = root.resolve()
@@ -87,7 +87,7 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
             overrides = _parse_sets(set_)
             params, shape = _validate(root, overrides)
             check_store_writable()
-            check_same_task(params.finetune.registered_model_name, shape.num_classes,
+            check_same_task(registered_model(params), shape.num_classes,
                             (shape.channels, shape.height, shape.width))
         from flows.pipeline import ssl_pipeline
 
@@ -99,6 +99,8 @@ def run(set_: list[str] | None = typer.Option(None, "--set", "-S", help=SET_HELP
 def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from tasks.run_summary import against_baseline
 
     m = summary["metrics"]
     table = Table(title=f"ssl-pipeline: {params.pretrain.method} / {params.pretrain.backbone} on {params.data.source}")
@@ -118,11 +120,12 @@ def _print_summary(summary: dict, params, root: Path, seconds: float) -> None:
     ran = ", ".join(s["stage"] for s in summary["stages"] if s["executed"]) or "nothing (all up to date)"
     gain = m.get("self_train_gain", m["ssl_gain"])
     planned = summary.get("planned_minutes")
-    console.print(f"final model's gain over the baseline: {100 * gain:+.1f} points   stages run: {ran}   "
+    console.print(f"final model: {against_baseline(gain)}   stages run: {ran}   "
                   f"total {seconds / 60:.1f} min" + (f" (planned {planned:.1f} min)" if planned is not None else ""))
     console.print(f"metrics: {root / 'results/metrics.json'}   DVC experiment: {summary['dvc_experiment']}")
     local = " (start the UI with make ui)" if summary["mlflow_local_ui"] else ""
     console.print(f"MLflow run {summary['mlflow_run_name']!r}: {summary['mlflow_run_url']}{local}", soft_wrap=True)
+    console.print(f"all runs: {summary['mlflow_experiment_url']}", soft_wrap=True)
 
 
 @app.command()
@@ -160,7 +163,8 @@ def validate(set_: list[str] | None = typer.Option(None, "--set", "-S", help=CHE
 @app.command()
 def predict(source: str = typer.Argument(..., help="A folder of images (or one image), or split:NAME of the "
                                                     "prepared data, e.g. split:test"),
-            model: str = typer.Option("models:/ssl-pipeline-classifier@champion", help="MLflow model URI."),
+            model: str | None = typer.Option(None, help="MLflow model URI (default: the champion of the data "
+                                                         "params.yaml names, models:/<registered model>@champion)."),
             output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV to write."),
             flow: bool = typer.Option(False, "--flow", help="Run as a Prefect flow (observable, retried)."),
             root: Path = typer.Option(Path("."), help="Project root (for split:NAME and the MLflow store).")) -> None:
@@ -170,6 +174,11 @@ def predict(source: str = typer.Argument(..., help="A folder of images (or one i
     os.environ["SSLPIPE_ROOT"] = str(root.resolve())
     configure_environment()
     with _reported():
+        if model is None:
+            from ssl_lib.config import load_params
+            from tasks.registry import champion_uri
+
+            model = champion_uri(load_params(root.resolve() / "params.yaml"))
         if flow:
             from flows.predict import predict_flow
 

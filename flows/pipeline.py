@@ -24,20 +24,23 @@ from tasks.environment import configure_environment, project_root
 from tasks.evaluate import RESULT_FILES, headline_metrics
 from tasks.params_file import apply_param_overrides
 from tasks.preflight import check_label_budget
-from tasks.registry import check_same_task
-from tasks.run_summary import committed_params, param_changes, plan_against_actual, run_title
+from tasks.registry import check_same_task, registered_model
+from tasks.run_summary import committed_params, inherited_note, param_changes, plan_against_actual, run_title
 from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
     PREFECT_RUN_ENV,
+    attach_model,
     check_store_writable,
     close_run,
     describe_parent_run,
+    experiment_url,
     log_plan,
+    log_planned_minutes,
     log_results,
     open_parent_run,
+    record_data,
     run_url,
-    tag_dataset_hash,
 )
 
 # A sqlite or file store has no UI of its own: the link is where `make ui` (mlflow ui) serves it.
@@ -105,11 +108,14 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         overrides = {**(overrides or {}), **{k: v for k, v in shortcuts.items() if v is not None}}
         if labels_per_class is not None:
             overrides["data.label_fraction"] = None
+        inherited = inherited_note(root_path, overrides)  # before the overrides are written into the file
+        if inherited:
+            logger.warning(inherited)
         params = apply_param_overrides(root_path / "params.yaml", overrides)
         from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
 
         shape = check_label_budget(params, root_path)
-        check_same_task(params.finetune.registered_model_name, shape.num_classes,
+        check_same_task(registered_model(params), shape.num_classes,
                         (shape.channels, shape.height, shape.width))
         plan, budget_overrides = plan_run(params, shape)
         if budget_overrides:  # written like any override, so the stages, dvc.lock and MLflow record what ran
@@ -132,11 +138,14 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         try:
             with stage_server(root_path) as server_env:
                 for stage_task in stage_tasks().values():
-                    outcomes.append(stage_task(str(root_path), {**env, **server_env}, force=force))
+                    # Its state, then its result: a stage DVC skipped ends in a state of its own (flows.stages.SKIPPED).
+                    state = stage_task(str(root_path), {**env, **server_env}, force=force, return_state=True)
+                    outcomes.append(state.result())
                 if not outcomes[-1].executed:
                     # Nothing was re-evaluated: the parent run still carries the results it stands for.
                     metrics = json.loads((root_path / paths.METRICS).read_text())
                     log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
+                    _attach_final_model(parent_id, root_path)
                 if save_experiment:
                     exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),
                                                    server_env)
@@ -145,7 +154,8 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
             failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]
 
             def write_description() -> None:
-                tag_dataset_hash(parent_id)
+                log_planned_minutes(parent_id, plan)
+                record_data(parent_id, params, root_path)
                 describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
                                     skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,
                                     failed_stage=failed, overrides=overrides,
@@ -160,6 +170,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         parent = MlflowClient().get_run(parent_id)
         url, local_ui = run_url(parent_id, parent.info.experiment_id)
         summary = {"mlflow_run_id": parent_id, "mlflow_run_name": parent.info.run_name, "mlflow_run_url": url,
+                   "mlflow_experiment_url": experiment_url(parent.info.experiment_id),
                    "mlflow_local_ui": local_ui, "dvc_experiment": exp_name, "metrics": metrics,
                    "stages": [_stage_row(o) for o in outcomes]}
         actual = {o.stage: o.seconds for o in outcomes}
@@ -177,6 +188,21 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
                     metrics["ssl"]["accuracy"], f", SSL + self-training {metrics['self_train']['accuracy']:.4f}"
                     if "self_train" in metrics else "", url)
         return summary
+
+
+def _attach_final_model(parent_id: str, root: Path) -> None:
+    """The final model DVC kept, on a parent run whose stages were all up to date (when it is in this store)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    model_id = (json.loads((root / paths.FINAL_INFO).read_text()).get("registered_model") or {}).get("model_id")
+    if not model_id:
+        return
+    try:
+        mlflow.get_logged_model(model_id)
+    except MlflowException:
+        return  # logged in another tracking store (outputs pulled with `dvc pull`)
+    attach_model(parent_id, model_id)
 
 
 def _result_markdown(parent: Any, url: str, local_ui: bool, exp_name: str | None) -> str:

@@ -17,10 +17,16 @@ def predict_task(source: str, model_uri: str, output: str) -> dict:
 
 
 @flow(name="ssl-predict", log_prints=True)
-def predict_flow(source: str, model_uri: str = "models:/ssl-pipeline-classifier@champion",
-                 output: str = "predictions.csv") -> dict:
-    """Predict every image of ``source`` (a folder, or ``split:NAME`` of the prepared data) with ``model_uri``."""
+def predict_flow(source: str, model_uri: str | None = None, output: str = "predictions.csv") -> dict:
+    """Predict every image of ``source`` (a folder, or ``split:NAME`` of the prepared data) with ``model_uri``
+    (default: the champion of the data the project's params.yaml names)."""
     configure_environment()
+    if model_uri is None:
+        from ssl_lib.config import load_params
+        from tasks.environment import project_root
+        from tasks.registry import champion_uri
+
+        model_uri = champion_uri(load_params(project_root() / "params.yaml"))
     result = predict_task(source, model_uri, output)
     get_run_logger().info("%d predictions, %d unreadable images -> %s", result["rows"], result["errors"], output)
     create_markdown_artifact(key="predictions", markdown=f"{result['rows']} rows from `{source}` with "

@@ -54,7 +54,7 @@ def retrain(margin: float | None = None, overrides: dict[str, Any] | None = None
 
     from flows.pipeline import ssl_pipeline
     from ssl_lib.config import apply_overrides, parse_params, read_raw_params
-    from tasks.registry import ACCURACY_TAG, DECISION_TAG, champion_version
+    from tasks.registry import ACCURACY_TAG, DECISION_TAG, champion_version, registered_model
     from tasks.tracking import run_url
 
     configure_environment()
@@ -62,7 +62,7 @@ def retrain(margin: float | None = None, overrides: dict[str, Any] | None = None
     root_path = str(Path(root).resolve() if root else project_root())
     overrides = {**(overrides or {}), **({"evaluate.champion_margin": margin} if margin is not None else {})}
     params = parse_params(apply_overrides(read_raw_params(Path(root_path) / "params.yaml"), overrides))
-    name = params.finetune.registered_model_name
+    name = registered_model(params)  # one per data source: tasks.registry.registered_name
     before = champion_version(name)  # taken before the pipeline, whose evaluate stage may move the alias
     champion = None if before is None else str(before.version)
     logger.info("source %s", "changed: DVC re-ingests it" if source_changed(root_path) else "unchanged")

@@ -205,6 +205,18 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+SKIPPED = "Skipped"  # the state name of a stage DVC found up to date
+
+
+def skipped_state(outcome: StageOutcome) -> Any:
+    """A Completed state named ``Skipped``: the Prefect UI shows a stage DVC did not run apart from one that ran,
+    and the flow still gets its outcome as the task's result."""
+    from prefect.states import Completed
+
+    return Completed(name=SKIPPED, data=outcome,
+                     message=f"DVC found {outcome.stage} up to date (checked in {outcome.seconds:.1f} s)")
+
+
 def _stage_task(stage: str) -> Any:
     """The Prefect task for ``stage``: it runs the stage through DVC, never around it.
 
@@ -216,12 +228,12 @@ def _stage_task(stage: str) -> Any:
 
     @task(name=stage, task_run_name=stage, retries=1, retry_delay_seconds=5,
           retry_condition_fn=retry_unless_user_error, cache_policy=NO_CACHE, persist_result=False)
-    def stage_task(root: str, env_extra: dict[str, str] | None = None, force: bool = False) -> StageOutcome:
+    def stage_task(root: str, env_extra: dict[str, str] | None = None, force: bool = False) -> Any:
         logger = get_run_logger()
         outcome = run_dvc_stage(stage, Path(root), env_extra, force=force, echo=logger.info)
         logger.info("stage %s %s in %.1f s", stage, "ran" if outcome.executed else "was up to date",
                     outcome.seconds)
-        return outcome
+        return outcome if outcome.executed else skipped_state(outcome)
 
     return stage_task
 

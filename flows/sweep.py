@@ -221,7 +221,8 @@ def sweep(methods: list[str], labels_per_class: list[int], seeds: list[int] = (0
             futures = [run_point.submit(p, str(root_path), sweep_id, experiment) for p in points[start:start + workers]]
             rows += [f.result() for f in futures]
 
-        table = pd.DataFrame(rows).sort_values(["method", "labels_per_class", "seed"]).reset_index(drop=True)
+        # Read by people (table.csv, the Prefect table): 4 decimals; the MLflow runs keep full precision.
+        table = pd.DataFrame(rows).sort_values(["method", "labels_per_class", "seed"]).reset_index(drop=True).round(4)
         out_dir = root_path / output_dir / sweep_id
         out_dir.mkdir(parents=True, exist_ok=True)
         from ssl_lib.io import atomic_path

@@ -113,8 +113,8 @@ def run(params: PipelineParams) -> dict:
 
         write_json(paths.METRICS, metrics)
         ordered = {kind: tables[kind] for kind in ("baseline", "ssl", "self_train") if kind in tables}
-        with atomic_path(paths.PER_CLASS) as tmp:
-            wide_per_class_table(ordered).to_csv(tmp, index=False)
+        with atomic_path(paths.PER_CLASS) as tmp:  # read by people: 4 decimals (1/1038 needs no more)
+            wide_per_class_table(ordered).round(4).to_csv(tmp, index=False)
         save_per_class_png(ordered, paths.PER_CLASS_PNG, labels={kind: labels[kind] for kind in ordered},
                            accuracies={kind: metrics[kind]["accuracy"] for kind in ordered})
         with atomic_path(paths.PREDICTIONS) as tmp:
@@ -171,8 +171,8 @@ def _record_on_registry(params: PipelineParams, name: str, version: str, metrics
         record_metrics,
         tag_version,
     )
-    from tasks.run_summary import label_budget
-    from tasks.tracking import MODEL_TAG
+    from tasks.run_summary import against_baseline, data_label, label_budget
+    from tasks.tracking import MODEL_TAG, attach_model
 
     client = MlflowClient()
     scores = metrics[final]
@@ -185,13 +185,16 @@ def _record_on_registry(params: PipelineParams, name: str, version: str, metrics
     # The alias moves only once the scores are recorded: a failure before leaves the champion as it was.
     decision = apply_champion_rule(name, version, scores["accuracy"], params.evaluate.champion_margin)
     gain = scores["accuracy"] - metrics["baseline"]["accuracy"]
+    # It leads with what tells versions apart in a list: the data, the label budget and the result.
     describe_version(name, version, (
-        f"{label}: {params.pretrain.method} pretraining of {params.pretrain.backbone}, {params.finetune.mode} "
-        f"fine-tune on {label_budget(params)} of {params.data.source}. Test accuracy {scores['accuracy']:.4f} "
-        f"(macro F1 {scores['macro_f1']:.4f}, kNN {scores['knn_accuracy']:.4f}), {100 * gain:+.1f} points over the "
-        f"supervised-only baseline ({metrics['baseline']['accuracy']:.4f}). Champion: {decision.text}."))
+        f"{data_label(params)}, {label_budget(params)}: test accuracy {scores['accuracy']:.4f} (macro F1 "
+        f"{scores['macro_f1']:.4f}, kNN {scores['knn_accuracy']:.4f}), {against_baseline(gain)} "
+        f"({metrics['baseline']['accuracy']:.4f}). {label}: {params.pretrain.method} pretraining of "
+        f"{params.pretrain.backbone}, {params.finetune.mode} fine-tune. Champion: {decision.text}."))
     if parent_id:
         client.set_tag(parent_id, MODEL_TAG, f"`{name}` v{version}, {decision.text}")
+        if model_id:  # the run a user opens shows the model it produced among its logged models
+            attach_model(parent_id, model_id)
         if decision.champion_accuracy is not None:
             client.log_metric(parent_id, "champion_test_accuracy", decision.champion_accuracy)
     tag_version(name, version, {STATUS_TAG: "evaluated"})  # last: until here a retry redoes every step above
@@ -209,8 +212,11 @@ def _in_registry(registered: dict) -> bool:
 
 
 def headline_metrics(metrics: dict) -> dict[str, float]:
-    """results/metrics.json flattened into the metric names runs are compared by in MLflow."""
-    return {"test_accuracy_ssl": metrics["ssl"]["accuracy"],
+    """results/metrics.json flattened into the metric names runs are compared by in MLflow. The final model's test
+    accuracy comes first, as ``test_accuracy``: MLflow's compare view plots the first metric it is given."""
+    final = metrics["self_train"] if "self_train" in metrics else metrics["ssl"]
+    return {"test_accuracy": final["accuracy"],
+            "test_accuracy_ssl": metrics["ssl"]["accuracy"],
             "test_accuracy_baseline": metrics["baseline"]["accuracy"],
             "knn_accuracy_ssl": metrics["ssl"]["knn_accuracy"],
             "knn_accuracy_baseline": metrics["baseline"]["knn_accuracy"],

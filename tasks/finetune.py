@@ -105,14 +105,19 @@ def model_input(images) -> object:
     return (np.asarray(images, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
 
 
-def log_classifier(model, example_images, registered_name: str, class_names: list[str],
+def log_classifier(model, example_images, registry_base: str, class_names: list[str],
                    model_params: dict[str, str] | None = None) -> dict:
-    """Log and register ``model``; ``model_params`` (what it was trained from) go on the logged model."""
+    """Log and register ``model``; ``model_params`` (what it was trained from: ``tasks.registry.provenance``) go
+    on the logged model, and name it after what it is (``tasks.run_summary.model_name``). It is registered under
+    ``registry_base`` (``finetune.registered_model_name``) and its data: one registered model per data source
+    (``tasks.registry.registered_name``)."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
     from tasks.mlflow_pytorch import import_mlflow_pytorch
+    from tasks.registry import registered_name as registry_name
+    from tasks.run_summary import model_name
 
     # Exported as it is: a model left in training mode would normalise each batch by its own statistics, and the
     # registered model would then disagree with the one that was evaluated (a self_train.method: none bug, now tested).
@@ -121,7 +126,9 @@ def log_classifier(model, example_images, registered_name: str, class_names: lis
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, logits)
-    model_info = import_mlflow_pytorch().log_model(model, name="classifier", signature=signature, input_example=example,
+    name = model_name(model_params) if model_params else "classifier"
+    registered_name = registry_name(registry_base, model_params["data"]) if model_params else registry_base
+    model_info = import_mlflow_pytorch().log_model(model, name=name, signature=signature, input_example=example,
                                           pip_requirements=MODEL_REQUIREMENTS,
                                           # a torch.export program: loads without this package installed
                                           serialization_format="pt2",

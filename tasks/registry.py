@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_lib.config import PipelineParams
+from ssl_lib.errors import DataError
 from tasks import paths
 
 log = logging.getLogger("sslpipe.registry")
@@ -30,6 +31,10 @@ CHAMPION_ACCURACY_TAG = "champion_test_accuracy"
 STATUS_TAG = "sslpipe.status"
 
 
+class TestSplitSeen(DataError):
+    """The champion trained on images of this run's test split: it cannot be measured there."""
+
+
 @dataclass(frozen=True)
 class Decision:
     promoted: bool
@@ -38,21 +43,74 @@ class Decision:
     champion_accuracy: float | None = None
 
 
-def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]:
-    """What a registered version was trained from: method, label budget, data (and its DVC version).
+def registered_name(base: str, data: str) -> str:
+    """The registered model a final model goes to: ``finetune.registered_model_name`` and the data it was trained
+    on (``tasks.run_summary.data_label``), e.g. ``ssl-pipeline-classifier-digits``. One registered model per data
+    source, so a champion is only ever challenged by models of the same data."""
+    import re
 
-    ``root`` is the workspace whose dvc.lock holds the data version (a stage runs in its own, temp or not).
+    return f"{base}-{re.sub(r'[^a-z0-9]+', '-', data.lower()).strip('-')}"
+
+
+def registered_model(params: PipelineParams) -> str:
+    """The registered model of the data ``params`` name."""
+    from tasks.run_summary import data_label
+
+    return registered_name(params.finetune.registered_model_name, data_label(params))
+
+
+def champion_uri(params: PipelineParams) -> str:
+    """``models:/<registered model>@champion``: what `sslpipe predict` loads unless told otherwise."""
+    return f"models:/{registered_model(params)}@{CHAMPION}"
+
+
+def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]:
+    """What a registered version was trained from: method, label budget, data (its DVC version, classes and image
+    shape, which decide whether two versions can be compared: ``data_mismatch``).
+
+    ``root`` is the workspace whose dvc.lock and prepared data describe the data (a stage runs in its own, temp or
+    not).
     """
-    from tasks.run_summary import label_budget
-    from tasks.tracking import dataset_hash
+    import hashlib
+    import json
+
+    from tasks.run_summary import data_label, label_budget
+    from tasks.tracking import PREPARED_DATA, dataset_hash
 
     info = {"method": params.pretrain.method, "backbone": params.pretrain.backbone,
             "finetune_mode": params.finetune.mode, "self_train": "+".join(params.self_train.steps) or "none",
-            "label_budget": label_budget(params), "data_source": params.data.source}
+            "label_budget": label_budget(params), "data_source": params.data.source, "data": data_label(params)}
     data_version = dataset_hash(root)
     if data_version:
         info["data_version"] = data_version
+    meta_path = root / PREPARED_DATA / "meta.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        names = json.dumps(meta["class_names"]).encode()
+        info.update({"num_classes": str(len(meta["class_names"])), "class_set": hashlib.md5(names).hexdigest()[:8],
+                     "image_shape": "x".join(str(n) for n in meta["shape"])})
     return info
+
+
+# The tags that say what a version predicts and from what images: versions that differ in one are not compared.
+DATA_KEYS = ("class_set", "image_shape")
+
+
+def data_mismatch(mine: dict[str, str], theirs: dict[str, str]) -> str | None:
+    """Why two versions (by their tags) are not compared, in words; None when they may be (or when one of them,
+    registered before these tags existed, does not say: measuring it then decides)."""
+    if not all(key in tags for tags in (mine, theirs) for key in DATA_KEYS):
+        return None
+    if all(mine[key] == theirs[key] for key in DATA_KEYS):
+        return None
+
+    def data(tags: dict[str, str]) -> str:
+        source, classes = tags.get("data_source", "other data"), tags.get("num_classes", "?")
+        return f"{source} ({classes} classes of {tags['image_shape']})"
+
+    if data(mine) == data(theirs):
+        return f"it predicts other classes than this run's {data(mine)}"
+    return f"it was trained for {data(theirs)}, this run for {data(mine)}"
 
 
 def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
@@ -64,7 +122,7 @@ def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
 
 
 def record_metrics(name: str, version: str, metrics: dict[str, float]) -> None:
-    tag_version(name, version, {key: f"{value:.6f}" for key, value in metrics.items()})
+    tag_version(name, version, {key: f"{value:.4f}" for key, value in metrics.items()})  # read by people
 
 
 def describe_version(name: str, version: str, text: str) -> None:
@@ -104,8 +162,8 @@ def decide(version: str, accuracy: float, champion: str | None, champion_accurac
     if champion == version:
         return Decision(False, f"unchanged: v{version} is the champion (test accuracy {accuracy:.4f})", champion)
     if champion_accuracy is None:
-        return Decision(False, f"kept champion: v{champion} cannot be measured on this run's test split "
-                               f"({why_not_measured}); v{version} scored {accuracy:.4f}", champion)
+        return Decision(False, f"kept champion: v{champion} is not compared with v{version}: {why_not_measured}",
+                        champion)
     promoted = accuracy > champion_accuracy + margin
     verb = "promoted" if promoted else "kept champion"
     relation = "beats" if promoted else "does not beat"
@@ -123,7 +181,6 @@ def measure_on_unseen_test(model_uri: str, prepared_dir: Path = paths.PREPARED) 
     there, it would look better than it is. A model recorded without them (an older version) is measured as before.
     """
     from ssl_lib.data.prepared import key_digests, load_prepared
-    from ssl_lib.errors import DataError
     from tasks.predict import split_accuracy
 
     seen = _seen_keys(model_uri)
@@ -133,8 +190,9 @@ def measure_on_unseen_test(model_uri: str, prepared_dir: Path = paths.PREPARED) 
         test = key_digests(manifest.loc[manifest["split"] == "test", "key"].tolist())
         overlap = int(np.isin(test, seen).sum())
         if overlap:
-            raise DataError(f"it trained on {overlap} of the {len(test)} images of this test split (drawn with another "
-                            "seed or test_fraction); compare models on one split: the same seed and test_fraction")
+            raise TestSplitSeen(f"it trained on {overlap} of the {len(test)} images of this test split (drawn with "
+                                "another seed or test_fraction); compare models on one split: the same seed and "
+                                "test_fraction")
     return split_accuracy(model_uri, prepared_dir)
 
 
@@ -188,10 +246,10 @@ def check_same_task(name: str, num_classes: int, chw: tuple[int, int, int],
     other_classes = bool(names) and (len(names) != num_classes or
                                      (class_names is not None and names != list(class_names)))
     if other_images or other_classes:
-        raise ConfigError(f"finetune.registered_model_name {name!r}: its champion v{champion.version} is for "
-                          f"{theirs} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), this run's data "
-                          f"has {ours}; a model for other data is never compared with it, so register this one "
-                          f"under a name of its own (--set finetune.registered_model_name={name}-<data>)")
+        raise ConfigError(f"registered model {name!r}: its champion v{champion.version} is for {theirs}, this "
+                          f"run's data has {ours} (the same source, other classes or images); a model for other "
+                          "data is never compared with it, so register this one under a name of its own "
+                          "(--set finetune.registered_model_name=<another name>)")
 
 
 def _store_exists() -> bool:
@@ -221,16 +279,23 @@ def apply_champion_rule(name: str, version: str, accuracy: float, margin: float,
     champion = None if current is None else str(current.version)
     champion_accuracy, why = None, None
     if champion is not None and champion != version:
-        try:
-            champion_accuracy = measure(f"models:/{name}/{champion}")
-        except UserError as err:
-            why = str(err).split("\n")[0]
+        # Models for other classes or images are never compared: said in words, before loading anything.
+        why = data_mismatch(MlflowClient().get_model_version(name, version).tags, current.tags)
+        if why is None:
+            try:
+                champion_accuracy = measure(f"models:/{name}/{champion}")
+            except UserError as err:
+                log.info("champion v%s cannot be measured: %s", champion, err)
+                # The overlap with this test split is said as it is (one short clause); other reasons' own words
+                # name shapes and lists of classes, so they are summed up.
+                why = (str(err).split("\n")[0] if isinstance(err, TestSplitSeen) else
+                       "it cannot be measured on this run's test split (other images or classes, or files gone)")
     decision = decide(version, accuracy, champion, champion_accuracy, margin, why)
-    tags = {ACCURACY_TAG: f"{accuracy:.6f}"}
+    tags = {ACCURACY_TAG: f"{accuracy:.4f}"}  # tags are read by people: rounded as in every description
     if champion != version:  # re-evaluating the champion itself keeps the decision that made it one
         tags[DECISION_TAG] = decision.text
         if champion_accuracy is not None:
-            tags[CHAMPION_ACCURACY_TAG] = f"{champion_accuracy:.6f}"
+            tags[CHAMPION_ACCURACY_TAG] = f"{champion_accuracy:.4f}"
     elif current is not None and current.tags.get(DECISION_TAG):
         # Also what a retry finds after a kill just after the alias moved: say how it became the champion.
         decision = dataclasses.replace(decision, text=f"{decision.text}; it became the champion as "

@@ -70,11 +70,56 @@ def param_changes(params: PipelineParams, baseline: dict[str, Any] | None,
     return {key: value for key, value in after.items() if before.get(key, missing) != value}
 
 
+def inherited_note(root: Path, overrides: dict[str, Any]) -> str | None:
+    """What a run takes from params.yaml that neither the last commit nor this run's overrides set, in one line,
+    with the way back; None when the file is as committed (or outside git).
+
+    ``sslpipe run --set`` writes its overrides into params.yaml (as `dvc exp run -S` does), so a later run starts
+    from them: this is said before any compute, not discovered in MLflow afterwards.
+    """
+    from ssl_lib.config import parse_params, read_raw_params
+    from ssl_lib.errors import UserError
+
+    committed = committed_params(root)
+    if committed is None:
+        return None
+    try:
+        current = parse_params(read_raw_params(root / "params.yaml"))
+    except UserError:
+        return None  # the run's own validation says what is wrong
+    inherited = {k: v for k, v in param_changes(current, committed).items() if k not in overrides}
+    if not inherited:
+        return None
+    shown = ", ".join(f"{k}={format_value(v)}" for k, v in inherited.items())
+    return (f"params.yaml differs from the last commit, and this run keeps it: {shown} (left by an earlier run or "
+            "an edit; `git checkout params.yaml` goes back to the committed params)")
+
+
 def label_budget(params: PipelineParams) -> str:
     """``10/class``, or ``5% labeled`` for a label fraction."""
     if params.data.labels_per_class is not None:
         return f"{params.data.labels_per_class}/class"
     return f"{(params.data.label_fraction or 0) * 100:g}% labeled"
+
+
+def data_label(params: PipelineParams) -> str:
+    """The data in a word or two: the source, and a folder's own name (``folder shapes``)."""
+    if params.data.source == "folder" and params.data.path:
+        return f"folder {Path(params.data.path).name}"
+    return params.data.source
+
+
+def model_name(trained_from: dict[str, str]) -> str:
+    """A logged model's name, saying what it is, from what it was trained from (``tasks.registry.provenance``):
+    pretraining method, backbone, data, label budget, then the self-training steps:
+    ``simclr-convnet-digits-5-per-class-label_propagation`` (MLflow allows no '/', '.' or '%' in the name)."""
+    import re
+
+    budget = trained_from["label_budget"].replace("/class", " per class").replace("% labeled", " pct labeled")
+    steps = trained_from.get("self_train", "none")
+    parts = [trained_from["method"], trained_from["backbone"], trained_from.get("data", trained_from["data_source"]),
+             budget, *([] if steps == "none" else [steps])]
+    return re.sub(r"[^A-Za-z0-9_+]+", "-", " ".join(parts)).strip("-")
 
 
 def format_value(value: Any) -> str:
@@ -110,6 +155,15 @@ def run_title(params: PipelineParams, changes: dict[str, Any], suffix: str | Non
     return f"{title}{NAME_SEPARATOR}{suffix}" if suffix else title
 
 
+def against_baseline(gain: float) -> str:
+    """A gain (a fraction) in words, its sign in the words: ``3.3 points below the supervised-only baseline``
+    rather than ``-3.3 points over`` it; within half a tenth of a point, ``level with`` it."""
+    points = round(100 * gain, 1)
+    if points == 0:
+        return "level with the supervised-only baseline"
+    return f"{abs(points):.1f} points {'above' if points > 0 else 'below'} the supervised-only baseline"
+
+
 def headline(params: PipelineParams, metrics: dict[str, float]) -> str:
     """The result in one sentence, rounded: the final model's test accuracy and its gain over the baseline."""
     if "test_accuracy_ssl" not in metrics or "test_accuracy_baseline" not in metrics:
@@ -120,8 +174,7 @@ def headline(params: PipelineParams, metrics: dict[str, float]) -> str:
         rest = f"; SSL fine-tune alone {metrics['test_accuracy_ssl']:.4f}"
     else:
         final, label, rest = metrics["test_accuracy_ssl"], f"SSL fine-tune ({params.pretrain.method})", ""
-    return (f"**{label}: test accuracy {final:.4f}**, {100 * (final - baseline):+.1f} points over the "
-            f"supervised-only baseline ({baseline:.4f}){rest}.")
+    return f"**{label}: test accuracy {final:.4f}**, {against_baseline(final - baseline)} ({baseline:.4f}){rest}."
 
 
 def plan_against_actual(plan: Any, stage_seconds: dict[str, float | None], total_seconds: float) -> str:
@@ -137,9 +190,12 @@ def plan_against_actual(plan: Any, stage_seconds: dict[str, float | None], total
 
 def describe(params: PipelineParams, metrics: dict[str, float], changes: dict[str, Any], commit: str | None,
              ran: list[str], skipped: list[str], dvc_experiment: str | None = None, model: str | None = None,
-             failed_stage: str | None = None, timing: str | None = None, final_choice: str | None = None) -> str:
-    """The run's description (markdown): result, changed params, commit, what DVC did, the registered model."""
+             failed_stage: str | None = None, timing: str | None = None, final_choice: str | None = None,
+             data: str | None = None) -> str:
+    """The run's description (markdown): result, data, changed params, commit, what DVC did, the registered model."""
     lines = [f"**Failed in stage `{failed_stage}`.**" if failed_stage else headline(params, metrics), ""]
+    if data:
+        lines.append(f"- Data: {data}")
     if changes:
         lines.append("- Changed from the committed params.yaml: "
                      + ", ".join(f"`{k}={format_value(v)}`" for k, v in changes.items()))

@@ -36,7 +36,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.self_train import SELECTION_RULE, self_train
     from tasks.finetune import log_classifier
-    from tasks.registry import STATUS_TAG, check_same_task, provenance, tag_version
+    from tasks.registry import STATUS_TAG, check_same_task, provenance, registered_model, tag_version
     from tasks.tracking import stage_run
 
     section = {"seed": params.seed, "self_train": params.self_train.model_dump()}
@@ -44,7 +44,7 @@ def run(params: PipelineParams) -> dict:
         data = load_prepared(paths.PREPARED)
         height, width, channels = (int(d) for d in data.images.shape[1:])
         # Before training: this stage registers the model, which must be comparable with the champion it joins.
-        check_same_task(params.finetune.registered_model_name, len(data.class_names), (channels, height, width),
+        check_same_task(registered_model(params), len(data.class_names), (channels, height, width),
                         list(data.class_names))
         if not paths.SSL_CLASSIFIER.is_file() or not paths.CLASSIFIER_INFO.is_file():
             raise DataError(f"{paths.SSL_CLASSIFIER} is missing; run the stage first: dvc repro finetune")

@@ -27,7 +27,7 @@ from ssl_lib.errors import UserError
 from tasks import stage_server
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
-from tasks.run_summary import committed_params, describe, flatten, param_changes, run_title
+from tasks.run_summary import committed_params, data_label, describe, flatten, param_changes, run_title
 
 if TYPE_CHECKING:
     from ssl_lib.plan import RunPlan
@@ -39,7 +39,10 @@ INVOCATION_TAG = "sslpipe.invocation"
 OWNER_TAG = "sslpipe.parent_owner"
 PREPARED_DATA = "data/prepared"
 DATASET_FILES = ("images.npy", "manifest.csv")
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses, and may guess GenAI.
+# The stages that read the prepared data, and what for (the dataset's context in MLflow); ingest writes it.
+DATA_CONTEXT = {"pseudo_labels": "training", "pretrain": "training", "finetune": "training",
+                "self_train": "training", "evaluate": "evaluation"}
+# MLflow 3's UI may open an experiment in the view its kind names (3.17 does not: see MODEL_TRAINING_VIEW).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 DESCRIPTION_TAG = "mlflow.note.content"  # what the run page shows as the run's description
@@ -79,6 +82,9 @@ def check_store_writable() -> None:
         return
     raise StoreNotWritable(f"the MLflow store {path} cannot be written ({problem}): make it writable (e.g. "
                            f"chmod u+w {path} {folder}), or point MLFLOW_TRACKING_URI at a store you can write")
+# MLflow 3.17's UI shows an experiment in the view its sidebar switch last chose (GenAI by default) and ignores the
+# experiment's kind tag; a link with this query opens the model-training view (runs, metrics, the model registry).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def experiment_name() -> str:
@@ -148,13 +154,23 @@ def end_dead_runs(exp_id: str) -> list[str]:
     return ended
 
 
-def run_url(run_id: str, experiment: str) -> tuple[str, bool]:
-    """The MLflow UI's page of a run, and whether it is the local UI's (a sqlite or file store, shown by
-    `make ui`) rather than the tracking server's own."""
+def ui_base() -> tuple[str, bool]:
+    """The MLflow UI's address, and whether it is the local UI's (a sqlite or file store, shown by `make ui`)
+    rather than the tracking server's own."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     local = not uri.startswith(("http://", "https://"))
-    base = LOCAL_UI if local else uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}", local
+    return (LOCAL_UI if local else uri.rstrip("/")), local
+
+
+def experiment_url(experiment: str) -> str:
+    """The runs table of an experiment, in MLflow's model-training view (``MODEL_TRAINING_VIEW``)."""
+    return f"{ui_base()[0]}/#/experiments/{experiment}?{MODEL_TRAINING_VIEW}"
+
+
+def run_url(run_id: str, experiment: str) -> tuple[str, bool]:
+    """The MLflow UI's page of a run, in the model-training view, and whether it is the local UI's."""
+    base, local = ui_base()
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}?{MODEL_TRAINING_VIEW}", local
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -293,14 +309,15 @@ def describe_parent_run(run_id: str, params: PipelineParams, ran: list[str] | No
     changes = param_changes(params, committed_params(root or project_root()), overrides)
     text = describe(params, run.data.metrics, changes, run.data.tags.get("mlflow.source.git.commit"), ran,
                     skipped or [], dvc_experiment=dvc_experiment, model=run.data.tags.get(MODEL_TAG),
-                    failed_stage=failed_stage, timing=timing, final_choice=run.data.tags.get(FINAL_CHOICE_TAG))
+                    failed_stage=failed_stage, timing=timing, final_choice=run.data.tags.get(FINAL_CHOICE_TAG),
+                    data=data_summary(dataset_entity(params, root)))
     client.set_tag(run_id, DESCRIPTION_TAG, text)
     return text
 
 
 def log_plan(run_id: str, plan: RunPlan) -> None:
-    """The run's plan on its parent run: plan.json (data, steps and estimated minutes per stage), and the
-    estimated total as a metric to compare with the run's own time."""
+    """The run's plan on its parent run, before any compute: plan.json (data, steps and estimated minutes per
+    stage). Its estimated total is a metric too, logged when the run is described (``log_planned_minutes``)."""
     import json
     import tempfile
 
@@ -313,8 +330,15 @@ def log_plan(run_id: str, plan: RunPlan) -> None:
                                     "estimated_total_minutes": None if plan.total_seconds is None
                                     else round(plan.total_seconds / 60, 2), "notes": plan.notes}, indent=2))
         client.log_artifact(run_id, str(path))
+
+
+def log_planned_minutes(run_id: str, plan: RunPlan) -> None:
+    """The plan's estimated total as a metric, to compare with the run's own time. Logged after the results:
+    MLflow's compare view plots a run's first metric, which should be the final model's test accuracy."""
+    from mlflow import MlflowClient
+
     if plan.total_seconds is not None:
-        client.log_metric(run_id, "planned_minutes", round(plan.total_seconds / 60, 2))
+        MlflowClient().log_metric(run_id, "planned_minutes", round(plan.total_seconds / 60, 2))
 
 
 def log_results(run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
@@ -331,13 +355,79 @@ def log_results(run_id: str, metrics: dict[str, float], files: list[Path]) -> No
             client.log_artifact(run_id, str(path))
 
 
-def tag_dataset_hash(run_id: str) -> None:
-    """Tag a run late with the dataset hash: it only exists once DVC has locked the ingest stage."""
+def dataset_entity(params: PipelineParams, root: Path | None = None) -> Any | None:
+    """The prepared data in ``root`` as an MLflow dataset, for the runs table's Dataset column; None before ingest.
+
+    Named after its source and data version (``digits v1``, ``folder shapes v3``); its digest is the start of the
+    data version's DVC digest (``dataset_hash``: the same as the ``sslpipe.dataset_hash`` tag), or of the
+    manifest's md5 where DVC has not locked the data; its profile gives the images per split, the classes, the
+    image shape and the source's own version.
+    """
+    import json
+
+    import pandas as pd
+    from mlflow.entities import Dataset
+
+    from ssl_lib.data.layout import SPLITS
+
+    root = root or project_root()
+    prepared = root / PREPARED_DATA
+    try:
+        meta = json.loads((prepared / "meta.json").read_text())
+        lineage = json.loads((prepared / "lineage.json").read_text()) if (prepared / "lineage.json").is_file() else {}
+        splits = pd.read_csv(prepared / "manifest.csv", usecols=["split"])["split"].value_counts()
+    except (OSError, ValueError, KeyError):
+        return None
+    digest = dataset_hash(root) or hashlib.md5((prepared / "manifest.csv").read_bytes()).hexdigest()
+    version = lineage.get("data_version")
+    source = data_label(params)
+    profile = {"num_images": int(splits.sum()),
+               "splits": {split: int(splits.get(split, 0)) for split in SPLITS},
+               "num_classes": meta.get("num_classes"), "image_shape": "x".join(map(str, meta.get("shape", []))),
+               "data_version": version, "digest": digest, "source_version": meta.get("source_version")}
+    return Dataset(name=f"{source} v{version}" if version else source, digest=digest[:8], source_type="local",
+                   source=json.dumps({"uri": params.data.path or params.data.source}),
+                   profile=json.dumps(profile))
+
+
+def data_summary(dataset: Any | None) -> str | None:
+    """A dataset in a line: ``digits v1 (1a2b3c4d): 1797 images, 50 labeled, 30 val, 359 test, 1358 unlabeled``."""
+    import json
+
+    if dataset is None:
+        return None
+    profile = json.loads(dataset.profile)
+    splits = ", ".join(f"{profile['splits'][split]} {split}" for split in ("labeled", "val", "test", "unlabeled"))
+    return f"`{dataset.name}` ({dataset.digest}): {profile['num_images']} images of {profile['image_shape']}, {splits}"
+
+
+def log_dataset(run_id: str, params: PipelineParams, context: str, root: Path | None = None) -> None:
+    """Log the prepared data as ``run_id``'s input dataset (``context``: what the run used it for)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = dataset_entity(params, root)
+    if dataset is not None:
+        MlflowClient().log_inputs(run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def attach_model(run_id: str, model_id: str) -> None:
+    """Show a logged model on a run that did not log it: the final model on its parent run (its Logged models)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
+
+    MlflowClient().log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+
+
+def record_data(run_id: str, params: PipelineParams, root: Path | None = None) -> None:
+    """On a parent run, late: the dataset hash tag and the dataset, which exist only once ingest has run."""
     from mlflow import MlflowClient
 
-    digest = dataset_hash()
+    digest = dataset_hash(root)
     if digest:
         MlflowClient().set_tag(run_id, "sslpipe.dataset_hash", digest)
+    log_dataset(run_id, params, "pipeline", root)
 
 
 def _resolve_parent(params: PipelineParams) -> tuple[str, bool]:
@@ -365,6 +455,8 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
     succeeded = False
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:
+            if stage in DATA_CONTEXT:
+                log_dataset(run.info.run_id, params, DATA_CONTEXT[stage], Path.cwd())  # DVC's workspace
             if section:
                 mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(section).items()})
             yield run.info.run_id
@@ -373,7 +465,7 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
         if owns_parent:
             # Each stage closes (and describes) the parent: the last stage of the invocation leaves it final.
             def write_description() -> None:
-                tag_dataset_hash(parent_id)
+                record_data(parent_id, params, Path.cwd())
                 describe_parent_run(parent_id, params, failed_stage=None if succeeded else stage)
 
             close_run(parent_id, succeeded, write_description)

@@ -426,3 +426,29 @@ def test_dvc_repro_reruns_ingest_exactly_when_the_source_changes(tmp_path: Path)
     assert lineage["data_version"] == 2
     assert (lineage["versions"][-1]["added"], lineage["versions"][-1]["removed"]) == (3, ["cat/a001.png"])
     assert not ingest_ran()
+
+
+def test_a_new_source_starts_a_new_lineage_instead_of_removing_the_old_one(folder: Path, tmp_path: Path):
+    out = tmp_path / "prepared"
+    ingest("folder", folder, **BUDGET, out_dir=out, workers=1)
+    other = tmp_path / "other"
+    _add_images(other, {"ant": 12, "bee": 12}, "b", seed=1)
+    second = ingest("folder", other, **BUDGET, out_dir=out, workers=1)
+    lineage = json.loads((out / "lineage.json").read_text())
+    # Another folder: its images are all added to a lineage of its own, none of the old folder's are "removed".
+    assert (second["data_version"], second["removed"], second["added"]) == (1, [], 24)
+    assert [v["data_version"] for v in lineage["versions"]] == [1] and lineage["root"] == str(other)
+    assert lineage["follows"] == {"source": "folder", "root": str(folder), "data_version": 1}
+    assert (_manifest(out)["version"] == 1).all()
+    # Growing it continues that lineage.
+    _add_images(other, {"ant": 2}, "c", seed=2)
+    third = ingest("folder", other, **BUDGET, out_dir=out, workers=1)
+    assert (third["data_version"], third["added"]) == (2, 2)
+    assert json.loads((out / "lineage.json").read_text())["follows"]["root"] == str(folder)
+
+
+def test_a_logged_file_list_shows_the_first_few_then_a_count():
+    from tasks.ingest import _listed
+
+    lines = _listed([f"cat/{i:04d}.png" for i in range(5000)]).splitlines()
+    assert len(lines) == 21 and lines[0] == "cat/0000.png" and lines[-1].strip() == "... and 4980 more"

@@ -85,6 +85,14 @@ def test_mlflow_has_parent_with_nested_stage_runs(flow_run):
     children = client.search_runs([_experiment_id(client)],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["sslpipe.stage"] for r in children) == sorted(STAGES)
+    # The data, as an MLflow dataset (the runs table's Dataset column), on the parent and every stage reading it.
+    inputs = parent.inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("digits v1", expected.hexdigest()[:8])]
+    assert json.loads(inputs[0].dataset.profile)["splits"] == {"unlabeled": 1358, "labeled": 50, "val": 30,
+                                                               "test": 359}
+    for child in children:
+        used = [d.dataset.name for d in client.get_run(child.info.run_id).inputs.dataset_inputs]
+        assert used == ([] if child.data.tags["sslpipe.stage"] == "ingest" else ["digits v1"])
     pretrain = next(r for r in children if r.data.tags["sslpipe.stage"] == "pretrain")
     history = client.get_metric_history(pretrain.info.run_id, "pretrain_loss")
     assert len(history) == 2  # one point per epoch
@@ -110,7 +118,9 @@ def test_mlflow_names_and_describes_the_run(flow_run):
     assert f"Git commit: `{commit[:12]}`" in description
     assert "DVC ran ingest, pseudo_labels, pretrain, finetune, self_train, evaluate" in description
     assert summary["dvc_experiment"] in description
-    assert "`test-classifier` v1, promoted: first champion" in description
+    assert "`test-classifier-digits` v1, promoted: first champion" in description
+    assert parent.data.metrics["test_accuracy"] == metrics["self_train"]["accuracy"]  # the final model's, first
+    assert "- Data: `digits v1` (" in description and "50 labeled, 30 val" in description
     # The parent run carries the results it stands for: metrics and the result files.
     assert {"per_class.png", "per_class.csv", "metrics.json", "confusion_final.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -162,6 +172,8 @@ def test_stage_runs_log_their_histories_and_the_lp_phase(flow_run):
     table = pd.read_csv(project / "results/per_class.csv")
     assert len(table) == 10 and table["class"].is_unique
     assert {"support", "baseline_f1", "ssl_f1", "self_train_f1", "ssl_recall"} <= set(table.columns)
+    numbers = (project / "results/per_class.csv").read_text().replace(",", " ").split()
+    assert max(len(n.split(".")[1]) for n in numbers if "." in n) <= 4  # rounded where people read
     assert (project / "results/per_class.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -172,9 +184,9 @@ def test_logged_model_and_version_carry_the_scores(flow_run):
 
     project, _ = flow_run
     metrics = json.loads((project / "results/metrics.json").read_text())
-    version = _client().get_model_version("test-classifier", "1")
+    version = _client().get_model_version("test-classifier-digits", "1")
     model_id = json.loads((project / "artifacts/self_train/final.json").read_text())["registered_model"]["model_id"]
-    assert logged_model_id("test-classifier", "1") == model_id
+    assert logged_model_id("test-classifier-digits", "1") == model_id
     logged = mlflow.get_logged_model(model_id)
     scores = {m.key: m.value for m in logged.metrics}
     assert scores["test_accuracy"] == pytest.approx(metrics["self_train"]["accuracy"])
@@ -183,7 +195,13 @@ def test_logged_model_and_version_carry_the_scores(flow_run):
     assert logged.params["method"] == "rotation" and logged.params["label_budget"] == "5/class"
     assert version.tags["method"] == "rotation" and version.tags["label_budget"] == "5/class"
     assert len(version.tags["data_version"]) == 32  # the DVC md5 digest of the prepared data
-    assert f"Test accuracy {metrics['self_train']['accuracy']:.4f}" in version.description
+    assert version.description.startswith(f"digits, 5/class: test accuracy {metrics['self_train']['accuracy']:.4f}")
+    assert "points above" in version.description or "points below" in version.description \
+        or "level with" in version.description
+    # Named after what it is, and shown on the parent run that produced it.
+    assert logged.name == "rotation-convnet_small-digits-5-per-class-label_propagation"
+    parent_id = _client().get_run(version.run_id).data.tags["mlflow.parentRunId"]
+    assert model_id in [o.model_id for o in _client().get_run(parent_id).outputs.model_outputs]
     assert "Champion: promoted: first champion" in version.description
 
 
@@ -199,11 +217,43 @@ def test_prefect_result_links_to_the_mlflow_run(flow_run):
         artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[UUID(parent.data.tags["prefect.flow_run_id"])])))
     by_key = {a.key: a for a in artifacts}
-    url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    url = (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+           "?workflowType=machine_learning")
     assert summary["mlflow_run_url"] == url  # a sqlite store: the address `make ui` serves it at
+    assert summary["mlflow_experiment_url"] == (f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
+                                                "?workflowType=machine_learning")
     result = by_key["pipeline-result"].data
     assert f"]({url})" in result and f"DVC experiment `{summary['dvc_experiment']}`" in result
     assert by_key["pipeline-mlflow-run"].data == f"[MLflow run {parent.info.run_name}]({url})"
+
+
+def _task_run_states(flow_run_id: str) -> dict[str, str]:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_a_rerun_with_nothing_changed_shows_its_stages_skipped_and_still_says_which_data_and_model(flow_run):
+    """DVC skips every stage: Prefect shows them "Skipped", not "Completed" like stages that ran; the new parent run
+    still shows the data and the final model it stands for."""
+    from flows.pipeline import ssl_pipeline
+
+    project, first = flow_run
+    first_parent = _client().get_run(first["mlflow_run_id"])
+    assert _task_run_states(first_parent.data.tags["prefect.flow_run_id"]) == {s: "Completed" for s in STAGES}
+    again = ssl_pipeline(root=str(project), save_experiment=False)
+    assert not any(s["executed"] for s in again["stages"])
+    parent = _client().get_run(again["mlflow_run_id"])
+    assert _task_run_states(parent.data.tags["prefect.flow_run_id"]) == {s: "Skipped" for s in STAGES}
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["digits v1"]
+    final = json.loads((project / "artifacts/self_train/final.json").read_text())["registered_model"]
+    assert [o.model_id for o in parent.outputs.model_outputs] == [final["model_id"]]
+    assert parent.data.metrics["test_accuracy_ssl"] == first_parent.data.metrics["test_accuracy_ssl"]
 
 
 def test_champion_rule_in_both_directions(flow_run):
@@ -260,13 +310,13 @@ def test_registered_model_loads_by_champion_alias(flow_run):
     import torch
 
     project, _ = flow_run
-    model = mlflow.pytorch.load_model("models:/test-classifier@champion")
+    model = mlflow.pytorch.load_model("models:/test-classifier-digits@champion")
     images = np.load(project / "data/prepared/images.npy")[:5]
     x = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     with torch.no_grad():
         logits = model(x)
     assert logits.shape == (5, 10)
-    version = _client().get_model_version_by_alias("test-classifier", "champion")
+    version = _client().get_model_version_by_alias("test-classifier-digits", "champion")
     assert float(version.tags["test_accuracy"]) > 0
 
 
@@ -365,13 +415,14 @@ def test_changing_a_finetune_param_reruns_finetune_and_evaluate_only(flow_run):
     assert parent.info.run_name.startswith("rotation 5/class") and "finetune.epochs=5" in parent.info.run_name
     assert "DVC ran finetune, self_train, evaluate" in parent.data.tags["mlflow.note.content"]
     # A second registered version exists, with its metrics, and the champion rule decided for it as in any run.
-    versions = client.search_model_versions("name = 'test-classifier'")
+    versions = client.search_model_versions("name = 'test-classifier-digits'")
     assert len(versions) == 2 and all("test_accuracy" in v.tags for v in versions)
-    v1, v2 = (client.get_model_version("test-classifier", v) for v in ("1", "2"))
+    v1, v2 = (client.get_model_version("test-classifier-digits", v) for v in ("1", "2"))
     better = float(v2.tags["test_accuracy"]) > float(v2.tags["champion_test_accuracy"]) + 0.005
     assert v2.tags["champion_decision"].startswith("promoted" if better else "kept champion")
-    assert float(v2.tags["champion_test_accuracy"]) == pytest.approx(float(v1.tags["test_accuracy"]), abs=1e-6)
-    assert str(client.get_model_version_by_alias("test-classifier", "champion").version) == ("2" if better else "1")
+    assert v2.tags["champion_test_accuracy"] == v1.tags["test_accuracy"]  # both rounded to 4 decimals
+    champion = client.get_model_version_by_alias("test-classifier-digits", "champion")
+    assert str(champion.version) == ("2" if better else "1")
 
 
 def test_pseudo_labels_cover_the_pool_and_never_val_or_test(flow_run):
@@ -447,8 +498,8 @@ def test_predict_from_champion_on_a_folder_with_a_corrupt_image(flow_run, tmp_pa
         Image.fromarray(image).save(folder / f"img{i}.png")
     (folder / "zz_broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "pred.csv"
-    result = CliRunner().invoke(app, ["predict", str(folder), "--model", "models:/test-classifier@champion",
-                                      "-o", str(out), "--root", str(project)])
+    # No --model: the champion of the data params.yaml names (test-classifier-digits: one registered model per source).
+    result = CliRunner().invoke(app, ["predict", str(folder), "-o", str(out), "--root", str(project)])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
     assert list(table["status"]) == ["ok", "ok", "ok", "error"]
@@ -463,8 +514,8 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
     from tasks.predict import predict
 
     project, _ = flow_run
-    version = _client().get_model_version_by_alias("test-classifier", "champion")
-    table = predict("split:test", f"models:/test-classifier/{version.version}", tmp_path / "p.csv",
+    version = _client().get_model_version_by_alias("test-classifier-digits", "champion")
+    table = predict("split:test", f"models:/test-classifier-digits/{version.version}", tmp_path / "p.csv",
                     prepared_dir=project / "data/prepared")
     manifest = pd.read_csv(project / "data/prepared/manifest.csv")
     test = manifest[manifest["split"] == "test"]
@@ -472,8 +523,8 @@ def test_predict_a_prepared_split_matches_the_evaluated_accuracy(flow_run, tmp_p
     names = [str(i) for i in range(10)]
     predicted = table["predicted_class"].astype(str).map(names.index).to_numpy()
     accuracy = float((predicted == test["label"].to_numpy()).mean())
-    versions = {v.version: v.tags for v in _client().search_model_versions("name = 'test-classifier'")}
-    assert accuracy == pytest.approx(float(version.tags["test_accuracy"]), abs=1e-6), (version.version, versions)
+    versions = {v.version: v.tags for v in _client().search_model_versions("name = 'test-classifier-digits'")}
+    assert version.tags["test_accuracy"] == f"{accuracy:.4f}", (version.version, versions)  # rounded: read by people
 
 
 def test_a_new_label_budget_reuses_the_pretrained_encoder(flow_run):

@@ -27,7 +27,7 @@ def project(tmp_path_factory, prefect_server):
 def _champion() -> tuple[str, dict]:
     from mlflow import MlflowClient
 
-    version = MlflowClient().get_model_version_by_alias("retrain-classifier", "champion")
+    version = MlflowClient().get_model_version_by_alias("retrain-classifier-digits", "champion")
     return str(version.version), version.tags
 
 
@@ -50,7 +50,7 @@ def test_retrain_promotes_only_a_better_model(project):
     assert _champion()[0] == "2"
     from mlflow import MlflowClient
 
-    tags = MlflowClient().get_model_version("retrain-classifier", "3").tags
+    tags = MlflowClient().get_model_version("retrain-classifier-digits", "3").tags
     assert tags["champion_decision"].startswith("kept champion")
     assert float(tags["champion_test_accuracy"]) > float(tags["test_accuracy"])
     assert worse["champion_accuracy"] == pytest.approx(float(tags["champion_test_accuracy"]), abs=1e-4)
@@ -116,7 +116,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     test_digests = key_digests(data.manifest.loc[data.manifest.split == "test", "key"].tolist())
     assert len(test_digests) > 0
     for version in (first["new_version"], changed["new_version"]):
-        seen = _seen_keys("folder-classifier", version)
+        seen = _seen_keys("folder-classifier-folder-images", version)
         assert len(seen) > 0 and not np.isin(test_digests, seen).any(), version
     assert "champion" in changed["decision"] or changed["decision"].startswith("promoted"), changed
 

@@ -370,15 +370,36 @@ def _carried_sums(previous: _Previous | None, old_rows: np.ndarray, channels: in
 
 # --------------------------------------------------------------------------- lineage
 
+def _origin(source: SourceIndex) -> dict[str, str]:
+    """Where the data come from: the source, and a folder's path as data.path gives it (lineage.json's ``source``,
+    ``root``; not resolved: a relative path names the same folder in DVC's temp workspaces)."""
+    if isinstance(source, FolderSource):
+        return {"source": source.source, "root": os.path.normpath(source.root)}
+    return {"source": source.source}
+
+
+def _continues(lineage: dict[str, Any], source: SourceIndex) -> bool:
+    """Whether ``source`` continues the lineage of the previous version: the same source (a folder: the same
+    folder; a lineage written before roots were recorded counts as the same). Another source starts a lineage."""
+    origin = _origin(source)
+    return bool(lineage) and lineage.get("source") == origin["source"] \
+        and lineage.get("root", origin.get("root")) == origin.get("root")
+
+
 def _lineage(source: SourceIndex, previous: _Previous | None, seed: int, test_fraction: float,
              decode: dict[str, Any] | None, source_ids: list[str], keys: list[str]) -> dict[str, Any]:
-    """This data version's lineage; the data version only moves when the source's data changed."""
+    """This data version's lineage; the data version only moves when the source's data changed.
+
+    A new source (another built-in source, another folder) starts a new lineage at data version 1, its images
+    all added; ``follows`` names the lineage it replaced in the directory. Its files are not "removed" from it.
+    """
     before = previous.lineage if previous is not None else {}
-    same_data = bool(before) and (before.get("source"), before.get("source_version")) == (source.source,
-                                                                                           source.source_version)
-    versions: list[dict[str, Any]] = list(before.get("versions", []))
+    continued = _continues(before, source)
+    same_data = continued and before.get("source_version") == source.source_version
+    versions: list[dict[str, Any]] = list(before.get("versions", [])) if continued else []
     if not same_data:
-        old = dict(zip(previous.source_ids.tolist(), previous.keys.tolist(), strict=True)) if previous else {}
+        old = dict(zip(previous.source_ids.tolist(), previous.keys.tolist(), strict=True)) \
+            if previous is not None and continued else {}
         added, changed = 0, []
         for source_id, key in zip(source_ids, keys, strict=True):
             was = old.get(source_id)
@@ -387,15 +408,20 @@ def _lineage(source: SourceIndex, previous: _Previous | None, seed: int, test_fr
             elif was != key:
                 changed.append(source_id)
         versions.append({
-            "data_version": int(before.get("data_version", 0)) + 1,
+            "data_version": int(before.get("data_version", 0)) + 1 if continued else 1,
             "source_version": source.source_version,
             "added": added,
             "changed": sorted(changed),
             "removed": sorted(old.keys() - set(source_ids)),
         })
-    return {"data_version": versions[-1]["data_version"], "source": source.source,
-            "source_version": source.source_version, "seed": seed, "test_fraction": test_fraction,
-            "decode": decode, "versions": versions}
+    lineage = {"data_version": versions[-1]["data_version"], **_origin(source),
+               "source_version": source.source_version, "seed": seed, "test_fraction": test_fraction,
+               "decode": decode, "versions": versions}
+    if before and not continued:
+        lineage["follows"] = {key: before[key] for key in ("source", "root", "data_version") if key in before}
+    elif "follows" in before:
+        lineage["follows"] = before["follows"]
+    return lineage
 
 
 # --------------------------------------------------------------------------- ingest
@@ -471,7 +497,9 @@ def ingest(source: str, path: str | os.PathLike[str] | None, seed: int,
             "source_id": np.asarray(source_ids, dtype=object),
             "sha1": np.asarray(pixels.sha1, dtype=object),
             "key": np.asarray(keys, dtype=object),
-            "version": _entered(previous, before, data_version),
+            # A new lineage's images all enter at its first version, whatever rows they share with the old one.
+            "version": _entered(previous if previous is not None and _continues(previous.lineage, raw) else None,
+                                before, data_version),
         }, previous)
 
         shape = [pixels.count, *pixels.images.shape]
