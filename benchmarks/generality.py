@@ -186,10 +186,10 @@ def machine_header(command: str, points_file: Path) -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
     when = time.strftime("%Y-%m-%d", time.gmtime(points_file.stat().st_mtime)) if points_file.is_file() else "?"
-    return (f"Measured {when} on {cpu}, {os.cpu_count()} cores, no GPU, {torch.get_num_threads()} torch threads, "
-            f"nothing else timed on the machine: `.venv/bin/python {command}` with params.yaml as committed "
-            f"(only the data source changed). Each cell: mean ± std over seeds, then each seed's value. Test "
-            f"accuracy; minutes are wall-clock.\n\n")
+    return (f"Measured {when} on {cpu}, {os.cpu_count()} cores, no GPU, {torch.get_num_threads()} torch threads: "
+            f"`.venv/bin/python {command}` with params.yaml as committed (only the data source changed). Each cell: "
+            f"mean ± std over seeds, then each seed's value. Test accuracy; the final model is chosen by the "
+            f"committed rule from each candidate's recorded val accuracy; minutes are wall-clock.\n\n")
 
 
 def main() -> None:
