@@ -121,7 +121,7 @@ def test_two_real_runs_at_once_leave_mlflow_agreeing_with_dvc_lock(project: Path
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert {stage["params"]["params.yaml"]["seed"] for stage in lock["stages"].values()
             if "seed" in stage.get("params", {}).get("params.yaml", {})} == {4}
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")  # the store the runs wrote to
     experiment = client.get_experiment_by_name("ssl-pipeline")
     parents = [r for r in client.search_runs([experiment.experiment_id])
                if "mlflow.parentRunId" not in r.data.tags]
