@@ -85,16 +85,8 @@ def shape_params(shape: str, work: Path, base: dict):
 
 
 def data_shape(data) -> DataShape:
-    splits = data.manifest["split"].to_numpy()
-
-    def count(*names: str) -> int:
-        return int(np.isin(splits, names).sum())
-
     height, width, channels = data.meta["shape"]
-    return DataShape(images=len(splits), pretrain_pool=count("unlabeled", "labeled", "val"),
-                     self_train_pool=count("unlabeled", "labeled"), labeled=count("labeled"), val=count("val"),
-                     test=count("test"), num_classes=len(data.class_names), height=height, width=width,
-                     channels=channels)
+    return DataShape.from_splits(data.manifest["split"].to_numpy(), len(data.class_names), height, width, channels)
 
 
 def run_shape(shape: str, seeds: list[int], base: dict, work: Path) -> list[dict]:

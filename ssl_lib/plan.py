@@ -17,6 +17,7 @@ import numpy as np
 from ssl_lib import sizing
 from ssl_lib.config import PipelineParams
 from ssl_lib.errors import ConfigError
+from ssl_lib.pretrain_plan import pretraining_pool_size
 
 # Start-up and bookkeeping around the stages (processes, Prefect, DVC, MLflow, model logging, figures), measured
 # on the default run on a 2-core CPU (docs/performance.md); a constant, since it barely depends on the data.
@@ -38,6 +39,17 @@ class DataShape:
     height: int
     width: int
     channels: int
+
+    @classmethod
+    def from_splits(cls, splits: np.ndarray, num_classes: int, height: int, width: int,
+                    channels: int) -> DataShape:
+        """The shape of data whose images carry the split names in ``splits`` (one per image)."""
+        def count(*names: str) -> int:
+            return int(np.isin(splits, names).sum())
+
+        return cls(images=len(splits), pretrain_pool=count("unlabeled", "labeled", "val"),
+                   self_train_pool=count("unlabeled", "labeled"), labeled=count("labeled"), val=count("val"),
+                   test=count("test"), num_classes=num_classes, height=height, width=width, channels=channels)
 
 
 @dataclass
@@ -99,9 +111,8 @@ class RunPlan:
 def make_plan(params: PipelineParams, data: DataShape) -> RunPlan:
     """The steps each training stage will take on ``data``, by the rules the stages apply."""
     p, f, s = params.pretrain, params.finetune, params.self_train
-    pretrain = sizing.pretrain_size(data.pretrain_pool if p.max_images is None else min(p.max_images,
-                                                                                        data.pretrain_pool),
-                                    p.batch_size, p.epochs, p.images_seen, p.max_epochs, p.world_size)
+    pretrain = sizing.pretrain_size(pretraining_pool_size(data.pretrain_pool, p.max_images), p.batch_size,
+                                    p.epochs, p.images_seen, p.max_epochs, p.world_size)
     ft_batch = min(f.batch_size, max(data.labeled, 1))
     ft_steps_per_epoch = math.ceil(max(data.labeled, 1) / ft_batch)
     # The SSL model's LP (head only) and full epochs, then the baseline's.

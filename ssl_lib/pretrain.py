@@ -32,6 +32,7 @@ from ssl_lib.errors import DataError, TrainingDiverged
 from ssl_lib.methods import get_method
 from ssl_lib.pretrain_plan import PretrainSettings, subset_indices
 from ssl_lib.progress import progress_bar
+from ssl_lib.sizing import steps_per_pass
 
 log = logging.getLogger("ssl_lib.pretrain")
 
@@ -157,7 +158,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     local_batch = global_batch // ranks.world_size
     rank_slice = slice(ranks.rank * local_batch, (ranks.rank + 1) * local_batch)
     # Drop the ragged last batch: a tiny batch gives BatchNorm and contrastive losses noisy statistics.
-    steps_per_epoch = max(1, n // global_batch)
+    steps_per_epoch = steps_per_pass(n, global_batch)
     total_steps = steps_per_epoch * settings.epochs
     engine = make_engine(model, accel, device, total_steps, settings.optimizer, settings.lr, settings.weight_decay,
                          settings.warmup_fraction)

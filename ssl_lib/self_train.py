@@ -42,7 +42,7 @@ from ssl_lib.device import select_device
 from ssl_lib.errors import ConfigError, TrainingDiverged
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
-from ssl_lib.sizing import self_train_steps
+from ssl_lib.sizing import self_train_steps, steps_per_pass
 
 log = logging.getLogger("ssl_lib.self_train")
 
@@ -279,7 +279,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
     device = pool.device
     n = len(pool)
     batch = min(settings.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
+    steps_per_epoch = steps_per_pass(n, batch)
     total = self_train_steps(settings.epochs, n, batch)
     optimizer = torch.optim.AdamW(decay_groups(model.parameters(), settings.lr, settings.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)

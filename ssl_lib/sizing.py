@@ -90,13 +90,18 @@ class StageSize:
         return self.steps * self.batch_size
 
 
+def steps_per_pass(pool_size: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``pool_size`` images: whole batches only (the ragged last batch is
+    dropped), at least one."""
+    return max(1, pool_size // min(batch_size, max(pool_size, 1)))
+
+
 def pretrain_size(pool_size: int, batch_size: int, epochs: int | None, images_seen: int, max_epochs: int,
                   world_size: int = 1) -> StageSize:
     """Pretraining's batch, passes and steps: ``epochs`` when set, else the image budget's."""
     batch = fit_batch_size(batch_size, pool_size, world_size)
     passes = epochs if epochs is not None else pretrain_epochs(images_seen, pool_size, max_epochs)
-    steps_per_pass = max(1, pool_size // min(batch, pool_size))  # the ragged last batch is dropped
-    return StageSize(pool_size, batch, passes, steps_per_pass * passes)
+    return StageSize(pool_size, batch, passes, steps_per_pass(pool_size, batch) * passes)
 
 
 def self_train_size(pool_size: int, batch_size: int, epochs: float | None, images_seen: int, max_epochs: float,
@@ -110,6 +115,5 @@ def self_train_size(pool_size: int, batch_size: int, epochs: float | None, image
 
 def self_train_steps(epochs: float, pool_size: int, batch_size: int) -> int:
     """Optimizer steps of one method in one round: ``epochs`` passes of whole batches, at least one step."""
-    steps_per_epoch = max(1, pool_size // min(batch_size, pool_size))
     # Floor, with a hair of slack for epochs computed from a budget (2.0000001 passes are 2 passes' steps).
-    return max(1, math.floor(epochs * steps_per_epoch + 1e-6))
+    return max(1, math.floor(epochs * steps_per_pass(pool_size, batch_size) + 1e-6))

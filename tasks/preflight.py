@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ssl_lib.config import PipelineParams
 from ssl_lib.plan import DataShape
 
@@ -50,10 +52,4 @@ def check_label_budget(params: PipelineParams, root: Path | None = None) -> Data
             f"{data.source!r} has {channels}: use a colour dataset (e.g. data.source=folder with "
             "RGB images) or another method")
 
-    def count(*names: str) -> int:
-        return int(sum((splits == name).sum() for name in names))
-
-    return DataShape(images=len(splits), pretrain_pool=count("unlabeled", "labeled", "val"),
-                     self_train_pool=count("unlabeled", "labeled"), labeled=count("labeled"), val=count("val"),
-                     test=count("test"), num_classes=len(raw.class_names), height=height, width=width,
-                     channels=channels)
+    return DataShape.from_splits(np.asarray(splits), len(raw.class_names), height, width, channels)

@@ -26,18 +26,21 @@ RDZV_ENDPOINT_ENV = "SSLPIPE_RDZV_ENDPOINT"
 
 def run(params: PipelineParams) -> dict | None:
     """Train (this process's share, under torchrun) and, on rank 0, log and write the outputs."""
+    from ssl_lib.data.prepared import load_pool
     from ssl_lib.distributed import rank_info
+    from tasks.settings import pretrain_settings
 
+    # Memory-mapped: the engine copies the pool onto the device when it fits, or streams it.
+    pool, meta = load_pool(paths.PREPARED, in_memory=False)
+    settings = pretrain_settings(params, len(pool))
     if not rank_info().is_main:
-        _train(params, on_epoch=None)
+        _train(pool, meta, settings, on_epoch=None)
         return None
     import mlflow
 
     from ssl_lib.device import select_device
-    from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
-    settings = pretrain_settings(params, pool_image_count())
     section = {"seed": params.seed, "pretrain": params.pretrain.model_dump()}
     with stage_run("pretrain", params, section=section):
         mlflow.set_tag("device", str(select_device(settings.device)))
@@ -49,7 +52,7 @@ def run(params: PipelineParams) -> dict | None:
             metrics = {f"pretrain_{k}": float(v) for k, v in row.items() if k != "epoch"}
             mlflow.log_metrics(metrics, step=int(row["epoch"]))
 
-        result, meta = _train(params, on_epoch)
+        result = _train(pool, meta, settings, on_epoch)
         info = _write_outputs(result, meta, settings)
         for artifact in (paths.PRETRAIN_HISTORY, paths.ENCODER_INFO):
             mlflow.log_artifact(str(artifact))
@@ -63,25 +66,12 @@ def run(params: PipelineParams) -> dict | None:
     return info
 
 
-def _train(params: PipelineParams, on_epoch: Callable[[dict], None] | None) -> tuple[Any, dict]:
-    from ssl_lib.data.prepared import load_pool
+def _train(pool: Any, meta: dict, settings: Any, on_epoch: Callable[[dict], None] | None) -> Any:
     from ssl_lib.pretrain import pretrain
     from tasks.pseudo_targets import load_pseudo_labels
-    from tasks.settings import pretrain_settings
 
-    # Memory-mapped: the engine copies the pool onto the device when it fits, or streams it.
-    pool, meta = load_pool(paths.PREPARED, in_memory=False)
-    result = pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), pretrain_settings(params, len(pool)),
-                      on_epoch=on_epoch, checkpoint_path=paths.PRETRAIN_CHECKPOINT)
-    return result, meta
-
-
-def pool_image_count() -> int:
-    """The number of prepared pool images, without reading them."""
-    from ssl_lib.data.prepared import load_pool
-
-    pool, _ = load_pool(paths.PREPARED, in_memory=False)
-    return len(pool)
+    return pretrain(pool, meta["mean"], meta["std"], load_pseudo_labels(), settings, on_epoch=on_epoch,
+                    checkpoint_path=paths.PRETRAIN_CHECKPOINT)
 
 
 def _write_outputs(result: Any, meta: dict, settings: Any) -> dict:
