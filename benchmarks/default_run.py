@@ -38,7 +38,7 @@ DEFAULT_PRETRAIN = PretrainSettings(method="simclr", backbone="convnet_small", e
                                     weight_decay=1e-4, seed=0, max_images=None, device="cpu",
                                     options={"temperature": 0.3, "crop_scale_min": 0.4})
 # LP-FT from a prototype-initialised head: +2 points over plain full fine-tuning on the 60k x 5 encoder
-# (measured with the encoder at 0.1x lr; 1.0x is the default since it did better, see README).
+# (measured with the encoder at 0.1x lr; 1.0x is the default since it did better, see docs/tuning.md).
 DEFAULT_FINETUNE = FinetuneSettings(mode="full", epochs=100, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
                                     augment=True, device="cpu", encoder_lr_mult=1.0, head_init="prototype",
                                     lp_epochs=50, lp_lr=1e-2)

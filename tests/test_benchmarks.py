@@ -93,7 +93,7 @@ def test_compiled_and_eager_steps_agree_on_the_loss():
 
 
 def test_throughput_steps_can_be_given_per_model():
-    # The README's run times ResNet-18 (~15-30 s a step on 2 cores) for fewer steps than the ConvNet.
+    # docs/performance.md's command times ResNet-18 (~10 s a step on 2 cores) for fewer steps than the ConvNet.
     from benchmarks.throughput import DEFAULT_STEPS, parse_args, steps_for
 
     def steps(*argv: str) -> dict[str, tuple[int, int]]:
