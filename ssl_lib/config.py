@@ -3,6 +3,9 @@
 ``params.yaml`` is the single source of truth. Every key is checked here before any compute runs:
 an unknown key, a wrong type, an unknown method or an impossible label budget gives one clear
 message that names the key and what is allowed.
+
+The defaults below are params.yaml's values (``tests/test_defaults.py`` checks every key): a key left out of
+params.yaml keeps the default run's recipe.
 """
 from __future__ import annotations
 
@@ -82,6 +85,11 @@ class PseudoLabelParams(_Section):
     preview_count: int = Field(default=32, ge=1, le=256)
 
 
+# The default run's method options (README "How the defaults were chosen"); each method's own Options keep the
+# defaults of its paper or library.
+DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"simclr": {"temperature": 0.3, "crop_scale_min": 0.4}}
+
+
 class PretrainParams(_Section):
     method: str = "simclr"
     backbone: str = "convnet"
@@ -97,8 +105,10 @@ class PretrainParams(_Section):
     device: str = "auto"
     # Hyper-parameters per method, keyed by method name, so switching `method` picks that method's own
     # options (or its defaults): {simclr: {temperature: 0.3}, rotation: {...}}. Each method's mapping is
-    # checked against its typed `Options` (ssl_lib.methods) and kept as the options the user set.
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # checked against its typed `Options` (ssl_lib.methods) and kept as the options the user set. The default
+    # is the default run's (params.yaml's): a pretrain.options that is given replaces it whole, as any value
+    # replaces its default.
+    options: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_METHOD_OPTIONS))
     # Engine (ssl_lib.acceleration, ssl_lib.batches, ssl_lib.checkpoint, ssl_lib.distributed).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
@@ -180,8 +190,8 @@ class FinetuneParams(_Section):
     epochs: int = Field(default=100, ge=1)
     # >= 2 as train_classifier demands (BatchNorm needs two images a batch): caught here, before any compute.
     batch_size: int = Field(default=64, ge=2)
-    lr: Number = Field(default=1e-3, gt=0)
-    weight_decay: Number = Field(default=1e-4, ge=0)
+    lr: Number = Field(default=2e-3, gt=0)
+    weight_decay: Number = Field(default=5e-4, ge=0)
     augment: bool = True
     encoder_lr_mult: Number = Field(default=1.0, gt=0)
     head_init: Literal["random", "prototype"] = "prototype"
