@@ -237,7 +237,7 @@ def test_linear_mode_freezes_encoder_and_full_mode_trains(digits):
         model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
         before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
         settings = FinetuneSettings(mode=mode, epochs=3, batch_size=32, lr=3e-3, weight_decay=0.0, seed=0,
-                                    device="cpu")
+                                    device="cpu", head_init="random", lp_epochs=0)
         model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                           progress=False)
         after = model.encoder.state_dict()
@@ -252,7 +252,7 @@ def test_supervised_training_learns_and_keeps_best_epoch(digits):
     test = np.setdiff1d(np.arange(len(images)), np.concatenate([tr, va]))
     model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
     settings = FinetuneSettings(mode="full", epochs=15, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0,
-                                device="cpu", encoder_lr_mult=1.0)
+                                device="cpu", encoder_lr_mult=1.0, head_init="random", lp_epochs=0)
     model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                       progress=False)
     best = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -297,7 +297,8 @@ def test_lp_ft_crop_and_prototype_options_are_deterministic(digits):
     with pytest.raises(ValueError, match="head_init"):
         train_classifier(build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0), images[tr], labels[tr],
                          None, None, FinetuneSettings(mode="full", epochs=1, batch_size=32, lr=1e-3,
-                                                      weight_decay=0.0, seed=0, device="cpu", head_init="x"),
+                                                      weight_decay=0.0, seed=0, device="cpu", head_init="x",
+                                                      lp_epochs=0),
                          progress=False)
 
 
