@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from ssl_lib.errors import ConfigError
+from ssl_lib.errors import UNKNOWN_KEY, ConfigError, format_validation_errors
 
 SOURCES = ("fashion-mnist", "digits", "folder")
 
@@ -281,22 +281,8 @@ class PipelineParams(_Section):
     plan: PlanParams = Field(default_factory=PlanParams)
 
 
-def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tuple[str, ...] = ()) -> str:
-    """One line per problem, ``key.path: message``; ``loc_prefix`` places a nested model's errors in params.yaml."""
-    lines = [f"invalid parameters in {origin}:"]
-    for e in err.errors():
-        loc = (*loc_prefix, *e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = _unknown_key_message(loc)
-        elif e["type"] in ("literal_error", "model_type") or e["type"].endswith(("_parsing", "_type")):
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  - {key}: {msg}")
-    return "\n".join(lines)
-
-
 def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    """An unknown key in params.yaml, with the method names or options allowed under pretrain.options."""
     if loc[:2] == ("pretrain", "options"):
         from ssl_lib.methods import METHODS
 
@@ -305,7 +291,7 @@ def _unknown_key_message(loc: tuple[Any, ...]) -> str:
         if len(loc) == 4 and loc[2] in METHODS:
             allowed = ", ".join(sorted(METHODS[loc[2]].Options.model_fields)) or "(none)"
             return f"unknown option of method {loc[2]!r}; allowed: {allowed}"
-    return "unknown key; check its spelling against params.yaml's documented keys"
+    return UNKNOWN_KEY
 
 
 def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelineParams:
@@ -315,7 +301,7 @@ def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelinePa
     try:
         return PipelineParams.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_errors(err, origin)) from None
+        raise ConfigError(format_validation_errors(err, origin, unknown_key=_unknown_key_message)) from None
 
 
 def read_raw_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -344,7 +330,8 @@ def load_data_params(path: str | Path = "params.yaml") -> DataParams:
     try:
         return DataParams.model_validate(section)
     except ValidationError as err:
-        raise ConfigError(format_validation_errors(err, str(path), loc_prefix=("data",))) from None
+        raise ConfigError(format_validation_errors(err, str(path), loc_prefix=("data",),
+                                                   unknown_key=_unknown_key_message)) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
-from ssl_lib.errors import ConfigError, MethodRequirementError
+from ssl_lib.errors import UNKNOWN_KEY, ConfigError, MethodRequirementError, format_validation_errors
 from ssl_lib.models.vit import default_patch_size
 
 FAMILIES = ("pretext", "contrastive", "non-contrastive", "generative")
@@ -114,11 +114,17 @@ class SSLMethod(nn.Module):
         try:
             return cls.Options.model_validate(dict(options or {}))
         except ValidationError as err:
-            # Worded as a bad params.yaml is; imported here since ssl_lib.config imports this package as it loads.
-            from ssl_lib.config import format_validation_errors
-
+            # Worded as a bad params.yaml is (ssl_lib.config words it the same way).
             raise ConfigError(format_validation_errors(err, f"the options of method {cls.name!r}",
-                                                       loc_prefix=("pretrain", "options", cls.name))) from None
+                                                       loc_prefix=("pretrain", "options", cls.name),
+                                                       unknown_key=cls._unknown_option_message)) from None
+
+    @classmethod
+    def _unknown_option_message(cls, loc: tuple[Any, ...]) -> str:
+        if len(loc) != 4:  # pretrain.options.<method>.<option>
+            return UNKNOWN_KEY
+        allowed = ", ".join(sorted(cls.Options.model_fields)) or "(none)"
+        return f"unknown option of method {cls.name!r}; allowed: {allowed}"
 
     @abstractmethod
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
