@@ -12,7 +12,8 @@ from ssl_lib.augment import augment_views, random_resized_crop, shift_flip, to_f
 from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
 from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
 from ssl_lib.methods import METHODS, UnknownMethodError, get_method
-from ssl_lib.methods.simclr import normalized_embedding_std, nt_xent_loss
+from ssl_lib.methods.simclr import nt_xent_loss
+from ssl_lib.methods.views import normalized_embedding_std
 from ssl_lib.models.backbones import BACKBONES, build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels

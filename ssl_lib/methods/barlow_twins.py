@@ -9,8 +9,7 @@ from torch import nn
 
 from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:

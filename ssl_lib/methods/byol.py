@@ -10,8 +10,7 @@ from torch import nn
 
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

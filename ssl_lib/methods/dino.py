@@ -12,8 +12,7 @@ from torch import nn
 from ssl_lib.distributed import mean_across_ranks
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,

@@ -11,8 +11,7 @@ from torch import nn
 from ssl_lib.distributed import gather_no_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

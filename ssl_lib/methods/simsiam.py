@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from ssl_lib.methods.base import register
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
