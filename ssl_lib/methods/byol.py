@@ -26,7 +26,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class BYOL(TwoViewMethod):
+class BYOL(TwoViewMethod["BYOL.Options"]):
     """BYOL: online = predictor(projector(encoder)), target = EMA of projector(encoder).
 
     The projector ends in an affine-free BN unless ``proj_last_bn`` is false (the paper's head).
@@ -48,7 +48,6 @@ class BYOL(TwoViewMethod):
         # runs on small data (tests/test_methods_joint.py) learn backbone features worse than random init.
         proj_last_bn: bool = Field(True, description="affine-free BatchNorm after the projection (false: the paper's)")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -35,7 +35,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 
 
 @register
-class SimCLR(TwoViewMethod):
+class SimCLR(TwoViewMethod["SimCLR.Options"]):
     """Contrastive learning of two random views per image, NT-Xent on a projection MLP.
 
     loss = nt_xent(g(f(aug1(x))), g(f(aug2(x))), temperature); f is the encoder, g the projection
@@ -50,7 +50,6 @@ class SimCLR(TwoViewMethod):
         proj_dim: int = Field(128, ge=1, description="output size of the projection head")
         proj_hidden: int = Field(512, ge=1, description="hidden width of the projection head")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -46,7 +46,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_w: float, var_w: float, 
 
 
 @register
-class VICReg(TwoViewMethod):
+class VICReg(TwoViewMethod["VICReg.Options"]):
     """VICReg: z = projector(encoder(v)) (3-layer expander), loss = vicreg(z1, z2, 25, 25, 1)."""
 
     name = "vicreg"
@@ -59,7 +59,6 @@ class VICReg(TwoViewMethod):
         var_weight: float = Field(25.0, ge=0, description="weight of the variance (std hinge) term")
         cov_weight: float = Field(1.0, ge=0, description="weight of the covariance (decorrelation) term")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -6,7 +6,7 @@ module imports no concrete method: they all import it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -77,14 +77,17 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool =
     return nn.Sequential(*modules)
 
 
-class TwoViewMethod(SSLMethod):
+ViewOptionsT = TypeVar("ViewOptionsT", bound=ViewOptions)
+
+
+class TwoViewMethod(SSLMethod[ViewOptionsT]):
     """Base of the methods that compare two random SimCLR-style views of each image (not registered).
 
-    Subclasses derive their ``Options`` from ``ViewOptions`` and call ``self.views``.
+    Subclasses derive their ``Options`` from ``ViewOptions``, are generic in them like any method
+    (``class MoCo(TwoViewMethod["MoCo.Options"])``), and call ``self.views``.
     """
 
     Options = ViewOptions
-    options: ViewOptions
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -100,6 +103,4 @@ class TwoViewMethod(SSLMethod):
     def preview_pairs(cls, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """The two views of the first ``count // 2`` images, as drawn with the first epoch's seed."""
-        opts = cls.resolve_options(options)
-        assert isinstance(opts, ViewOptions)  # always true (Options is a ViewOptions); narrows the type for mypy
-        return preview_views(images_uint8, pseudo, count, opts)
+        return preview_views(images_uint8, pseudo, count, cls.resolve_options(options))
