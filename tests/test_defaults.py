@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ssl_lib.config import PipelineParams, parse_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 _MISSING = object()
 # Compared as one value: a given mapping replaces the default, it is not merged into it.

@@ -18,7 +18,7 @@ from ssl_lib.models.backbones import BACKBONES, build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
 from ssl_lib.previews import save_preview
-from tests.conftest import BACKBONE, digits_settings
+from tests.helpers import BACKBONE, digits_settings
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,7 @@ from ssl_lib.methods import METHODS, SSLMethod, UnknownMethodError, get_method
 from ssl_lib.methods.base import MethodOptions
 from ssl_lib.methods.options_table import default_text, readme_section, render
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _config_error(options: dict) -> str:

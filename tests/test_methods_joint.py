@@ -29,7 +29,7 @@ from ssl_lib.methods.views import ViewOptions, normalized_embedding_std
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
-from tests.conftest import BACKBONE, digits_settings
+from tests.helpers import BACKBONE, digits_settings
 
 FAMILIES = {"moco": "contrastive", "byol": "non-contrastive", "simsiam": "non-contrastive",
             "barlow_twins": "non-contrastive", "vicreg": "non-contrastive", "dino": "non-contrastive"}
