@@ -102,10 +102,11 @@ def main() -> None:
     project = work / "proj"
     try:
         with server(prefect, f"{prefect_api}/health", work / "prefect.log", env):
-            from tests.conftest import make_project, use_project  # the test suite's tiny digits project
+            import tests.conftest  # noqa: F401  (the test session's environment, and Prefect imported)
+            from tests.helpers import make_project, project_env  # the test suite's tiny digits project
 
             make_project(project)
-            use_project(project)
+            os.environ.update(project_env(project))  # for the rest of this process
             summaries = run_pipeline(project)
             with server([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
                          os.environ["MLFLOW_TRACKING_URI"], "--host", "127.0.0.1", "--port", str(mlflow_port),

@@ -70,7 +70,10 @@ def build_classifier(backbone: str, in_channels: int, image_size: int, num_class
     return model
 
 
-@dataclass(frozen=True)
+# kw_only: a field without a default may follow those with one. head_init and lp_epochs have none: the default
+# run's values (params.yaml: prototype, 50) are not the plain training's (random, 0) that the baseline and the
+# time probe use, so each caller says which it means.
+@dataclass(frozen=True, kw_only=True)
 class FinetuneSettings:
     mode: str  # "full": train everything; "linear": frozen encoder (BatchNorm in eval), train the head
     epochs: int
@@ -91,10 +94,10 @@ class FinetuneSettings:
     # Head initialisation: "random" (nn.Linear default) or "prototype": the nearest-class-mean
     # classifier of the (un-augmented) training features, W_c = mu_c / s, b_c = -|mu_c|^2 / (2 s^2)
     # with s the mean feature norm, so training starts from the class prototypes.
-    head_init: str = "random"
+    head_init: str
     # LP-FT (Kumar et al., 2022): first train only the head on the frozen encoder (BatchNorm in eval)
     # for lp_epochs at lp_lr, then run the normal schedule. 0 = off.
-    lp_epochs: int = 0
+    lp_epochs: int
     lp_lr: float = 1e-2
 
 

@@ -3,6 +3,9 @@
 ``params.yaml`` is the single source of truth. Every key is checked here before any compute runs:
 an unknown key, a wrong type, an unknown method or an impossible label budget gives one clear
 message that names the key and what is allowed.
+
+The defaults below are params.yaml's values (``tests/test_defaults.py`` checks every key): a key left out of
+params.yaml keeps the default run's recipe.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from ssl_lib.errors import ConfigError
+from ssl_lib.errors import UNKNOWN_KEY, ConfigError, format_validation_errors
 
 SOURCES = ("fashion-mnist", "digits", "folder")
 
@@ -82,6 +85,11 @@ class PseudoLabelParams(_Section):
     preview_count: int = Field(default=32, ge=1, le=256)
 
 
+# The default run's method options (README "How the defaults were chosen"); each method's own Options keep the
+# defaults of its paper or library.
+DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"simclr": {"temperature": 0.3, "crop_scale_min": 0.4}}
+
+
 class PretrainParams(_Section):
     method: str = "simclr"
     backbone: str = "convnet"
@@ -97,8 +105,10 @@ class PretrainParams(_Section):
     device: str = "auto"
     # Hyper-parameters per method, keyed by method name, so switching `method` picks that method's own
     # options (or its defaults): {simclr: {temperature: 0.3}, rotation: {...}}. Each method's mapping is
-    # checked against its typed `Options` (ssl_lib.methods) and kept as the options the user set.
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # checked against its typed `Options` (ssl_lib.methods) and kept as the options the user set. The default
+    # is the default run's (params.yaml's): a pretrain.options that is given replaces it whole, as any value
+    # replaces its default.
+    options: dict[str, dict[str, Any]] = Field(default_factory=lambda: copy.deepcopy(DEFAULT_METHOD_OPTIONS))
     # Engine (ssl_lib.acceleration, ssl_lib.batches, ssl_lib.checkpoint, ssl_lib.distributed).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"
@@ -180,8 +190,8 @@ class FinetuneParams(_Section):
     epochs: int = Field(default=100, ge=1)
     # >= 2 as train_classifier demands (BatchNorm needs two images a batch): caught here, before any compute.
     batch_size: int = Field(default=64, ge=2)
-    lr: Number = Field(default=1e-3, gt=0)
-    weight_decay: Number = Field(default=1e-4, ge=0)
+    lr: Number = Field(default=2e-3, gt=0)
+    weight_decay: Number = Field(default=5e-4, ge=0)
     augment: bool = True
     encoder_lr_mult: Number = Field(default=1.0, gt=0)
     head_init: Literal["random", "prototype"] = "prototype"
@@ -271,22 +281,8 @@ class PipelineParams(_Section):
     plan: PlanParams = Field(default_factory=PlanParams)
 
 
-def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tuple[str, ...] = ()) -> str:
-    """One line per problem, ``key.path: message``; ``loc_prefix`` places a nested model's errors in params.yaml."""
-    lines = [f"invalid parameters in {origin}:"]
-    for e in err.errors():
-        loc = (*loc_prefix, *e["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = _unknown_key_message(loc)
-        elif e["type"] in ("literal_error", "model_type") or e["type"].endswith(("_parsing", "_type")):
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  - {key}: {msg}")
-    return "\n".join(lines)
-
-
 def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    """An unknown key in params.yaml, with the method names or options allowed under pretrain.options."""
     if loc[:2] == ("pretrain", "options"):
         from ssl_lib.methods import METHODS
 
@@ -295,7 +291,7 @@ def _unknown_key_message(loc: tuple[Any, ...]) -> str:
         if len(loc) == 4 and loc[2] in METHODS:
             allowed = ", ".join(sorted(METHODS[loc[2]].Options.model_fields)) or "(none)"
             return f"unknown option of method {loc[2]!r}; allowed: {allowed}"
-    return "unknown key; check its spelling against params.yaml's documented keys"
+    return UNKNOWN_KEY
 
 
 def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelineParams:
@@ -305,7 +301,7 @@ def parse_params(raw: dict[str, Any], origin: str = "params.yaml") -> PipelinePa
     try:
         return PipelineParams.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_errors(err, origin)) from None
+        raise ConfigError(format_validation_errors(err, origin, unknown_key=_unknown_key_message)) from None
 
 
 def read_raw_params(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -334,7 +330,8 @@ def load_data_params(path: str | Path = "params.yaml") -> DataParams:
     try:
         return DataParams.model_validate(section)
     except ValidationError as err:
-        raise ConfigError(format_validation_errors(err, str(path), loc_prefix=("data",))) from None
+        raise ConfigError(format_validation_errors(err, str(path), loc_prefix=("data",),
+                                                   unknown_key=_unknown_key_message)) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -3,8 +3,20 @@
 Stages print a ``UserError`` as one line and exit 2, and the flow does not retry it; any other exception is
 a bug (or a transient failure) and keeps its traceback. The classes also derive from ``ValueError`` so that
 code validating input (pydantic validators, callers that expect ``ValueError``) keeps working.
+
+``format_validation_errors`` words a pydantic error for the user, one line per key. It lives here, with no
+dependency of its own, so that both the params (``ssl_lib.config``) and the method options
+(``ssl_lib.methods.base``) use it without importing each other.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+UNKNOWN_KEY = "unknown key; check its spelling against params.yaml's documented keys"
 
 
 class UserError(ValueError):
@@ -39,3 +51,23 @@ class TrainingDiverged(UserError):
         sets its learning rate ``lr`` (None: the caller names it)."""
         return cls(f"the {phase} loss is {value} at step {step} of {total}: training diverged; lower "
                    f"{key or 'the learning rate'} (now {lr:g}), or check the data for broken images")
+
+
+def format_validation_errors(err: ValidationError, origin: str, loc_prefix: tuple[str, ...] = (),
+                             unknown_key: Callable[[tuple[Any, ...]], str] | None = None) -> str:
+    """One line per problem, ``key.path: message``; ``loc_prefix`` places a nested model's errors in params.yaml.
+
+    ``unknown_key(loc)`` words an unknown key at ``loc`` (the full key path), for instance with the keys allowed
+    there; without it, ``UNKNOWN_KEY``.
+    """
+    lines = [f"invalid parameters in {origin}:"]
+    for e in err.errors():
+        loc = (*loc_prefix, *e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = unknown_key(loc) if unknown_key is not None else UNKNOWN_KEY
+        elif e["type"] in ("literal_error", "model_type") or e["type"].endswith(("_parsing", "_type")):
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  - {key}: {msg}")
+    return "\n".join(lines)

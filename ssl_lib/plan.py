@@ -184,7 +184,7 @@ def _probe(plan: RunPlan, params: PipelineParams, steps: int) -> RunPlan:
     images = _random_images(ft.batch_size, data)  # one step an epoch
     ft_settings = FinetuneSettings(mode="full", epochs=1 + steps, batch_size=ft.batch_size, lr=1e-3,
                                    weight_decay=0.0, seed=0, device=params.finetune.device,
-                                   max_shift_px=sizing.shift_px(data.height))
+                                   max_shift_px=sizing.shift_px(data.height), head_init="random", lp_epochs=0)
     _, history = train_classifier(new_classifier(), images, np.resize(labels, len(images)), None, None,
                                   ft_settings, progress=False)
     ft.seconds_per_step = _median_after_first([row["seconds"] for row in history])

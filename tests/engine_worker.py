@@ -60,13 +60,11 @@ def main() -> None:
     from ssl_lib.pretrain_plan import make_pseudo_labels
 
     if args.fixed_views:
-        import ssl_lib.methods.simclr as simclr_module
-        import ssl_lib.methods.views as views_module
+        import ssl_lib.methods.views as views_module  # every two-view method, SimCLR too, draws its views there
 
         def identity(images, generator, settings):
             return images.clone()
 
-        simclr_module.augment_views = identity
         views_module.augment_views = identity
     if launched_by_torchrun():
         init_from_env("cpu")

@@ -25,13 +25,14 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ssl_lib.methods import METHODS
-from tests.conftest import make_project, run_cmd, use_project
+from tests.helpers import make_project, run_cmd, use_project
 
 VIT_METHODS = {name for name, cls in METHODS.items() if cls.required_backbone == "vit_tiny"}
 RGB_METHODS = {name for name, cls in METHODS.items() if cls.required_channels == 3}
@@ -120,10 +121,10 @@ def flow_runs(project: Path, method: str) -> list:
     return result
 
 
-def run_method_both_ways(project: Path, method: str) -> dict[str, str]:
+def run_method_both_ways(project: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """``dvc exp run`` then ``sslpipe run`` for ``method`` (see the module docstring), checking each; returns
     the DVC experiment each of them saved."""
-    use_project(project)
+    use_project(project, monkeypatch)
     out = dvc_exp_run(project, method, *([] if FULL_RUNS else ["pretrain"]))
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
     for stage in METHOD_STAGES + (DOWNSTREAM_STAGES if FULL_RUNS else ()):
@@ -173,14 +174,16 @@ def method_half_tests(methods: list[str], name: str) -> tuple:
     saved: dict[str, dict[str, str]] = {}  # method -> the DVC experiment each command saved
 
     @pytest.fixture(scope="module")
-    def project(tmp_path_factory) -> Path:
+    def project(tmp_path_factory) -> Iterator[Path]:
         path = make_project(tmp_path_factory.mktemp(name) / "proj", CHEAP)
-        use_project(path)
-        return path
+        with pytest.MonkeyPatch.context() as patch:  # the module's tests run on it; undone after the last
+            use_project(path, patch)
+            yield path
 
     @pytest.mark.parametrize("method", methods)
-    def test_method_runs_through_dvc_then_the_flow(project: Path, method: str, prefect_server) -> None:
-        saved[method] = run_method_both_ways(project, method)
+    def test_method_runs_through_dvc_then_the_flow(project: Path, method: str, prefect_server,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+        saved[method] = run_method_both_ways(project, method, monkeypatch)
 
     def test_every_experiment_records_its_method(project: Path) -> None:
         if set(saved) != set(methods):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from ssl_lib.config import ConfigError, load_params
 from tasks.params_file import apply_param_overrides
-from tests.conftest import REPO, make_project, run_cmd, use_project
+from tests.helpers import REPO, make_project, run_cmd, use_project
 
 runner = CliRunner()
 
@@ -93,7 +93,7 @@ def test_stage_before_its_inputs_exist_names_the_fix(project: Path):
     assert not (project / "artifacts/pretrain/encoder.pt").exists()
 
 
-def test_corrupt_image_in_folder_source_is_reported_and_skipped(tmp_path: Path):
+def test_corrupt_image_in_folder_source_is_reported_and_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from PIL import Image
 
     images = tmp_path / "images"
@@ -105,7 +105,7 @@ def test_corrupt_image_in_folder_source_is_reported_and_skipped(tmp_path: Path):
     (images / "dog" / "broken.png").write_bytes(b"\x89PNG not really an image")
     project = make_project(tmp_path / "proj", {"data": {"source": "folder", "path": str(images),
                                                         "labels_per_class": 2, "val_per_class": 1}})
-    use_project(project)
+    use_project(project, monkeypatch)
     result = runner.invoke(app, ["stage", "ingest", "--root", str(project)])
     assert result.exit_code == 0, result.output
     assert "skipped 1 unreadable image" in result.output and "broken.png" in result.output

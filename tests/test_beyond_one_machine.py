@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_project, run_cmd, use_project
+from tests.helpers import REPO, make_project, run_cmd, use_project
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,9 @@ def _wait_http(url: str, seconds: float = 90, process: subprocess.Popen | None =
     raise AssertionError(f"{url} did not come up in {seconds} s")
 
 
-def test_dvc_remote_push_then_pull_in_a_fresh_clone(tmp_path):
+def test_dvc_remote_push_then_pull_in_a_fresh_clone(tmp_path, monkeypatch):
     project = make_project(tmp_path / "proj")
-    use_project(project)
+    use_project(project, monkeypatch)
     dvc = [sys.executable, "-m", "dvc"]
     run_cmd(dvc + ["repro", "ingest"], project)
     run_cmd(dvc + ["remote", "add", "-d", "store", str(tmp_path / "remote")], project)
@@ -97,7 +97,7 @@ def test_stages_log_to_an_mlflow_server_backed_by_postgres(tmp_path, postgres, m
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", seconds=120, process=server)
         project = make_project(tmp_path / "proj")
-        use_project(project)
+        use_project(project, monkeypatch)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
         run_cmd([sys.executable, "-m", "dvc", "repro", "ingest"], project)
 
@@ -116,7 +116,7 @@ def test_stages_log_to_an_mlflow_server_backed_by_postgres(tmp_path, postgres, m
         server.wait(timeout=30)
 
 
-def test_a_process_worker_runs_the_pipeline_deployment(tmp_path, prefect_server):
+def test_a_process_worker_runs_the_pipeline_deployment(tmp_path, prefect_server, monkeypatch):
     """Deploy the pipeline flow to a process work pool; a real worker picks the run up and completes it."""
     from prefect import flow
     from prefect.client.orchestration import get_client
@@ -124,7 +124,7 @@ def test_a_process_worker_runs_the_pipeline_deployment(tmp_path, prefect_server)
     from prefect.settings import PREFECT_API_URL
 
     project = make_project(tmp_path / "proj", {"pretrain": {"epochs": 1}, "finetune": {"epochs": 2}})
-    use_project(project)
+    use_project(project, monkeypatch)
     pool = "test-process-pool"
     api_url = PREFECT_API_URL.value()
     env = {**os.environ, "PREFECT_API_URL": api_url,

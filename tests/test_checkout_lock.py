@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.checkout_lock import CheckoutBusy, hold_checkout, lock_path
-from tests.conftest import REPO, run_cmd
+from tests.helpers import REPO, run_cmd
 
 runner = CliRunner()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGES = ("ssl_lib", "tasks")
 # How a run is configured, recorded and reported, never what it computes: not deps of any stage.

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from ssl_lib.config import parse_params
 from ssl_lib.errors import DataError
-from tests.conftest import make_project, use_project
+from tests.helpers import make_project, use_project
 
 runner = CliRunner()
 
@@ -80,12 +80,12 @@ def test_preflight_stops_on_a_class_without_images(tmp_path: Path, problem: str,
         assert fragment in message, (fragment, message)
 
 
-def test_validate_and_run_say_it_in_one_line_before_any_compute(tmp_path: Path):
+def test_validate_and_run_say_it_in_one_line_before_any_compute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     folder = _folder(tmp_path / "images")
     (folder / "eel").mkdir()
     project = make_project(tmp_path / "proj", {"data": {"source": "folder", "path": str(folder),
                                                         "labels_per_class": 1, "val_per_class": 1}})
-    use_project(project)
+    use_project(project, monkeypatch)
     params_before = (project / "params.yaml").read_text()
     for command in (["validate"], ["run", "--no-exp"]):
         result = runner.invoke(app, [*command, "--root", str(project)])

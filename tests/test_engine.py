@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import make_project, run_cmd, use_project
+from tests.helpers import make_project, run_cmd, use_project
 
 WORKER = Path(__file__).with_name("engine_worker.py")
 
@@ -209,11 +209,11 @@ def test_bf16_autocast_run_learns_on_cpu():
 
 
 @pytest.mark.slow
-def test_pretrain_stage_killed_mid_run_resumes_on_the_next_repro(tmp_path):
+def test_pretrain_stage_killed_mid_run_resumes_on_the_next_repro(tmp_path, monkeypatch):
     project = make_project(tmp_path / "proj", {
         "pretrain": {"method": "simclr", "epochs": 3, "batch_size": 32, "max_images": 512, "checkpoint_every": 5},
     })
-    use_project(project)
+    use_project(project, monkeypatch)
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
     run_cmd([sys.executable, "-m", "dvc", "repro", "pseudo_labels"], project)
     checkpoint = project / "artifacts/checkpoints/pretrain.pt"
@@ -236,9 +236,9 @@ def test_pretrain_stage_killed_mid_run_resumes_on_the_next_repro(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_stage_with_two_devices_runs_under_torchrun(tmp_path):
+def test_pretrain_stage_with_two_devices_runs_under_torchrun(tmp_path, monkeypatch):
     project = make_project(tmp_path / "proj", {"pretrain": {"method": "simclr", "devices": 2}})
-    use_project(project)
+    use_project(project, monkeypatch)
     out = run_cmd([sys.executable, "-m", "dvc", "repro", "pretrain"], project)
     assert "launching 2 processes" in out.stdout + out.stderr
     info = json.loads((project / "artifacts/pretrain/encoder.json").read_text())

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from ssl_lib.methods import METHODS
-from tests.conftest import use_project
 from tests.every_method import (
     COLOUR_ERROR,
     DIGITS_METHODS,
@@ -17,6 +16,7 @@ from tests.every_method import (
     method_half_tests,
     sslpipe_run,
 )
+from tests.helpers import use_project
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,8 @@ def test_the_lists_cover_every_method():
     assert set(DIGITS_METHODS[0::2]) | set(DIGITS_METHODS[1::2]) | RGB_METHODS == set(METHODS)
 
 
-def test_colorization_on_digits_fails_clearly_through_dvc(project: Path):
-    use_project(project)
+def test_colorization_on_digits_fails_clearly_through_dvc(project: Path, monkeypatch: pytest.MonkeyPatch):
+    use_project(project, monkeypatch)
     out = dvc_exp_run(project, "colorization")
     output = out.stdout + out.stderr
     assert out.returncode != 0, output
@@ -43,8 +43,8 @@ def test_colorization_on_digits_fails_clearly_through_dvc(project: Path):
     assert "Traceback" not in output
 
 
-def test_colorization_on_digits_fails_clearly_through_sslpipe(project: Path):
-    use_project(project)
+def test_colorization_on_digits_fails_clearly_through_sslpipe(project: Path, monkeypatch: pytest.MonkeyPatch):
+    use_project(project, monkeypatch)
     params_before = (project / "params.yaml").read_text()
     result = sslpipe_run(project, "pretrain.method=colorization")
     assert result.exit_code == 2, result.output

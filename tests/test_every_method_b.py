@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_project, use_project
 from tests.every_method import (
     CHEAP,
     DIGITS_METHODS,
@@ -19,6 +18,7 @@ from tests.every_method import (
     method_half_tests,
     sslpipe_run,
 )
+from tests.helpers import make_project, use_project
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,9 @@ def colour_project(tmp_path_factory) -> Path:
     return make_project(base / "proj", {**CHEAP, "data": {"source": "folder", "path": str(images)}})
 
 
-def test_colorization_runs_through_dvc_on_an_rgb_folder(colour_project: Path):
+def test_colorization_runs_through_dvc_on_an_rgb_folder(colour_project: Path, monkeypatch: pytest.MonkeyPatch):
     project = colour_project
-    use_project(project)
+    use_project(project, monkeypatch)
     out = dvc_exp_run(project, "colorization")  # the whole pipeline, ingest to evaluate
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
     for stage in ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "evaluate"):
@@ -76,10 +76,11 @@ def test_colorization_runs_through_dvc_on_an_rgb_folder(colour_project: Path):
     assert yaml.safe_load((project / "params.yaml").read_text())["pretrain"]["method"] == "colorization"
 
 
-def test_colorization_runs_through_sslpipe_on_an_rgb_folder(colour_project: Path, prefect_server):
+def test_colorization_runs_through_sslpipe_on_an_rgb_folder(colour_project: Path, prefect_server,
+                                                            monkeypatch: pytest.MonkeyPatch):
     """The flow's up-front check accepts colour data; DVC finds the run above up to date."""
     project = colour_project
-    use_project(project)
+    use_project(project, monkeypatch)
     result = sslpipe_run(project, "pretrain.method=colorization", "pretrain.backbone=convnet_small",
                          f"pretrain.epochs={CHEAP['pretrain']['epochs']}")
     assert result.exit_code == 0, result.output

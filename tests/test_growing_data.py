@@ -19,7 +19,7 @@ from PIL import Image
 from ssl_lib.data.ingest import ingest
 from ssl_lib.data.layout import read_manifest
 from ssl_lib.data.prepared import load_prepared
-from tests.conftest import REPO, make_project, run_cmd, use_project
+from tests.helpers import REPO, make_project, run_cmd, use_project
 
 FILES = ("images.npy", "pool_indices.npy", "manifest.csv", "meta.json", "report.json", "lineage.json")
 BUDGET = dict(seed=0, labels_per_class=4, label_fraction=None, val_per_class=3, test_fraction=0.25)
@@ -399,12 +399,12 @@ def test_peak_memory_does_not_grow_with_the_image_count(tmp_path: Path):
 
 
 @pytest.mark.slow  # real DVC stages, MLflow included: about a minute
-def test_dvc_repro_reruns_ingest_exactly_when_the_source_changes(tmp_path: Path):
+def test_dvc_repro_reruns_ingest_exactly_when_the_source_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     images = tmp_path / "images"
     _add_images(images, {"cat": 12, "dog": 12}, "a", size=8)
     project = make_project(tmp_path / "proj", {"data": {"source": "folder", "path": str(images),
                                                         "labels_per_class": 2, "val_per_class": 1}})
-    use_project(project)
+    use_project(project, monkeypatch)
     dvc = [sys.executable, "-m", "dvc", "repro", "ingest"]
 
     def ingest_ran() -> bool:

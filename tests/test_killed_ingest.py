@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ssl_lib.data.ingest import ingest
-from tests.conftest import REPO, run_cmd
+from tests.helpers import REPO, run_cmd
 
 BUDGET = dict(seed=0, labels_per_class=1, label_fraction=None, val_per_class=1, test_fraction=0.2)
 

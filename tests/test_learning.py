@@ -12,12 +12,13 @@ from ssl_lib.augment import augment_views, random_resized_crop, shift_flip, to_f
 from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
 from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
 from ssl_lib.methods import METHODS, UnknownMethodError, get_method
-from ssl_lib.methods.simclr import normalized_embedding_std, nt_xent_loss
+from ssl_lib.methods.simclr import nt_xent_loss
+from ssl_lib.methods.views import normalized_embedding_std
 from ssl_lib.models.backbones import BACKBONES, build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
 from ssl_lib.previews import save_preview
-from tests.conftest import BACKBONE, digits_settings
+from tests.helpers import BACKBONE, digits_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -237,7 +238,7 @@ def test_linear_mode_freezes_encoder_and_full_mode_trains(digits):
         model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
         before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
         settings = FinetuneSettings(mode=mode, epochs=3, batch_size=32, lr=3e-3, weight_decay=0.0, seed=0,
-                                    device="cpu")
+                                    device="cpu", head_init="random", lp_epochs=0)
         model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                           progress=False)
         after = model.encoder.state_dict()
@@ -252,7 +253,7 @@ def test_supervised_training_learns_and_keeps_best_epoch(digits):
     test = np.setdiff1d(np.arange(len(images)), np.concatenate([tr, va]))
     model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
     settings = FinetuneSettings(mode="full", epochs=15, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0,
-                                device="cpu", encoder_lr_mult=1.0)
+                                device="cpu", encoder_lr_mult=1.0, head_init="random", lp_epochs=0)
     model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                       progress=False)
     best = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -297,7 +298,8 @@ def test_lp_ft_crop_and_prototype_options_are_deterministic(digits):
     with pytest.raises(ValueError, match="head_init"):
         train_classifier(build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0), images[tr], labels[tr],
                          None, None, FinetuneSettings(mode="full", epochs=1, batch_size=32, lr=1e-3,
-                                                      weight_decay=0.0, seed=0, device="cpu", head_init="x"),
+                                                      weight_decay=0.0, seed=0, device="cpu", head_init="x",
+                                                      lp_epochs=0),
                          progress=False)
 
 

@@ -63,7 +63,7 @@ def test_fine_tuning_stops_at_the_step_whose_loss_is_nan(monkeypatch, lp_epochs:
     images, labels = _images()
     model = build_classifier("convnet_small", 1, 8, 4, [0.3], [0.35], seed=0)
     settings = FinetuneSettings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
-                                lp_epochs=lp_epochs)
+                                head_init="random", lp_epochs=lp_epochs)
     monkeypatch.setattr(F, "cross_entropy", _nan_from_call(F.cross_entropy, step))  # 3 steps an epoch
     with pytest.raises(TrainingDiverged, match=rf"the {phase} loss is nan at step {step} of "):
         train_classifier(model, images, labels, None, None, settings, progress=False)
@@ -77,7 +77,8 @@ def test_a_real_overflow_in_fine_tuning_is_caught():
     model = build_classifier("convnet_small", 1, 8, 4, [0.3], [1e-40], seed=0)  # a denormal std: x / std overflows
     with pytest.raises(TrainingDiverged, match="the fine-tuning loss is nan at step 1 of 9"):
         train_classifier(model, images, labels, None, None,
-                         FinetuneSettings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0),
+                         FinetuneSettings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
+                                          head_init="random", lp_epochs=0),
                          progress=False)
 
 

@@ -13,7 +13,7 @@ from ssl_lib.methods import METHODS, SSLMethod, UnknownMethodError, get_method
 from ssl_lib.methods.base import MethodOptions
 from ssl_lib.methods.options_table import default_text, readme_section, render
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def _config_error(options: dict) -> str:
@@ -94,6 +94,34 @@ def test_resolve_options_raises_config_error_naming_the_key():
         get_method("moco").resolve_options({"queue_size": 0})
     with pytest.raises(ConfigError, match="temprature.*allowed.*temperature"):
         get_method("simclr").resolve_options({"temprature": 0.5})
+
+
+def test_resolve_options_takes_only_its_own_options_class():
+    simclr, moco = get_method("simclr"), get_method("moco")
+    with pytest.raises(TypeError, match=r"method 'moco' takes a mapping of options or a MoCo\.Options, not a "
+                                        r"SimCLR\.Options"):
+        moco.resolve_options(simclr.Options())
+
+
+def test_a_method_is_generic_in_its_own_options_class():
+    class Other(MethodOptions):
+        pass
+
+    class Good(SSLMethod["Good.Options"]):
+        class Options(MethodOptions):
+            size: int = 1
+
+    assert Good.resolve_options({"size": 2}).size == 2
+    with pytest.raises(TypeError, match=r"Bad\.Options is .*Bad\.Options, but the class is declared generic in "
+                                        r".*Other: make the two the same class"):
+        class Bad(SSLMethod[Other]):
+            class Options(MethodOptions):
+                pass
+    with pytest.raises(TypeError, match="declared generic in ViewOptions"):
+        from ssl_lib.methods.views import TwoViewMethod
+
+        class NotViews(TwoViewMethod):  # inherits TwoViewMethod[ViewOptionsT]: Options must be a ViewOptions
+            Options = Other
 
 
 def test_method_gets_typed_options_and_rejects_bad_ones():

@@ -25,12 +25,11 @@ from ssl_lib.classifier import build_classifier
 from ssl_lib.evaluation import extract_features, knn_accuracy
 from ssl_lib.methods import get_method
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import ViewOptions
+from ssl_lib.methods.views import ViewOptions, normalized_embedding_std
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
-from tests.conftest import BACKBONE, digits_settings
+from tests.helpers import BACKBONE, digits_settings
 
 FAMILIES = {"moco": "contrastive", "byol": "non-contrastive", "simsiam": "non-contrastive",
             "barlow_twins": "non-contrastive", "vicreg": "non-contrastive", "dino": "non-contrastive"}

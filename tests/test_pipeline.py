@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_project, run_cmd, use_project
+from tests.helpers import make_project, run_cmd, use_project
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,12 @@ FLOW_OVERRIDES = {"pretrain.method": "rotation", "finetune.lp_epochs": 3}
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory, prefect_server):
     project = make_project(tmp_path_factory.mktemp("pipeline") / "proj")
-    use_project(project)
-    from flows.pipeline import ssl_pipeline
+    with pytest.MonkeyPatch.context() as patch:  # the module's tests read its store; undone after the last
+        use_project(project, patch)
+        from flows.pipeline import ssl_pipeline
 
-    summary = ssl_pipeline(overrides=FLOW_OVERRIDES, root=str(project))
-    return project, summary
+        summary = ssl_pipeline(overrides=FLOW_OVERRIDES, root=str(project))
+        yield project, summary
 
 
 def _client():

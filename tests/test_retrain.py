@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import make_project, use_project
+from tests.helpers import make_project, use_project
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,9 @@ GOOD = {"finetune.lr": 3e-3, "finetune.baseline_lr": 3e-3, "finetune.epochs": 15
 def project(tmp_path_factory, prefect_server):
     path = make_project(tmp_path_factory.mktemp("retrain") / "proj",
                         {"finetune": {"registered_model_name": "retrain-classifier"}})
-    use_project(path)
-    return path
+    with pytest.MonkeyPatch.context() as patch:  # the module's tests run on it; undone after the last
+        use_project(path, patch)
+        yield path
 
 
 def _champion() -> tuple[str, dict]:
@@ -73,7 +74,7 @@ def test_failed_retrain_leaves_the_champion_untouched(project):
     assert _champion()[0] == "2"
 
 
-def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_server):
+def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_server, monkeypatch):
     import json
 
     import numpy as np
@@ -91,7 +92,7 @@ def test_new_images_in_the_source_give_a_new_data_version(tmp_path, prefect_serv
     project = make_project(tmp_path / "proj", {
         "data": {"source": "folder", "path": str(images), "labels_per_class": 3, "val_per_class": 2},
         "finetune": {"registered_model_name": "folder-classifier"}})
-    use_project(project)
+    use_project(project, monkeypatch)
     first = retrain(margin=0.0, root=str(project))
     meta = json.loads((project / "data/prepared/meta.json").read_text())
     lock_before = (project / "dvc.lock").read_text()

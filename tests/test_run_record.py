@@ -220,7 +220,7 @@ def test_a_run_says_what_it_inherits_from_an_uncommitted_params_yaml(tmp_path):
     import yaml
 
     from tasks.run_summary import inherited_note
-    from tests.conftest import REPO, run_cmd
+    from tests.helpers import REPO, run_cmd
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     assert inherited_note(tmp_path, {}) is None  # not a git repository: nothing to compare with

@@ -42,7 +42,7 @@ def digits_teacher():
     model = build_classifier("convnet_small", 1, 8, 10, [0.3], [0.4], seed=0)
     model, _ = train_classifier(model, images[labeled], labels[labeled], images[val], labels[val],
                                 FinetuneSettings(mode="full", epochs=30, batch_size=32, lr=2e-3, weight_decay=5e-4,
-                                                 seed=0), progress=False)
+                                                 seed=0, head_init="random", lp_epochs=0), progress=False)
     return {"model": model, "images": images, "labels": labels, "pool": pool, "labeled": labeled, "val": val,
             "test": test}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks import stage_server
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PREPARED = ("images.npy", "manifest.csv", "meta.json", "pool_indices.npy", "lineage.json", "report.json")
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ssl_lib.config import ConfigError, load_params, parse_params
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("section, key, value, expected", [

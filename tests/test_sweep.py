@@ -6,18 +6,18 @@ import sys
 import pandas as pd
 import pytest
 
-from tests.conftest import make_project, run_cmd, use_project
+from tests.helpers import make_project, run_cmd, use_project
 
 pytestmark = pytest.mark.slow
 
 
-def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
+def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server, monkeypatch):
     from mlflow import MlflowClient
 
     from flows.sweep import sweep
 
     project = make_project(tmp_path / "proj")
-    use_project(project)
+    use_project(project, monkeypatch)
     result = sweep(methods=["rotation"], labels_per_class=[2, 4], seeds=[0], root=str(project),
                    experiment="test-sweep")
     table = pd.read_csv(result["table"])
@@ -50,14 +50,14 @@ def test_sweep_over_label_budgets_reuses_pretraining(tmp_path, prefect_server):
     assert "pretrain" not in stages_by_point[second] and "finetune" in stages_by_point[second]
 
 
-def test_sweep_points_run_on_a_dask_cluster(tmp_path, prefect_server):
+def test_sweep_points_run_on_a_dask_cluster(tmp_path, prefect_server, monkeypatch):
     pytest.importorskip("prefect_dask")
     from prefect_dask import DaskTaskRunner
 
     from flows.sweep import sweep
 
     project = make_project(tmp_path / "proj", {"pretrain": {"epochs": 1}, "finetune": {"epochs": 2}})
-    use_project(project)
+    use_project(project, monkeypatch)
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True})
     result = sweep.with_options(task_runner=runner)(methods=["rotation"], labels_per_class=[3], seeds=[1],
                                                     root=str(project), experiment="dask-sweep")

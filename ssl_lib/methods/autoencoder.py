@@ -34,7 +34,7 @@ def corrupt(x: torch.Tensor, generator: torch.Generator, noise_std: float, drop_
 
 
 @register
-class DenoisingAutoencoder(SSLMethod):
+class DenoisingAutoencoder(SSLMethod["DenoisingAutoencoder.Options"]):
     """Encoder -> pooled features -> light conv decoder -> clean image (sigmoid); MSE loss.
 
     Noise is drawn from the epoch's generator (seeded by the ``epoch_seed`` pseudo labels).
@@ -52,7 +52,6 @@ class DenoisingAutoencoder(SSLMethod):
         augment: bool = augment_option()
         max_shift_px: int = max_shift_option(1)
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -71,7 +70,6 @@ class DenoisingAutoencoder(SSLMethod):
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(corrupted input, clean target) pairs, noise drawn with the first epoch's seed."""
         opts = cls.resolve_options(options)
-        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         generator = torch.Generator().manual_seed(int(pseudo["epoch_seed"][0]))

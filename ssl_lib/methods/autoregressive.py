@@ -57,7 +57,7 @@ def next_patch_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
 
 @register
-class AutoregressivePatches(SSLMethod):
+class AutoregressivePatches(SSLMethod["AutoregressivePatches.Options"]):
     """Next-patch prediction on ``vit_tiny`` (other backbones raise MethodRequirementError at construction).
 
     The sequence is [start (the class token), patch 0, ..., patch L-2]; the output at position l
@@ -77,7 +77,6 @@ class AutoregressivePatches(SSLMethod):
         augment: bool = augment_option()
         max_shift_px: int = max_shift_option(1)
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -119,7 +118,6 @@ class AutoregressivePatches(SSLMethod):
         """(prefix the model sees, full image) pairs: with prefix_causal, the K-patch prefix of the first
         epoch; patches after it (gray) are predicted one at a time, each from all patches before it."""
         opts = cls.resolve_options(options)
-        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         p = default_patch_size(x.shape[-1])

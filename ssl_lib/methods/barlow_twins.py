@@ -9,8 +9,7 @@ from torch import nn
 
 from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
@@ -39,7 +38,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: flo
 
 
 @register
-class BarlowTwins(TwoViewMethod):
+class BarlowTwins(TwoViewMethod["BarlowTwins.Options"]):
     """Barlow Twins: z = projector(encoder(v)) (3-layer expander), loss = barlow_twins(z1, z2, lambd).
 
     ``lambd`` about 1/proj_dim balances the D on-diagonal against the D^2 - D off-diagonal terms.
@@ -54,7 +53,6 @@ class BarlowTwins(TwoViewMethod):
         # 0 leaves only the invariance term: allowed, if collapse-prone.
         lambd: float = Field(0.0051, ge=0, description="weight of the off-diagonal (redundancy) terms, ~1/proj_dim")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

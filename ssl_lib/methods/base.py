@@ -15,16 +15,17 @@ Pseudo-label arrays follow one convention that ``ssl_lib.pretrain`` relies on:
 from __future__ import annotations
 
 import numbers
+import sys
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar, get_args
+from typing import Any, ClassVar, ForwardRef, Generic, TypeVar, cast, get_args, get_origin
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
-from ssl_lib.errors import ConfigError, MethodRequirementError
+from ssl_lib.errors import UNKNOWN_KEY, ConfigError, MethodRequirementError, format_validation_errors
 from ssl_lib.models.vit import default_patch_size
 
 FAMILIES = ("pretext", "contrastive", "non-contrastive", "generative")
@@ -67,14 +68,21 @@ class MethodOptions(BaseModel):
 # ``Options`` instance, or None for the defaults.
 OptionsArg = Mapping[str, Any] | MethodOptions | None
 
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
 
-class SSLMethod(nn.Module):
+
+class SSLMethod(nn.Module, Generic[OptionsT]):
     """Base class: an encoder plus the heads and loss of one self-supervised objective.
 
     The encoder maps images in [0, 1] (normalization is the encoder's business, see
     ``ssl_lib.pretrain``) to (B, feature_dim) features. Subclasses set ``name``, ``family`` and
     ``Options`` (a ``MethodOptions`` subclass), and implement ``loss``; ``self.options`` is an instance
     of their ``Options``.
+
+    A method is generic in its options, ``class Rotation(SSLMethod["Rotation.Options"])`` with a nested
+    ``class Options(MethodOptions)``, so that ``self.options`` and ``resolve_options`` are typed as its own
+    ``Options``. The type argument and the ``Options`` class attribute (which the code reads at run time) are
+    checked to agree when the class is defined.
     """
 
     name: ClassVar[str] = ""
@@ -87,7 +95,14 @@ class SSLMethod(nn.Module):
     #: so that ingest can reject a dataset before any work; ``check_data`` raises the full message.
     required_channels: ClassVar[int | None] = None
 
-    options: MethodOptions
+    options: OptionsT
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = _declared_options(cls)
+        if declared is not None and not (isinstance(cls.Options, type) and issubclass(cls.Options, declared)):
+            raise TypeError(f"{cls.__qualname__}.Options is {cls.Options.__qualname__}, but the class is declared "
+                            f"generic in {declared.__qualname__}: make the two the same class")
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -102,23 +117,35 @@ class SSLMethod(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def resolve_options(cls, options: OptionsArg = None) -> MethodOptions:
-        """``options`` over the defaults, as an instance of ``cls.Options`` (typed as the base class, since a
-        ClassVar cannot be generic: a subclass's classmethod narrows it with ``isinstance(opts, cls.Options)``).
+    def resolve_options(cls, options: OptionsArg = None) -> OptionsT:
+        """``options`` over the defaults, as an instance of ``cls.Options``; a ready ``cls.Options`` is returned as
+        it is, and an instance of any other options class raises TypeError.
 
         An unknown, mistyped or out-of-range option raises ConfigError naming
         ``pretrain.options.<method>.<option>`` and what is allowed.
         """
-        if type(options) is cls.Options:
-            return options
-        try:
-            return cls.Options.model_validate(dict(options or {}))
-        except ValidationError as err:
-            # Worded as a bad params.yaml is; imported here since ssl_lib.config imports this package as it loads.
-            from ssl_lib.config import format_validation_errors
+        if isinstance(options, MethodOptions):
+            resolved = options
+        else:
+            try:
+                resolved = cls.Options.model_validate(dict(options or {}))
+            except ValidationError as err:
+                # Worded as a bad params.yaml is (ssl_lib.config words it the same way).
+                raise ConfigError(format_validation_errors(err, f"the options of method {cls.name!r}",
+                                                           loc_prefix=("pretrain", "options", cls.name),
+                                                           unknown_key=cls._unknown_option_message)) from None
+        if type(resolved) is not cls.Options:
+            raise TypeError(f"method {cls.name or cls.__qualname__!r} takes a mapping of options or a "
+                            f"{cls.Options.__qualname__}, not a {type(resolved).__qualname__}")
+        # cls.Options is the class OptionsT stands for: __init_subclass__ checked it as the class was defined.
+        return cast(OptionsT, resolved)
 
-            raise ConfigError(format_validation_errors(err, f"the options of method {cls.name!r}",
-                                                       loc_prefix=("pretrain", "options", cls.name))) from None
+    @classmethod
+    def _unknown_option_message(cls, loc: tuple[Any, ...]) -> str:
+        if len(loc) != 4:  # pretrain.options.<method>.<option>
+            return UNKNOWN_KEY
+        allowed = ", ".join(sorted(cls.Options.model_fields)) or "(none)"
+        return f"unknown option of method {cls.name!r}; allowed: {allowed}"
 
     @abstractmethod
     def loss(self, images: torch.Tensor, targets: dict[str, torch.Tensor],
@@ -163,6 +190,26 @@ class SSLMethod(nn.Module):
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(image HWC uint8, caption) pairs that show what the method trains on, for a preview grid."""
         return [(np.asarray(images_uint8[i]), f"#{i}") for i in range(min(count, len(images_uint8)))]
+
+
+def _declared_options(cls: type) -> type | None:
+    """The options class that ``cls`` is generic in: X of the nearest ``SSLMethod[X]`` (or subclass ``[X]``) among
+    the bases of ``cls`` and its ancestors, a type variable's bound; None when there is none."""
+    for owner in cls.__mro__:
+        for base in owner.__dict__.get("__orig_bases__", ()):
+            origin = get_origin(base)
+            if not (isinstance(origin, type) and issubclass(origin, SSLMethod)):
+                continue
+            (arg,) = get_args(base)
+            if isinstance(arg, TypeVar):
+                arg = arg.__bound__
+            if isinstance(arg, (str, ForwardRef)):  # "Rotation.Options": the class, then its attributes
+                first, *rest = (arg if isinstance(arg, str) else arg.__forward_arg__).split(".")
+                arg = owner if first == owner.__name__ else vars(sys.modules[owner.__module__])[first]
+                for attribute in rest:
+                    arg = getattr(arg, attribute)
+            return arg if isinstance(arg, type) else None
+    return None
 
 
 def register(cls: _M) -> _M:

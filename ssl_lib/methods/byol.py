@@ -10,8 +10,7 @@ from torch import nn
 
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -27,7 +26,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class BYOL(TwoViewMethod):
+class BYOL(TwoViewMethod["BYOL.Options"]):
     """BYOL: online = predictor(projector(encoder)), target = EMA of projector(encoder).
 
     The projector ends in an affine-free BN unless ``proj_last_bn`` is false (the paper's head).
@@ -49,7 +48,6 @@ class BYOL(TwoViewMethod):
         # runs on small data (tests/test_methods_joint.py) learn backbone features worse than random init.
         proj_last_bn: bool = Field(True, description="affine-free BatchNorm after the projection (false: the paper's)")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -26,7 +26,7 @@ def colorization_loss(pred_chroma: torch.Tensor, images: torch.Tensor) -> torch.
 
 
 @register
-class Colorization(SSLMethod):
+class Colorization(SSLMethod["Colorization.Options"]):
     """Gray (luma replicated to RGB) in, per-pixel chroma out through a light conv decoder on the
     pooled features; L2 loss. Needs 3-channel data: a ``folder`` source of colour images or other
     CIFAR-like RGB data; grayscale sources (digits, fashion-mnist) raise MethodRequirementError.
@@ -41,7 +41,6 @@ class Colorization(SSLMethod):
         augment: bool = augment_option()
         max_shift_px: int = max_shift_option(2)
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -12,8 +12,7 @@ from torch import nn
 from ssl_lib.distributed import mean_across_ranks
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import cosine_momentum, ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
@@ -59,7 +58,7 @@ class DINOHead(nn.Module):
 
 
 @register
-class DINO(TwoViewMethod):
+class DINO(TwoViewMethod["DINO.Options"]):
     """DINO with two global views: student = head(encoder), teacher = EMA of both (cosine momentum).
 
     loss = dino((s1, s2), (t1, t2), center, student_temp, teacher_temp); after each loss the center
@@ -80,7 +79,6 @@ class DINO(TwoViewMethod):
         center_momentum: float = Field(0.9, ge=0, lt=1, description="EMA momentum of the teacher-output center")
         momentum: float = Field(0.99, ge=0, lt=1, description="starting EMA momentum of the teacher (cosine to 1)")
 
-    options: Options
     center: torch.Tensor  # buffer (register_buffer in __init__)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,

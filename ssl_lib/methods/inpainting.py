@@ -41,7 +41,7 @@ def inpainting_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 @register
-class Inpainting(SSLMethod):
+class Inpainting(SSLMethod["Inpainting.Options"]):
     """Mask one ``mask_fraction``-sided square per image (filled with the batch's per-channel mean),
     encode, and decode the whole image with a light conv decoder; L2 on the masked pixels.
 
@@ -60,7 +60,6 @@ class Inpainting(SSLMethod):
         augment: bool = augment_option()
         max_shift_px: int = max_shift_option(1)
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:
@@ -98,7 +97,6 @@ class Inpainting(SSLMethod):
                       count: int, options: OptionsArg = None) -> list[tuple[np.ndarray, str]]:
         """(masked input, target) pairs for the first ``count // 2`` images of the first epoch."""
         opts = cls.resolve_options(options)
-        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         side = cls.mask_side(x.shape[-1], opts.mask_fraction)

@@ -89,7 +89,7 @@ def tile_batch(images: torch.Tensor, grid: int, crop: int, offsets: torch.Tensor
 
 
 @register
-class Jigsaw(SSLMethod):
+class Jigsaw(SSLMethod["Jigsaw.Options"]):
     """Solve a grid x grid jigsaw: classify which of ``num_permutations`` fixed permutations shuffled the tiles.
 
     Each cell yields a (cell - tile_jitter)-pixel tile at a random offset (so tiles do not line up
@@ -120,7 +120,6 @@ class Jigsaw(SSLMethod):
                                  f"got {value}")
             return value
 
-    options: Options
     permutations: torch.Tensor  # buffer (register_buffer in __init__)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
@@ -172,7 +171,6 @@ class Jigsaw(SSLMethod):
         """The first epoch's puzzles: each image with its (whole-cell) tiles shuffled, captioned
         with the permutation index the model must predict."""
         opts = cls.resolve_options(options)
-        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         grid = opts.grid
         perms = hamming_permutations(grid * grid, opts.num_permutations)
         n = min(count, len(images_uint8))

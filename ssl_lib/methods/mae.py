@@ -77,7 +77,7 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
 
 @register
-class MAE(SSLMethod):
+class MAE(SSLMethod["MAE.Options"]):
     """Masked autoencoder on ``vit_tiny``; any other backbone raises MethodRequirementError at construction.
 
     loss = mae_loss(dec(enc(visible patches), mask tokens), patchify(x), mask). Which patches are
@@ -108,7 +108,6 @@ class MAE(SSLMethod):
                 raise ValueError(f"decoder_dim {width} is not divisible by {value} heads")
             return value
 
-    options: Options
     decoder_pos_embed: torch.Tensor  # buffer (register_buffer in __init__)
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
@@ -191,7 +190,6 @@ class MAE(SSLMethod):
         from ssl_lib.models.vit import default_patch_size
 
         opts = cls.resolve_options(options)
-        assert isinstance(opts, cls.Options)  # always true; narrows the type for mypy
         n = min(max(1, count // 2), len(images_uint8))
         x = images_to_tensor(images_uint8[:n])
         p = default_patch_size(x.shape[-1])

@@ -11,8 +11,7 @@ from torch import nn
 from ssl_lib.distributed import gather_no_grad
 from ssl_lib.methods.base import register
 from ssl_lib.methods.momentum import ema_update, make_target
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,7 +36,7 @@ def info_nce_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
 
 
 @register
-class MoCo(TwoViewMethod):
+class MoCo(TwoViewMethod["MoCo.Options"]):
     """MoCo v2: query encoder f_q = projector(encoder), key encoder f_k an EMA of f_q (``momentum``).
 
     loss = info_nce(f_q(v1), f_k(v2), queue, t), symmetrized with (v2, v1) when ``symmetric``; the
@@ -58,7 +57,6 @@ class MoCo(TwoViewMethod):
         momentum: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the key encoder")
         symmetric: bool = Field(True, description="also score (v2, v1), so both views act as queries")
 
-    options: Options
     queue: torch.Tensor  # buffers (register_buffer in __init__)
     queue_ptr: torch.Tensor
 

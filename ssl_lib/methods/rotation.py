@@ -29,7 +29,7 @@ def rotate_batch(images: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Ten
 
 
 @register
-class RotationPrediction(SSLMethod):
+class RotationPrediction(SSLMethod["RotationPrediction.Options"]):
     """4-way rotation classification with a head on the encoder features.
 
     loss = CE(head(f(rot_k(aug(x)))), k),  k ~ U{0, 1, 2, 3} fixed per epoch and sample by the pseudo labels.
@@ -46,7 +46,6 @@ class RotationPrediction(SSLMethod):
         augment: bool = augment_option()
         max_shift_px: int = max_shift_option(2)
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

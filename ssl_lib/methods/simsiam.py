@@ -9,8 +9,7 @@ from pydantic import Field
 from torch import nn
 
 from ssl_lib.methods.base import register
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -26,7 +25,7 @@ def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class SimSiam(TwoViewMethod):
+class SimSiam(TwoViewMethod["SimSiam.Options"]):
     """SimSiam: z = projector(encoder(v)) (3 layers, BN on the output), p = predictor(z) (bottleneck).
 
     loss = (simsiam(p1, z2) + simsiam(p2, z1)) / 2, in [-1, 1].
@@ -40,7 +39,6 @@ class SimSiam(TwoViewMethod):
         proj_hidden: int = Field(256, ge=1, description="hidden width of the projection head")
         pred_hidden: int = Field(64, ge=1, description="bottleneck width of the predictor")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -10,8 +10,7 @@ from torch import nn
 
 from ssl_lib.distributed import gather_with_grad
 from ssl_lib.methods.base import register
-from ssl_lib.methods.simclr import normalized_embedding_std
-from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp
+from ssl_lib.methods.views import TwoViewMethod, ViewOptions, mlp, normalized_embedding_std
 
 
 def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
@@ -47,7 +46,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_w: float, var_w: float, 
 
 
 @register
-class VICReg(TwoViewMethod):
+class VICReg(TwoViewMethod["VICReg.Options"]):
     """VICReg: z = projector(encoder(v)) (3-layer expander), loss = vicreg(z1, z2, 25, 25, 1)."""
 
     name = "vicreg"
@@ -60,7 +59,6 @@ class VICReg(TwoViewMethod):
         var_weight: float = Field(25.0, ge=0, description="weight of the variance (std hinge) term")
         cov_weight: float = Field(1.0, ge=0, description="weight of the covariance (decorrelation) term")
 
-    options: Options
 
     def __init__(self, encoder: nn.Module, feature_dim: int, in_channels: int, image_size: int,
                  **options: Any) -> None:

@@ -1,0 +1,96 @@
+"""What test modules import: the repository root, a tiny git + DVC project on digits, and the digits settings.
+
+Plain functions and constants (no fixtures, no hooks, nothing run at import): the fixtures and the session's
+environment live in ``tests/conftest.py``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+if TYPE_CHECKING:
+    from ssl_lib.pretrain_plan import PretrainSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for 2 CPU cores in seconds, large enough that every stage does real work.
+TINY_PARAMS = {
+    "data": {"source": "digits", "labels_per_class": 5, "val_per_class": 3, "label_fraction": None},
+    "pretrain": {"epochs": 2, "batch_size": 128, "max_images": None, "backbone": "convnet_small",
+                 "options": {}},
+    "finetune": {"epochs": 4, "lp_epochs": 2, "batch_size": 32, "registered_model_name": "test-classifier"},
+    "self_train": {"method": "label_propagation", "rounds": 2, "epochs": 1, "batch_size": 128, "knn_k": 10},
+    "evaluate": {"knn_k": 5},
+}
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and value and isinstance(base.get(key), dict):  # {} replaces
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run_cmd(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def make_project(path: Path, params: dict | None = None) -> Path:
+    """A fresh git + DVC repo holding this project's dvc.yaml and params.yaml (overridden), committed."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, path / name)
+    # The stages list their code as deps (and run the project's own copy, as in a clone).
+    for package in ("ssl_lib", "tasks"):
+        shutil.copytree(REPO / package, path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = _deep_update(_deep_update(raw, TINY_PARAMS), params or {})
+    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (path / ".gitignore").write_text("mlflow.db\nmlartifacts/\n.prefect/\n__pycache__/\n")
+    run_cmd(["git", "init", "-q", "-b", "main"], path)
+    run_cmd([sys.executable, "-m", "dvc", "init", "-q"], path)
+    run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], path)
+    run_cmd(["git", "add", "-A"], path)
+    run_cmd(["git", "commit", "-qm", "init"], path)
+    return path
+
+
+def project_env(path: Path) -> dict[str, str]:
+    """The variables that point a process (and the stage subprocesses it starts) at ``path``'s MLflow store."""
+    return {"SSLPIPE_ROOT": str(path), "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}"}
+
+
+def use_project(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point this process at ``path``'s project (``project_env``) until ``monkeypatch`` undoes it: a test's
+    ``monkeypatch`` fixture, or ``pytest.MonkeyPatch.context()`` in a module-scoped fixture."""
+    for key, value in project_env(path).items():
+        monkeypatch.setenv(key, value)
+
+
+# --- the learning tests' data (the digits fixture is conftest's) ----------------------------------------------
+
+BACKBONE = "convnet_small"
+
+
+def digits_settings(method: str, epochs: int, **kw: Any) -> PretrainSettings:
+    """Pretraining settings for the digits tests: convnet_small, batch 128, seed 0, on the CPU."""
+    base = dict(method=method, backbone=BACKBONE, epochs=epochs, batch_size=128, lr=3e-3, weight_decay=1e-4,
+                seed=0, max_images=None, device="cpu")
+    base.update(kw)
+    from ssl_lib.pretrain_plan import PretrainSettings
+
+    return PretrainSettings(**base)
