@@ -17,7 +17,7 @@ $(error could not read the offline switches: $(PYTHON) -B tasks/environment.py p
 endif
 $(foreach switch,$(OFFLINE_SWITCHES),$(eval export $(switch)))
 
-.PHONY: install run lint test test-fast bench-gpu ui serve prefect-server data repro clean
+.PHONY: install run lint test test-fast bench-gpu bench-gpu-stages ui serve prefect-server data repro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ BENCH_GPU_ARGS ?= --warmup 5 --steps 50 --lightly-workers 0,4
 bench-gpu: install data
 	@$(BIN)/python benchmarks/throughput.py --device cuda --precision bf16 --channels-last on --compile on \
 		$(BENCH_GPU_ARGS) --out benchmarks/results/throughput-gpu.md
+
+# The default pipeline on a CUDA machine, every stage rerun (`sslpipe run --force`, the training stages on the GPU),
+# then its stage table: each stage's wall time, its training steps' time, GFLOP/s and % of the card's peak, and where
+# the rest went (benchmarks/stage_table.py). Without a CUDA device it stops with one line before running anything.
+bench-gpu-stages: install data
+	@$(BIN)/python benchmarks/stage_table.py --run --device cuda --out benchmarks/results/stage_table-gpu.md
 
 ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

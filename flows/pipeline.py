@@ -6,6 +6,7 @@ with a nested run per stage. The result is also saved as a DVC experiment (`dvc 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -38,6 +39,7 @@ from tasks.tracking import (
     log_plan,
     log_planned_minutes,
     log_results,
+    log_stage_times,
     open_parent_run,
     record_data,
     run_url,
@@ -98,6 +100,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
     """
     from prefect.runtime import flow_run
 
+    flow_started = time.perf_counter()
     configure_environment()
     logger = get_run_logger()
     root_path = Path(root).resolve() if root else project_root()
@@ -155,6 +158,8 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
 
             def write_description() -> None:
                 log_planned_minutes(parent_id, plan)
+                log_stage_times(parent_id, [dataclasses.asdict(o) for o in outcomes],
+                                time.perf_counter() - flow_started, started - flow_started)
                 record_data(parent_id, params, root_path)
                 describe_parent_run(parent_id, params, ran=[o.stage for o in outcomes if o.executed],
                                     skipped=[o.stage for o in outcomes if not o.executed], dvc_experiment=exp_name,

@@ -25,6 +25,7 @@ from ssl_lib.errors import TrainingDiverged
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
+from ssl_lib.timing import Laps
 
 MODES = ("full", "linear")
 
@@ -102,6 +103,9 @@ class FinetuneSettings:
 
 
 HEAD_INITS = ("random", "prototype")
+# Where an epoch's time goes (ssl_lib.timing), history columns <phase>_seconds: gathering and augmenting the
+# batches; the steps; the val images (and keeping a new best epoch's weights); the rest (the loss read back).
+PHASES = ("data", "step", "eval", "other")
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator, settings: FinetuneSettings) -> torch.Tensor:
@@ -152,8 +156,10 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
     total = max(1, steps_per_epoch * settings.lp_epochs)
     # No warm-up: the head starts from its (prototype) init and the encoder is frozen.
     scheduler = warmup_cosine_schedule(optimizer, total, 0.0, min_warmup=0)
+    laps = Laps(x_train.device, PHASES)
     for epoch in range(settings.lp_epochs):
         start = time.perf_counter()
+        laps.start()
         order = torch.randperm(n, generator=generator).to(x_train.device)
         loss_sum = torch.zeros((), device=x_train.device)
         correct = torch.zeros((), device=x_train.device, dtype=torch.long)
@@ -161,6 +167,7 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             x = _augment(x_train[idx].float().div_(255.0), generator, settings)
+            laps.lap("data")
             with torch.no_grad():
                 feats = model.features(x)
             logits = model.head(feats)
@@ -172,15 +179,20 @@ def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y_train[idx]).sum()
             step_losses.append(loss.detach())
+            laps.lap("step")
         _check_finite(loss_sum, step_losses, "linear-probe", epoch * steps_per_epoch, total, settings.lp_lr)
         if on_epoch is not None:
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
                                       "train_acc": int(correct) / n}
+            laps.lap("other")
             if val is not None:
                 # Leaves the whole model in eval mode: the frozen encoder stays so, and a linear head has no mode.
                 record["val_loss"], record["val_acc"] = _evaluate(model, *val)
+            laps.lap("eval")
             record["seconds"] = time.perf_counter() - start
-            on_epoch(record)
+            on_epoch({**record, **laps.columns()})
+        else:
+            laps.totals()  # not recorded: start the next epoch's over
 
 
 def _check_finite(loss_sum: torch.Tensor, step_losses: list[torch.Tensor], phase: str, steps_before: int,
@@ -269,9 +281,11 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
     bar = progress_bar(range(settings.epochs), enabled=progress, desc=f"train {settings.mode}", unit="epoch")
+    laps = Laps(device, PHASES)
     try:
         for epoch in bar:
             start = time.perf_counter()
+            laps.start()
             model.train()
             if linear:
                 model.encoder.eval()  # frozen means frozen: BatchNorm running stats must not drift either
@@ -285,6 +299,7 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
                     continue  # a single-sample batch breaks BatchNorm in train mode
                 x = x_train[idx].float().div_(255.0)
                 x = _augment(x, generator, settings)
+                laps.lap("data")
                 logits = model(x)
                 loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
@@ -294,9 +309,11 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == y_train[idx]).sum()
                 step_losses.append(loss.detach())
+                laps.lap("step")
             _check_finite(loss_sum, step_losses, "fine-tuning", epoch * steps_per_epoch, total, settings.lr)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
                                       "train_acc": int(correct) / n}
+            laps.lap("other")
             if has_val:
                 record["val_loss"], record["val_acc"] = _evaluate(model, x_val, y_val)
                 key = (record["val_acc"], -record["val_loss"])
@@ -304,7 +321,9 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
                     best_key = key
                     best_state = copy.deepcopy(model.state_dict())
                     record["best"] = True
+            laps.lap("eval")  # the val images, and the copy of the weights of a new best epoch
             record["seconds"] = time.perf_counter() - start
+            record.update(laps.columns())
             history.append(record)
             if progress:
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False,

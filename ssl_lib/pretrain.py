@@ -33,6 +33,7 @@ from ssl_lib.methods import get_method
 from ssl_lib.pretrain_plan import PretrainSettings, subset_indices
 from ssl_lib.progress import progress_bar
 from ssl_lib.sizing import steps_per_pass
+from ssl_lib.timing import Laps
 
 log = logging.getLogger("ssl_lib.pretrain")
 
@@ -41,7 +42,8 @@ log = logging.getLogger("ssl_lib.pretrain")
 class PretrainResult:
     encoder_state: dict[str, torch.Tensor]  # plain CPU state_dict of the bare encoder
     feature_dim: int
-    history: list[dict[str, Any]]  # per epoch: epoch, loss, images_per_sec, seconds, lr, method stats
+    # per epoch: epoch, loss, images_per_sec, seconds, lr, seconds per phase (ssl_lib.timing), method stats
+    history: list[dict[str, Any]]
     step_losses: list[float] = field(default_factory=list)
     subset: np.ndarray | None = None  # indices into the input images that were trained on
 
@@ -183,6 +185,8 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
     bar = progress_bar(total=total_steps, initial=start_step, enabled=progress and ranks.is_main,
                        desc=f"pretrain {settings.method}", unit="step")
     model.train()
+    # Seconds per epoch spent gathering batches, in the steps, writing checkpoints and on the rest (history columns).
+    laps = Laps(device, ("data", "step", "checkpoint", "bookkeeping"))
     try:
         for epoch in range(start_step // steps_per_epoch, settings.epochs):
             epoch_seed = int(pseudo["epoch_seed"][epoch])
@@ -199,10 +203,14 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                 epoch_stats = {k: [torch.tensor(v, device=device) for v in vs]
                                for k, vs in state.epoch_stats[ranks.rank].items()}
             start = time.perf_counter()
+            laps.start()
             for step, idx, batch in source.batches(order, global_batch, rank_slice, first_step, steps_per_epoch):
                 targets = {k: v[epoch, idx].to(device) for k, v in per_sample.items()}
                 done = epoch * steps_per_epoch + step + 1
-                loss = train_step(engine, batch.float().div_(255.0), targets, generator, done - 1)
+                x = batch.float().div_(255.0)
+                laps.lap("data")  # the batch's gather (or streaming) and conversion, and its pseudo targets
+                loss = train_step(engine, x, targets, generator, done - 1)
+                laps.lap("step")  # augmentation (batched, in the method's forward), forward, backward, optimizer
                 epoch_losses.append(loss.detach().float())
                 for key, value in model.last_stats.items():
                     epoch_stats.setdefault(key, []).append(value.detach().float())
@@ -213,11 +221,15 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                                     img_s=f"{(step + 1 - first_step) * global_batch / max(elapsed, 1e-9):.0f}")
                 # A checkpoint at an epoch's last step is written once that epoch's record is in the history.
                 if checkpoint is not None and done % settings.checkpoint_every == 0 and step < steps_per_epoch - 1:
+                    laps.lap("bookkeeping")
                     trainer.save(checkpoint, fingerprint, done, generator, epoch_losses, epoch_stats)
+                    laps.lap("checkpoint")
                 if on_step is not None:
                     on_step(done)
+                laps.lap("bookkeeping")  # the loss and stats kept, the progress bar
             seconds = time.perf_counter() - start
             losses = mean_across_ranks(torch.stack(epoch_losses).cpu())
+            phases = laps.columns()  # after the wait for the device just above
             # Checked once per epoch, on the losses already brought to the CPU: no extra wait for the device.
             diverged = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
             if diverged:
@@ -230,6 +242,7 @@ def pretrain(images: ImageRows, mean: list[float], std: list[float], pseudo: dic
                 "images_per_sec": (steps_per_epoch - first_step) * global_batch / max(seconds, 1e-9),
                 "seconds": seconds,
                 "lr": float(trainer.scheduler.get_last_lr()[0]),
+                **phases,
             }
             for key, values in epoch_stats.items():
                 record[key] = float(mean_across_ranks(torch.stack(values).cpu()).mean())

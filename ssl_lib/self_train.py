@@ -43,10 +43,15 @@ from ssl_lib.errors import ConfigError, TrainingDiverged
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
 from ssl_lib.sizing import self_train_steps, steps_per_pass
+from ssl_lib.timing import Laps
 
 log = logging.getLogger("ssl_lib.self_train")
 
 METHODS = ("none", "label_propagation", "distill", "fixmatch")
+# Where an epoch's time goes (ssl_lib.timing), history columns <phase>_seconds: the batches' gathering and
+# augmentation; fixmatch's pseudo-labels (the EMA model on a weak view); the steps; the EMA update; the loss read back
+# and the rest; the BatchNorm re-estimation after a method's last step; the val images.
+PHASES = ("data", "teacher", "step", "ema", "other", "bn_recalibration", "eval")
 
 
 @dataclass(frozen=True)
@@ -291,9 +296,11 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
 
     step, epoch = 0, 0
     bar = progress_bar(total=total, enabled=progress, desc=f"self_train {method} r{tag['round']}", unit="step")
+    laps = Laps(device, PHASES)
     try:
         while step < total:
             start = time.perf_counter()
+            laps.start()
             order = torch.randperm(n, generator=generator).to(device)
             sums = {"loss": 0.0, "mask": 0.0}
             done = 0
@@ -303,6 +310,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 x_l = shift_flip(labeled_x[l_idx], generator, settings.max_shift_px)
                 u_raw = pool[u_idx]
                 x_s = strong_augment(u_raw, generator)
+                laps.lap("data")
                 if method == "fixmatch":
                     with torch.no_grad():
                         ema.eval()
@@ -315,6 +323,7 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 else:
                     assert targets is not None and weights is not None  # every method but fixmatch has static targets
                     target, weight = targets[u_idx], weights[u_idx]
+                laps.lap("teacher")
                 model.train()
                 logits = model(torch.cat([x_l, x_s]))
                 loss_l = F.cross_entropy(logits[:len(x_l)], labeled_y[l_idx])
@@ -324,7 +333,9 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                laps.lap("step")
                 ema.update_parameters(model)
+                laps.lap("ema")
                 value = float(loss.detach())  # read every step already (the epoch's mean loss): checking it is free
                 if not math.isfinite(value):
                     raise TrainingDiverged.at(f"self-training ({method}, round {tag['round']})", step + 1, total,
@@ -334,11 +345,16 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
                 done += 1
                 step += 1
                 bar.update(1)
+                laps.lap("other")
             epoch += 1
             if step >= total:  # the kept model is measured (and used) with statistics of clean images
                 recalibrate_batchnorm(averaged, pool, settings.bn_recalibration, batch, generator)
-            record = {**tag, "epoch": epoch, "loss": sums["loss"] / done, "mask_rate": sums["mask"] / done,
-                      "val_acc": accuracy(averaged, *val), "seconds": time.perf_counter() - start}
+            laps.lap("bn_recalibration")
+            loss_mean, mask_rate = sums["loss"] / done, sums["mask"] / done
+            val_acc = accuracy(averaged, *val)
+            laps.lap("eval")
+            record = {**tag, "epoch": epoch, "loss": loss_mean, "mask_rate": mask_rate, "val_acc": val_acc,
+                      "seconds": time.perf_counter() - start, **laps.columns()}
             if on_epoch is not None:
                 on_epoch(record)
     finally:
@@ -403,6 +419,8 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
             tag = {"round": round_index + 1, "method": method}
             start = time.perf_counter()
             feats, probs = _features_and_probs(model, pool, settings.temperature if method == "distill" else 1.0)
+            features_end = time.perf_counter()  # the teacher's features and predictions over the pool (on the host)
+            graph_seconds = 0.0
             static = None
             if method == "label_propagation":
                 transform = whitening(feats) if settings.whiten else _identity
@@ -413,6 +431,7 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
                 propagated = propagated_probabilities(scores, prior)
                 static = propagation_targets(propagated)
                 pseudo = _pseudo_labels(propagated, static[1])
+                graph_seconds = time.perf_counter() - features_end  # whitening, the kNN graph, the diffusion
                 val_acc = _propagated_val_accuracy(model, graph_feats, propagated, val, settings.knn_k, transform)
             else:
                 if method == "distill":
@@ -422,7 +441,8 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
                 val_acc = accuracy(model, *val)
             summary: dict[str, Any] = {**tag, "pseudo_label_val_accuracy": val_acc,
                                        "pseudo_label_used_fraction": float((pseudo.weight > 0).mean()),
-                                       "targets_seconds": time.perf_counter() - start}
+                                       "targets_seconds": time.perf_counter() - start,
+                                       "features_seconds": features_end - start, "graph_seconds": graph_seconds}
             log.info("round %d %s: pseudo-labels %.4f on val, %.1f%% of the pool used", tag["round"], method,
                      val_acc, 100 * summary["pseudo_label_used_fraction"])
             result.rounds.append(summary)

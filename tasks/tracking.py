@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -332,6 +333,28 @@ def log_plan(run_id: str, plan: RunPlan) -> None:
         client.log_artifact(run_id, str(path))
 
 
+STAGE_TIMES_FILE = "stages.json"
+THREADS_TAG = "sslpipe.torch_threads"  # on a stage run: torch's thread count in the stage's process
+
+
+def log_stage_times(run_id: str, stages: list[dict[str, Any]], flow_seconds: float,
+                    before_stages_seconds: float) -> None:
+    """Where the run's time went, as the flow measured it: stages.json on the parent run, with each stage's
+    ``dvc repro`` wall time and (when it ran) its process's start-up and work (``flows.stages.StageOutcome``), the
+    flow's seconds so far and those before the first stage (params, checks, the plan's probe).
+    ``benchmarks/stage_table.py`` reads it."""
+    import json
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / STAGE_TIMES_FILE
+        path.write_text(json.dumps({"flow_seconds": flow_seconds, "before_stages_seconds": before_stages_seconds,
+                                    "stages": stages}, indent=2))
+        MlflowClient().log_artifact(run_id, str(path))
+
+
 def log_planned_minutes(run_id: str, plan: RunPlan) -> None:
     """The plan's estimated total as a metric, to compare with the run's own time. Logged after the results:
     MLflow's compare view plots a run's first metric, which should be the final model's test accuracy."""
@@ -452,6 +475,8 @@ def stage_run(stage: str, params: PipelineParams, section: dict[str, Any] | None
     if not owns_parent:  # (open_parent_run ended them already)
         end_dead_runs(exp_id)
     tags = {**common_tags(params), "mlflow.parentRunId": parent_id, "sslpipe.stage": stage, **owner_tags()}
+    if "torch" in sys.modules:  # the stages that compute have imported it by now
+        tags[THREADS_TAG] = str(sys.modules["torch"].get_num_threads())
     succeeded = False
     try:
         with mlflow.start_run(experiment_id=exp_id, run_name=stage, tags=tags) as run:

@@ -150,3 +150,61 @@ def test_the_colour_shapes_folder_has_one_folder_per_class_of_distinct_shapes(tm
         files = sorted((root / shape).glob("*.png"))
         assert len(files) == 2
         assert np.asarray(Image.open(files[0])).shape == (32, 32, 3)
+
+
+def test_stage_table_columns_add_up_on_synthetic_records():
+    """The stage table's join and formatting, on records made up here (no run, no torch): each row's steps and
+    outside time add up to its wall, its parts and ``other`` to the outside time, the total row sums the rows, and
+    the FLOP rates are the counted FLOPs over the steps' seconds, against the peak of the steps' precision."""
+    from benchmarks.stage_table import COLUMNS, OVERHEAD, PART_KEYS, TOTAL, StageRecord, markdown_table, table_rows
+
+    records = [
+        StageRecord("ingest", 12.0, parts={"data": 3.0, "startup": 8.5}),
+        StageRecord("pretrain", 300.0, steps=2340, step_seconds=280.0, flops=2340 * 10e9,
+                    parts={"data": 2.5, "loop": 1.0, "startup": 3.0}),
+        StageRecord("finetune", 25.0, steps=600, step_seconds=None, parts={"startup": 2.0},
+                    notes=["recorded before the training loops timed their steps"]),
+        StageRecord("self_train", 220.0, steps=1100, step_seconds=150.0, flops=1100 * 8e9, precision="bf16",
+                    parts={"data": 20.0, "targets": 15.0, "ema": 5.0, "bn": 10.0, "eval": 2.0, "startup": 2.0}),
+        StageRecord("evaluate", 23.0, executed=False, parts={"startup": 23.0}),
+        StageRecord(OVERHEAD, 30.0, parts={"startup": 12.0}),
+    ]
+    peaks = {"fp32": 200e9, "bf16": 400e9}
+    rows = table_rows(records, peaks)
+    assert [row["stage"] for row in rows] == ["ingest", "pretrain", "finetune", "self_train", "evaluate (up to date)",
+                                              OVERHEAD, TOTAL]
+    for row in rows:
+        assert (row["step_seconds"] or 0.0) + row["outside"] == pytest.approx(row["wall"]), row
+        parts = sum(row[key] or 0.0 for key in PART_KEYS)
+        assert parts + row["other"] == pytest.approx(row["outside"]), row
+    total = rows[-1]
+    for key in ("wall", "step_seconds", "outside", "other", *PART_KEYS):
+        assert total[key] == pytest.approx(sum(row[key] or 0.0 for row in rows[:-1])), key
+    assert total["wall"] == pytest.approx(610.0)
+    pretrain, self_train = rows[1], rows[3]
+    assert pretrain["other"] == pytest.approx(300.0 - 280.0 - 6.5)
+    assert pretrain["gflop_step"] == pytest.approx(10.0)
+    assert pretrain["gflop_s"] == pytest.approx(2340 * 10 / 280.0)
+    assert pretrain["peak_share"] == pytest.approx(2340 * 10e9 / 280.0 / 200e9)
+    assert self_train["peak_share"] == pytest.approx(1100 * 8e9 / 150.0 / 400e9)  # its own precision's peak
+    assert "peak_share" not in total  # two precisions: no one peak to set the total against
+    assert total["gflop_s"] == pytest.approx((2340 * 10 + 1100 * 8) / (280.0 + 150.0))
+
+    table = markdown_table(rows)
+    lines = table.splitlines()
+    assert lines[0] == "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"
+    cells = {row["stage"]: row for row in _table_rows(table)}
+    assert cells["pretrain"]["% of peak"] == "41.8%" and cells["pretrain"]["GFLOP/step"] == "10.00"
+    assert cells["finetune"]["steps s"] == "n/a" and cells["finetune"]["GFLOP/s"] == ""  # not recorded: not guessed
+    assert cells["ingest"]["steps"] == "" and cells["ingest"]["EMA"] == ""  # a part the stage has not: blank
+    assert cells[TOTAL]["wall s"] == "610.0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_stage_table_on_cuda_without_a_gpu_fails_in_one_line():
+    # What `make bench-gpu-stages` shows on a machine without a GPU, before it runs anything.
+    proc = subprocess.run([sys.executable, "benchmarks/stage_table.py", "--run", "--device", "cuda", "--out", ""],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "CUDA is not available" in proc.stderr.strip().splitlines()[-1]

@@ -18,6 +18,7 @@ PACKAGES = ("ssl_lib", "tasks")
 # How a run is configured, recorded and reported, never what it computes: not deps of any stage.
 PLUMBING = {
     "ssl_lib/__init__.py", "ssl_lib/config.py", "ssl_lib/errors.py", "ssl_lib/device.py", "ssl_lib/progress.py",
+    "ssl_lib/timing.py",  # clock reads for the history's seconds columns: how long, never what
     "ssl_lib/data/__init__.py", "ssl_lib/data/errors.py",  # a docstring; a re-export of ssl_lib.errors
     "tasks/__init__.py", "tasks/common.py", "tasks/environment.py", "tasks/paths.py", "tasks/tracking.py",
     "tasks/registry.py", "tasks/mlflow_pytorch.py", "tasks/run_summary.py",

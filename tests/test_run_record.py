@@ -102,7 +102,7 @@ def test_progress_in_a_log_is_whole_lines():
 def test_the_lp_phase_reports_its_epochs_without_changing_the_weights(digits):
     import torch
 
-    from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+    from ssl_lib.classifier import PHASES, FinetuneSettings, build_classifier, train_classifier
 
     images, labels, mean, std = digits
     train, val = np.arange(0, 60), np.arange(60, 90)
@@ -117,7 +117,9 @@ def test_the_lp_phase_reports_its_epochs_without_changing_the_weights(digits):
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert [row["epoch"] for row in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+    # with where each epoch's time went (ssl_lib.timing): data_seconds, step_seconds, ...
+    assert set(rows[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds",
+                            *(f"{phase}_seconds" for phase in PHASES)}
     assert 0.0 <= rows[-1]["val_acc"] <= 1.0
 
 
