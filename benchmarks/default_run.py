@@ -44,7 +44,7 @@ DEFAULT_FINETUNE = FinetuneSettings(mode="full", epochs=100, batch_size=64, lr=2
                                     lp_epochs=50, lp_lr=1e-2)
 # The baseline was offered the same options (crop, prototype+LP-FT, label smoothing): none beat this.
 DEFAULT_BASELINE = FinetuneSettings(mode="full", epochs=150, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
-                                    augment=True, device="cpu", encoder_lr_mult=1.0)
+                                    augment=True, device="cpu", encoder_lr_mult=1.0, head_init="random", lp_epochs=0)
 
 
 def read_idx(path: Path) -> np.ndarray:
