@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -23,17 +22,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.generality import LABELS_PER_CLASS, shape_params  # noqa: E402
-from benchmarks.label_efficiency import run_point  # noqa: E402
-from ssl_lib.config import apply_overrides, parse_params, read_raw_params  # noqa: E402
-from ssl_lib.data.ingest import ingest  # noqa: E402
-from ssl_lib.data.prepared import load_prepared  # noqa: E402
-from ssl_lib.io import atomic_path  # noqa: E402
-from ssl_lib.pretrain import pretrain  # noqa: E402
-from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
-from tasks.settings import pretrain_settings  # noqa: E402
+from benchmarks.generality import LABELS_PER_CLASS, shape_params
+from benchmarks.label_efficiency import run_point
+from ssl_lib.config import apply_overrides, parse_params, read_raw_params
+from ssl_lib.data.ingest import ingest
+from ssl_lib.data.prepared import load_prepared
+from ssl_lib.io import atomic_path
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import make_pseudo_labels
+from tasks.settings import pretrain_settings
 
 # (pretrain.max_epochs, self_train.max_epochs): the committed (100, 20), then each cap halved and doubled alone.
 CONFIGS = ((100, 20), (50, 20), (200, 20), (100, 10), (100, 40))

@@ -13,7 +13,6 @@ import argparse
 import gzip
 import json
 import struct
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,12 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier  # noqa: E402
-from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba  # noqa: E402
+from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels  # noqa: E402
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = [0.286], [0.353]

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,19 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.label_efficiency import run_point  # noqa: E402
-from benchmarks.shapes import write_folder as write_shapes_folder  # noqa: E402
-from ssl_lib.config import apply_overrides, parse_params, read_raw_params  # noqa: E402
-from ssl_lib.data.ingest import ingest  # noqa: E402
-from ssl_lib.data.prepared import load_prepared  # noqa: E402
-from ssl_lib.io import atomic_path  # noqa: E402
-from ssl_lib.plan import DataShape, make_plan, probe  # noqa: E402
-from ssl_lib.pretrain import pretrain  # noqa: E402
-from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
-from ssl_lib.self_train import choose_final  # noqa: E402
-from tasks.settings import pretrain_settings  # noqa: E402
+from benchmarks.label_efficiency import run_point
+from benchmarks.shapes import write_folder as write_shapes_folder
+from ssl_lib.config import apply_overrides, parse_params, read_raw_params
+from ssl_lib.data.ingest import ingest
+from ssl_lib.data.prepared import load_prepared
+from ssl_lib.io import atomic_path
+from ssl_lib.plan import DataShape, make_plan, probe
+from ssl_lib.pretrain import pretrain
+from ssl_lib.pretrain_plan import make_pseudo_labels
+from ssl_lib.self_train import choose_final
+from tasks.settings import pretrain_settings
 
 SHAPES = ("fashion-mnist", "folder-5000", "digits", "shapes-colour")
 ROWS = {"baseline": "supervised-only baseline", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised (final)",

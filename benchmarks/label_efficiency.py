@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -30,20 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssl_lib.classifier import build_classifier, train_classifier  # noqa: E402
-from ssl_lib.config import load_params  # noqa: E402
+from ssl_lib.classifier import build_classifier, train_classifier
+from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
-from ssl_lib.data.prepared import load_prepared  # noqa: E402
-from ssl_lib.evaluation import predict_proba  # noqa: E402
-from ssl_lib.io import atomic_path  # noqa: E402
+from ssl_lib.data.prepared import load_prepared
+from ssl_lib.evaluation import predict_proba
+from ssl_lib.io import atomic_path
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
-from ssl_lib.self_train import self_train  # noqa: E402
-from tasks.finetune import finetune_settings  # noqa: E402
-from tasks.self_train import pool_rows, self_train_settings  # noqa: E402
-from tasks.settings import pretrain_settings  # noqa: E402
+from ssl_lib.pretrain_plan import make_pseudo_labels
+from ssl_lib.self_train import self_train
+from tasks.finetune import finetune_settings
+from tasks.self_train import pool_rows, self_train_settings
+from tasks.settings import pretrain_settings
 
 ROWS = {"baseline": "supervised-only", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised",
         "scratch_semi": "semi-supervised from scratch"}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -25,19 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssl_lib.classifier import build_classifier, train_classifier  # noqa: E402
-from ssl_lib.config import load_params  # noqa: E402
+from ssl_lib.classifier import build_classifier, train_classifier
+from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
-from ssl_lib.data.prepared import load_prepared  # noqa: E402
-from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba  # noqa: E402
-from ssl_lib.io import atomic_path  # noqa: E402
-from ssl_lib.methods import METHODS  # noqa: E402
+from ssl_lib.data.prepared import load_prepared
+from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba
+from ssl_lib.io import atomic_path
+from ssl_lib.methods import METHODS
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels  # noqa: E402
-from tasks.finetune import finetune_settings  # noqa: E402
-from tasks.settings import pretrain_settings  # noqa: E402
+from ssl_lib.pretrain_plan import make_pseudo_labels
+from tasks.finetune import finetune_settings
+from tasks.settings import pretrain_settings
 
 # Methods that need a token-based encoder get the small ViT; the rest the CPU-default ConvNet.
 VIT_METHODS = {"mae", "autoregressive"}

@@ -69,7 +69,6 @@ def main() -> None:
                              "the other")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(REPO))
     from ssl_lib.config import parse_override
     from tasks.environment import configure_environment
 

@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # (key, column title) of the parts of a stage's time outside its steps, in the table's order; "other" follows.
 PARTS = [("data", "data, aug"), ("targets", "pseudo-targets"), ("ema", "EMA"), ("bn", "BN re-est."),

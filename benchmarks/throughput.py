@@ -81,18 +81,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssl_lib.acceleration import PRECISIONS, Acceleration, resolve_acceleration  # noqa: E402
-from ssl_lib.batches import DeviceBatches  # noqa: E402
-from ssl_lib.data.idx import read_idx  # noqa: E402
-from ssl_lib.data.sources import DEBIAN_FASHION_MNIST_DIR  # noqa: E402
-from ssl_lib.device import select_device  # noqa: E402
-from ssl_lib.engine import build_model, make_engine, train_step  # noqa: E402
-from ssl_lib.errors import ConfigError  # noqa: E402
-from ssl_lib.io import atomic_path  # noqa: E402
-from ssl_lib.methods import get_method  # noqa: E402
-from ssl_lib.models.backbones import build_backbone  # noqa: E402
+from ssl_lib.acceleration import PRECISIONS, Acceleration, resolve_acceleration
+from ssl_lib.batches import DeviceBatches
+from ssl_lib.data.idx import read_idx
+from ssl_lib.data.sources import DEBIAN_FASHION_MNIST_DIR
+from ssl_lib.device import select_device
+from ssl_lib.engine import build_model, make_engine, train_step
+from ssl_lib.errors import ConfigError
+from ssl_lib.io import atomic_path
+from ssl_lib.methods import get_method
+from ssl_lib.models.backbones import build_backbone
 
 # (warm-up, timed) steps per side when --warmup/--steps are not given; ResNet-18 takes ~20 s a step on 2 cores.
 DEFAULT_STEPS: dict[str, tuple[int, int]] = {"convnet": (3, 10), "resnet18": (1, 3)}
