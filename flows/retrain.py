@@ -8,8 +8,8 @@ A retrain run
    exactly when the source's files changed (a new data version) and skips every stage when nothing did;
 2. (the pipeline's evaluate stage compares the new version with the champion on this data version's test split:
    splits are stable across data versions, so no test image was ever trained or selected on by either model);
-3. reports what the champion rule (README, *Champion rule*), applied by the pipeline's evaluate stage as in
-   every run, decided for the new version: a Prefect table artifact, with a link to the pipeline's MLflow run.
+3. reports what the champion rule (docs/architecture.md, *Champion rule*), applied by the pipeline's evaluate stage
+   as in every run, decided for the new version: a Prefect table artifact, with a link to the pipeline's MLflow run.
 The alias moves in the evaluate stage's last step, so a failed run leaves the champion untouched.
 """
 from __future__ import annotations

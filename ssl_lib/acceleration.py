@@ -3,7 +3,7 @@
 ``auto`` means: on CUDA, bf16 autocast (fp16 with loss scaling where bf16 is missing), channels_last
 and ``torch.compile``; on a CPU, fp32 (without bf16 hardware, bf16 autocast runs 10-16x slower), channels_last
 (1.5x on the ConvNet step) and no compile (after about a minute of compiling, the ConvNet step ran 1.13-1.25x
-slower: README, "Throughput against lightly"). On a CPU the allocator also keeps freed memory for reuse
+slower: docs/performance.md, "Throughput against lightly"). On a CPU the allocator also keeps freed memory for reuse
 (``keep_freed_memory``).
 """
 from __future__ import annotations
@@ -70,10 +70,10 @@ def keep_freed_memory() -> bool:
     Why: glibc serves an allocation above its mmap threshold (adaptive, but never above 32 MB) with a fresh
     mapping and unmaps it when freed. A training step allocates tensors that large anew every step (the ConvNet's
     first layer over both views of a 256 batch: 51 MB each, a dozen of them), so every step the kernel faults in
-    and zeroes new pages for them: a third of a CPU ConvNet step here (README, "Throughput against lightly"). With
-    no mmap and a trim threshold of 2 GB, those blocks are reused from the heap instead. The process keeps its
-    peak memory between steps, which a training loop reaches again at the next step anyway. Process-wide, and
-    only for allocations made after the call.
+    and zeroes new pages for them: a third of a CPU ConvNet step here (docs/performance.md, "Throughput against
+    lightly"). With no mmap and a trim threshold of 2 GB, those blocks are reused from the heap instead. The process
+    keeps its peak memory between steps, which a training loop reaches again at the next step anyway.
+    Process-wide, and only for allocations made after the call.
     """
     name = ctypes.util.find_library("c")
     try:

@@ -85,7 +85,7 @@ class PseudoLabelParams(_Section):
     preview_count: int = Field(default=32, ge=1, le=256)
 
 
-# The default run's method options (README "How the defaults were chosen"); each method's own Options keep the
+# The default run's method options (docs/tuning.md "How the defaults were chosen"); each method's own Options keep the
 # defaults of its paper or library.
 DEFAULT_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"simclr": {"temperature": 0.3, "crop_scale_min": 0.4}}
 
@@ -230,7 +230,7 @@ class SelfTrainParams(_Section):
     whiten: bool = True
     bn_recalibration: int = Field(default=40, ge=0)
     # The final model is the last round unless an earlier candidate leads it on val by more than this (README
-    # "Your own images"): the fine-tune's val accuracy is the best of its epochs, about 3 points optimistic.
+    # "The final model"): the fine-tune's val accuracy is the best of its epochs, an optimistic figure.
     selection_margin: Number = Field(default=0.03, ge=0, lt=1)
     device: str = "auto"
 
@@ -255,8 +255,8 @@ class SelfTrainParams(_Section):
 
 class EvaluateParams(_Section):
     knn_k: int = Field(default=20, ge=1)
-    # The champion rule (README): a new model version takes the `champion` alias when its test accuracy beats the
-    # champion's, on the same test split, by more than this.
+    # The champion rule (docs/architecture.md): a new model version takes the `champion` alias when its test accuracy
+    # beats the champion's, on the same test split, by more than this.
     champion_margin: Number = Field(default=0.005, ge=0, lt=1)
 
 

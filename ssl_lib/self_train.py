@@ -188,7 +188,7 @@ def whitening(features: torch.Tensor, floor: float = 1e-3) -> Callable[[torch.Te
     directions are not blown up into noise).
 
     A few directions dominate a trained encoder's features, and cosine similarity ranks neighbours by those alone;
-    whitened, every direction counts, and the kNN graph links more images of the same class (README ablation).
+    whitened, every direction counts, and the kNN graph links more images of the same class (docs/tuning.md ablation).
     """
     data = features.double()
     mean = data.mean(0)

@@ -1,8 +1,8 @@
 """Model-registry bookkeeping: what each version is, what it scored, and the one rule that moves `champion`.
 
-The champion rule (README, *Champion rule*): after a run registers a version, the evaluate stage measures the
-current champion on that run's test split; the new version takes the alias when there is no champion yet, or
-when its test accuracy beats the champion's by more than ``evaluate.champion_margin``. Every run applies it:
+The champion rule (docs/architecture.md, *Champion rule*): after a run registers a version, the evaluate stage
+measures the current champion on that run's test split; the new version takes the alias when there is no champion
+yet, or when its test accuracy beats the champion's by more than ``evaluate.champion_margin``. Every run applies it:
 `sslpipe run`, `dvc repro`, `dvc exp run`, a sweep point and the retrain flow alike.
 """
 from __future__ import annotations
