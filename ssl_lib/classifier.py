@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,23 @@ def build_classifier(backbone: str, in_channels: int, image_size: int, num_class
         model = Classifier(encoder, feature_dim, num_classes, mean, std)
     if encoder_state is not None:
         encoder.load_state_dict(encoder_state)
+    return model
+
+
+# What build_classifier needs to rebuild a saved Classifier (the finetune and self_train stages' JSON hold them).
+SPEC_KEYS = ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")
+
+
+def classifier_spec(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``build_classifier`` arguments (``SPEC_KEYS``) of a saved classifier's description."""
+    return {k: info[k] for k in SPEC_KEYS}
+
+
+def load_classifier(spec: Mapping[str, Any], path: str | Path) -> Classifier:
+    """A Classifier of ``spec`` (``classifier_spec``) with the state_dict saved at ``path``, on the CPU; its mode
+    is build_classifier's (training): callers that only predict call ``.eval()``."""
+    model = build_classifier(**spec)
+    model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
     return model
 
 

@@ -25,9 +25,7 @@ RESULT_FILES = (paths.METRICS, paths.PER_CLASS, paths.PER_CLASS_PNG, paths.CONFU
 
 def _load_classifiers(spec: dict, self_trained: bool) -> dict:
     """The rows evaluated: the baseline, the fine-tuned SSL classifier and, when self_train ran, its student."""
-    import torch
-
-    from ssl_lib.classifier import build_classifier
+    from ssl_lib.classifier import load_classifier
     from ssl_lib.errors import DataError
 
     models = {}
@@ -37,9 +35,7 @@ def _load_classifiers(spec: dict, self_trained: bool) -> dict:
     for kind, path, stage in sources:
         if not path.is_file():
             raise DataError(f"{path} is missing; run the stage first: dvc repro {stage}")
-        model = build_classifier(**spec)
-        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
-        models[kind] = model.eval()
+        models[kind] = load_classifier(spec, path).eval()
     return models
 
 
@@ -49,7 +45,7 @@ def run(params: PipelineParams) -> dict:
     import torch
     from mlflow import MlflowClient
 
-    from ssl_lib.classifier import build_classifier
+    from ssl_lib.classifier import build_classifier, classifier_spec
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
     from ssl_lib.evaluation import (
@@ -63,7 +59,7 @@ def run(params: PipelineParams) -> dict:
     )
     from ssl_lib.io import atomic_path, write_json
     from ssl_lib.sizing import knn_probe_k
-    from tasks.finetune import load_encoder_info
+    from tasks.pretrained import load_encoder_info
     from tasks.tracking import log_results, stage_run
 
     with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
@@ -74,7 +70,7 @@ def run(params: PipelineParams) -> dict:
             raise DataError(f"{paths.FINAL_INFO} is missing; run the stage first: dvc repro self_train")
         final_info = json.loads(paths.FINAL_INFO.read_text())
         class_names = final_info["class_names"]
-        spec = {k: final_info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
+        spec = classifier_spec(final_info)
         models = _load_classifiers(spec, self_trained=final_info["method"] != ["none"])
         final = "self_train" if "self_train" in models else "ssl"
         k = knn_probe_k(params.evaluate.knn_k, len(known_y), len(class_names))

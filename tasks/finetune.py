@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from tasks import paths
 from tasks.common import run_stage_cli
 
@@ -16,24 +14,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sslpipe.finetune")
 
-# Listing requirements explicitly spares MLflow ~15 s of inferring them on every log_model call.
-MODEL_REQUIREMENTS = ["torch", "torchvision", "numpy"]
 # The params that set each model's learning rates (finetune_settings), named when its training diverges.
 _LR_KEYS = {"ssl": "finetune.lr, and finetune.lp_lr for the linear probe",
             "baseline": "finetune.baseline_lr, or finetune.lr where it is null"}
-
-
-def load_encoder_info() -> tuple[dict, dict]:
-    import json
-
-    import torch
-
-    from ssl_lib.errors import DataError
-
-    if not paths.ENCODER.is_file() or not paths.ENCODER_INFO.is_file():
-        raise DataError(f"{paths.ENCODER} is missing; run the stage first: dvc repro pretrain")
-    info = json.loads(paths.ENCODER_INFO.read_text())
-    return info, torch.load(paths.ENCODER, weights_only=True, map_location="cpu")
 
 
 def run(params: PipelineParams) -> dict:
@@ -44,6 +27,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import TrainingDiverged
     from ssl_lib.io import atomic_path, save_torch, write_json
+    from tasks.pretrained import load_encoder_info
     from tasks.tracking import stage_run
 
     section = {"seed": params.seed, "finetune": params.finetune.model_dump(),
@@ -97,49 +81,6 @@ def _epoch_logger(prefix: str):
                            step=int(row["epoch"]))
 
     return log_epoch
-
-
-def model_input(images) -> object:
-    """Registry models take float32 (N, C, H, W) in [0, 1]; normalisation lives inside the model."""
-
-    return (np.asarray(images, dtype=np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
-
-
-def log_classifier(model, example_images, registry_base: str, class_names: list[str],
-                   model_params: dict[str, str] | None = None) -> dict:
-    """Log and register ``model``; ``model_params`` (what it was trained from: ``tasks.registry.provenance``) go
-    on the logged model, and name it after what it is (``tasks.run_summary.model_name``). It is registered under
-    ``registry_base`` (``finetune.registered_model_name``) and its data: one registered model per data source
-    (``tasks.registry.registered_name``)."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    from tasks.mlflow_pytorch import import_mlflow_pytorch
-    from tasks.registry import registered_name as registry_name
-    from tasks.run_summary import model_name
-
-    # Exported as it is: a model left in training mode would normalise each batch by its own statistics, and the
-    # registered model would then disagree with the one that was evaluated (a self_train.method: none bug, now tested).
-    model = model.eval()
-    example = model_input(example_images)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, logits)
-    name = model_name(model_params) if model_params else "classifier"
-    registered_name = registry_name(registry_base, model_params["data"]) if model_params else registry_base
-    model_info = import_mlflow_pytorch().log_model(model, name=name, signature=signature, input_example=example,
-                                          pip_requirements=MODEL_REQUIREMENTS,
-                                          # a torch.export program: loads without this package installed
-                                          serialization_format="pt2",
-                                          registered_model_name=registered_name, params=model_params,
-                                          metadata={"class_names": list(class_names),
-                                                    "input": "float32 (N, C, H, W) in [0, 1]"})
-    version = getattr(model_info, "registered_model_version", None)
-    log.info("registered %s version %s", registered_name, version)
-    return {"name": registered_name, "version": str(version) if version is not None else None,
-            "model_uri": model_info.model_uri, "model_id": model_info.model_id,
-            "run_id": mlflow.active_run().info.run_id}
 
 
 def finetune_settings(params: PipelineParams, image_size: int, baseline: bool = False) -> FinetuneSettings:

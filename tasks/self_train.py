@@ -28,15 +28,13 @@ def run(params: PipelineParams) -> dict:
 
     import mlflow
     import pandas as pd
-    import torch
 
-    from ssl_lib.classifier import build_classifier
+    from ssl_lib.classifier import classifier_spec, load_classifier
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
     from ssl_lib.io import atomic_path, save_torch, write_json
     from ssl_lib.self_train import SELECTION_RULE, self_train
-    from tasks.finetune import log_classifier
-    from tasks.registry import STATUS_TAG, check_same_task, provenance, registered_model, tag_version
+    from tasks.registry import STATUS_TAG, check_same_task, log_classifier, provenance, registered_model, tag_version
     from tasks.tracking import stage_run
 
     section = {"seed": params.seed, "self_train": params.self_train.model_dump()}
@@ -49,9 +47,8 @@ def run(params: PipelineParams) -> dict:
         if not paths.SSL_CLASSIFIER.is_file() or not paths.CLASSIFIER_INFO.is_file():
             raise DataError(f"{paths.SSL_CLASSIFIER} is missing; run the stage first: dvc repro finetune")
         info = json.loads(paths.CLASSIFIER_INFO.read_text())
-        spec = {k: info[k] for k in ("backbone", "in_channels", "image_size", "num_classes", "mean", "std")}
-        model = build_classifier(**spec)
-        model.load_state_dict(torch.load(paths.SSL_CLASSIFIER, weights_only=True, map_location="cpu"))
+        spec = classifier_spec(info)
+        model = load_classifier(spec, paths.SSL_CLASSIFIER)
         splits = data.manifest["split"].to_numpy()
         rows = pool_rows(splits)
         settings = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])

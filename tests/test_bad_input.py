@@ -170,7 +170,7 @@ def test_unavailable_accelerator_is_a_config_error():
             select_device(f"cuda:{torch.cuda.device_count()}")
 
 
-@pytest.mark.parametrize("loader, stage", [("tasks.finetune:load_encoder_info", "pretrain"),
+@pytest.mark.parametrize("loader, stage", [("tasks.pretrained:load_encoder_info", "pretrain"),
                                            ("tasks.pseudo_targets:load_pseudo_labels", "pseudo_labels")])
 def test_missing_upstream_output_is_a_data_error(tmp_path: Path, monkeypatch, loader: str, stage: str):
     import importlib
