@@ -1,8 +1,11 @@
-"""Test-set evaluation: probabilities, features, kNN accuracy, per-class metrics, confusion matrix."""
+"""Test-set evaluation: probabilities, features, kNN accuracy, per-class metrics, confusion matrix, and
+``evaluate_classifiers``, the evaluate stage's recipe that puts them together."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from ssl_lib.augment import nhwc_to_tensor
+from ssl_lib.classifier import build_classifier
 from ssl_lib.io import atomic_path
 
 
@@ -155,3 +159,60 @@ def save_confusion_png(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequ
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate_classifiers`` measured on the test split."""
+
+    # results/metrics.json: per model (its name) accuracy, knn_accuracy and macro_f1; the kNN accuracy of the
+    # pretrained and of a random encoder; ssl_gain (and self_train_gain) over the baseline; num_test.
+    metrics: dict[str, Any]
+    predicted: dict[str, np.ndarray]  # per model, the class index it predicts for each test image
+    tables: dict[str, pd.DataFrame]  # per model, its per_class_table
+    predictions: pd.DataFrame  # one row per test image: "actual", then each model's predicted class name
+    final: str  # the final model: "self_train" when it was evaluated, else "ssl"
+
+
+def evaluate_classifiers(models: Mapping[str, nn.Module], test_images: np.ndarray, test_labels: np.ndarray,
+                         known_images: np.ndarray, known_labels: np.ndarray, class_names: Sequence[str],
+                         spec: Mapping[str, Any], encoder_state: dict[str, torch.Tensor], knn_k: int,
+                         seed: int) -> Evaluation:
+    """Every classifier in ``models`` on the test split, and what pretraining alone bought.
+
+    ``models`` (in eval mode) maps "ssl" and "baseline", and "self_train" when it ran, to a Classifier. Each gets
+    its accuracy, macro F1, per-class table and the kNN accuracy (``knn_k`` neighbours among ``known_images``,
+    the labeled and val images) of its frozen features. The encoder ``encoder_state`` and a random one, built as
+    classifiers of ``spec`` after ``torch.manual_seed(seed)``, get the kNN accuracy of their features.
+    """
+    test_y = test_labels
+
+    def knn(model) -> float:
+        return knn_accuracy(extract_features(model, known_images), known_labels,
+                            extract_features(model, test_images), test_y, k=knn_k)
+
+    final = "self_train" if "self_train" in models else "ssl"
+    metrics: dict[str, Any] = {}
+    correct: dict[str, int] = {}
+    predicted: dict[str, np.ndarray] = {}
+    predictions = pd.DataFrame({"actual": [class_names[i] for i in test_y]})
+    tables = {}
+    for kind, model in models.items():
+        predicted[kind] = predict_proba(model, test_images).argmax(axis=1)
+        tables[kind] = per_class_table(test_y, predicted[kind], class_names)
+        correct[kind] = int((predicted[kind] == test_y).sum())
+        metrics[kind] = {"accuracy": correct[kind] / len(test_y), "knn_accuracy": knn(model),
+                         "macro_f1": float(tables[kind]["f1"].mean())}
+        predictions[kind] = [class_names[i] for i in predicted[kind]]
+
+    # Frozen features before any label was seen: what pretraining alone bought over random weights.
+    torch.manual_seed(seed)
+    metrics["pretrained_encoder_knn_accuracy"] = knn(build_classifier(**spec, encoder_state=encoder_state).eval())
+    torch.manual_seed(seed)
+    metrics["random_encoder_knn_accuracy"] = knn(build_classifier(**spec).eval())
+    # From the counts of right answers: one division, so 0.0246 reads 0.0246, not 0.024599999999999955.
+    metrics["ssl_gain"] = (correct["ssl"] - correct["baseline"]) / len(test_y)
+    if "self_train" in metrics:
+        metrics["self_train_gain"] = (correct["self_train"] - correct["baseline"]) / len(test_y)
+    metrics["num_test"] = int(len(test_y))
+    return Evaluation(metrics=metrics, predicted=predicted, tables=tables, predictions=predictions, final=final)

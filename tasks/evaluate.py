@@ -15,6 +15,7 @@ from tasks.common import run_stage_cli
 
 if TYPE_CHECKING:
     from ssl_lib.config import PipelineParams
+    from ssl_lib.evaluation import Evaluation
 
 log = logging.getLogger("sslpipe.evaluate")
 CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
@@ -41,28 +42,18 @@ def _load_classifiers(spec: dict, self_trained: bool) -> dict:
 
 def run(params: PipelineParams) -> dict:
     import mlflow
-    import pandas as pd
-    import torch
     from mlflow import MlflowClient
 
-    from ssl_lib.classifier import build_classifier, classifier_spec
+    from ssl_lib.classifier import classifier_spec
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
-    from ssl_lib.evaluation import (
-        extract_features,
-        knn_accuracy,
-        per_class_table,
-        predict_proba,
-        save_confusion_png,
-        save_per_class_png,
-        wide_per_class_table,
-    )
-    from ssl_lib.io import atomic_path, write_json
+    from ssl_lib.evaluation import evaluate_classifiers
     from ssl_lib.sizing import knn_probe_k
     from tasks.pretrained import load_encoder_info
     from tasks.tracking import log_results, stage_run
 
     with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
+        # Load: the test split, the images the kNN probe knows, every classifier and the pretrained encoder.
         data = load_prepared(paths.PREPARED)
         test_x, test_y = data.split("test")
         known_x, known_y = (np.concatenate(pair) for pair in zip(data.split("labeled"), data.split("val"), strict=True))
@@ -72,50 +63,19 @@ def run(params: PipelineParams) -> dict:
         class_names = final_info["class_names"]
         spec = classifier_spec(final_info)
         models = _load_classifiers(spec, self_trained=final_info["method"] != ["none"])
-        final = "self_train" if "self_train" in models else "ssl"
-        k = knn_probe_k(params.evaluate.knn_k, len(known_y), len(class_names))
-
-        def knn(model) -> float:
-            return knn_accuracy(extract_features(model, known_x), known_y, extract_features(model, test_x), test_y, k=k)
-
-        metrics: dict = {}
-        correct: dict[str, int] = {}
-        predictions = pd.DataFrame({"actual": [class_names[i] for i in test_y]})
-        tables = {}
-        labels = _model_labels(params, final_info["method"], final_info.get("final_model"))
-        for kind, model in models.items():
-            predicted = predict_proba(model, test_x).argmax(axis=1)
-            tables[kind] = per_class_table(test_y, predicted, class_names)
-            correct[kind] = int((predicted == test_y).sum())
-            metrics[kind] = {"accuracy": correct[kind] / len(test_y), "knn_accuracy": knn(model),
-                             "macro_f1": float(tables[kind]["f1"].mean())}
-            predictions[kind] = [class_names[i] for i in predicted]
-            save_confusion_png(test_y, predicted, class_names, CONFUSION_PNGS[kind],
-                               model_name=labels[kind] + (" (final model)" if kind == final else ""))
-        if final == "ssl":
-            shutil.copyfile(paths.CONFUSION_SSL, paths.CONFUSION_FINAL)
-
-        # Frozen features before any label was seen: what pretraining alone bought over random weights.
         _, encoder_state = load_encoder_info()
-        torch.manual_seed(params.seed)
-        metrics["pretrained_encoder_knn_accuracy"] = knn(build_classifier(**spec, encoder_state=encoder_state).eval())
-        torch.manual_seed(params.seed)
-        metrics["random_encoder_knn_accuracy"] = knn(build_classifier(**spec).eval())
-        # From the counts of right answers: one division, so 0.0246 reads 0.0246, not 0.024599999999999955.
-        metrics["ssl_gain"] = (correct["ssl"] - correct["baseline"]) / len(test_y)
-        if "self_train" in metrics:
-            metrics["self_train_gain"] = (correct["self_train"] - correct["baseline"]) / len(test_y)
-        metrics["num_test"] = int(len(test_y))
 
-        write_json(paths.METRICS, metrics)
-        ordered = {kind: tables[kind] for kind in ("baseline", "ssl", "self_train") if kind in tables}
-        with atomic_path(paths.PER_CLASS) as tmp:  # read by people: 4 decimals (1/1038 needs no more)
-            wide_per_class_table(ordered).round(4).to_csv(tmp, index=False)
-        save_per_class_png(ordered, paths.PER_CLASS_PNG, labels={kind: labels[kind] for kind in ordered},
-                           accuracies={kind: metrics[kind]["accuracy"] for kind in ordered})
-        with atomic_path(paths.PREDICTIONS) as tmp:
-            predictions.to_csv(tmp, index=False)
+        # The recipe: every number of results/.
+        result = evaluate_classifiers(models, test_x, test_y, known_x, known_y, class_names, spec, encoder_state,
+                                      knn_k=knn_probe_k(params.evaluate.knn_k, len(known_y), len(class_names)),
+                                      seed=params.seed)
+        metrics, final = result.metrics, result.final
 
+        # Write.
+        labels = _model_labels(params, final_info["method"], final_info.get("final_model"))
+        _write_results(result, test_y, class_names, labels)
+
+        # Log.
         flat = headline_metrics(metrics)
         mlflow.log_metrics(flat)
         for artifact in (*RESULT_FILES, paths.CONFUSION_BASELINE, paths.CONFUSION_SSL):
@@ -138,6 +98,29 @@ def run(params: PipelineParams) -> dict:
                  flat["test_accuracy_ssl"], f", SSL + {'+'.join(final_info['method'])} "
                  f"{metrics['self_train']['accuracy']:.4f}" if final == "self_train" else "")
     return metrics
+
+
+def _write_results(result: Evaluation, test_labels: np.ndarray, class_names: list[str],
+                   labels: dict[str, str]) -> None:
+    """results/: each model's confusion matrix (the final model's also as confusion_final.png), metrics.json, the
+    per-class table and chart (baseline, ssl, self_train in that order) and the predictions. ``labels`` name the
+    models in the figures."""
+    from ssl_lib.evaluation import save_confusion_png, save_per_class_png, wide_per_class_table
+    from ssl_lib.io import atomic_path, write_json
+
+    for kind, predicted in result.predicted.items():
+        save_confusion_png(test_labels, predicted, class_names, CONFUSION_PNGS[kind],
+                           model_name=labels[kind] + (" (final model)" if kind == result.final else ""))
+    if result.final == "ssl":
+        shutil.copyfile(paths.CONFUSION_SSL, paths.CONFUSION_FINAL)
+    write_json(paths.METRICS, result.metrics)
+    ordered = {kind: result.tables[kind] for kind in ("baseline", "ssl", "self_train") if kind in result.tables}
+    with atomic_path(paths.PER_CLASS) as tmp:  # read by people: 4 decimals (1/1038 needs no more)
+        wide_per_class_table(ordered).round(4).to_csv(tmp, index=False)
+    save_per_class_png(ordered, paths.PER_CLASS_PNG, labels={kind: labels[kind] for kind in ordered},
+                       accuracies={kind: result.metrics[kind]["accuracy"] for kind in ordered})
+    with atomic_path(paths.PREDICTIONS) as tmp:
+        result.predictions.to_csv(tmp, index=False)
 
 
 def _model_labels(params: PipelineParams, self_train_method: list[str], final_model: str | None) -> dict[str, str]:
