@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_lib.classifier import build_classifier, train_classifier
+from ssl_lib.classifier import build_classifier
 from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
 from ssl_lib.data.prepared import load_prepared
 from ssl_lib.evaluation import predict_proba
+from ssl_lib.finetune import KINDS, finetune_pair
 from ssl_lib.io import atomic_path
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
@@ -70,21 +71,18 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
                 std=data.meta["std"])
     semi = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])
     result: dict = {"seed": seed, "labels_per_class": labels_per_class, "num_test": int(len(test_y))}
-    models = {}
-    for kind, state in (("ssl", encoder_state), ("baseline", None)):
-        start = time.perf_counter()
-        model = build_classifier(**spec, encoder_state=state, seed=seed)
-        model, history = train_classifier(model, train_x, train_y, val_x, val_y,
-                                    finetune_settings(params, spec["image_size"], baseline=kind == "baseline"),
-                                    progress=False)
-        models[kind] = model
+    pair = finetune_pair(spec, encoder_state, train_x, train_y, val_x, val_y,
+                         {kind: finetune_settings(params, spec["image_size"], baseline=kind == "baseline")
+                          for kind in KINDS}, seed=seed, progress=False)
+    models = pair.models
+    for kind in KINDS:
         # How optimistic the kept epoch's val accuracy is: it is the best of all epochs on these same val images;
         # the mean of the last 20 epochs is what the model scores there without being chosen on them.
-        val_curve = [row["val_acc"] for row in history if "val_acc" in row]
+        val_curve = [row["val_acc"] for row in pair.histories[kind] if "val_acc" in row]
         if val_curve:
             result[f"{kind}_val_optimism"] = max(val_curve) - float(np.mean(val_curve[-20:]))
-        result[kind] = accuracy(model, test_x, test_y)
-        result[f"{kind}_s"] = time.perf_counter() - start
+        result[kind] = accuracy(models[kind], test_x, test_y)
+        result[f"{kind}_s"] = pair.seconds[kind]  # building and training it (the test accuracy not included)
     # Dev: the unlabeled pool's hidden labels, for choosing settings without the test split (never trained on
     # as labels: these images enter self-training unlabeled).
     unlabeled = np.flatnonzero(splits[rows] == "unlabeled")

@@ -23,9 +23,9 @@ def run(params: PipelineParams) -> dict:
     import mlflow
     import pandas as pd
 
-    from ssl_lib.classifier import build_classifier, train_classifier
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import TrainingDiverged
+    from ssl_lib.finetune import KINDS, ClassifierDiverged, finetune_pair
     from ssl_lib.io import atomic_path, save_torch, write_json
     from tasks.pretrained import load_encoder_info
     from tasks.tracking import stage_run
@@ -40,17 +40,17 @@ def run(params: PipelineParams) -> dict:
         num_classes = len(data.meta["class_names"])
         spec = dict(backbone=info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"],
                     num_classes=num_classes, mean=info["mean"], std=info["std"])
+        settings = {kind: finetune_settings(params, info["image_size"], baseline=kind == "baseline")
+                    for kind in KINDS}
+        try:
+            pair = finetune_pair(spec, encoder_state, train_x, train_y, val_x, val_y, settings, seed=params.seed,
+                                 on_epoch=_epoch_logger(""), on_lp_epoch=_epoch_logger("lp_"))
+        except ClassifierDiverged as err:  # the message names the model, the phase and step; this, its params
+            raise TrainingDiverged(f"{err} (set by {_LR_KEYS[err.kind]})") from None
         models = {}
-        for kind, state in (("ssl", encoder_state), ("baseline", None)):
-            settings = finetune_settings(params, info["image_size"], baseline=kind == "baseline")
-            model = build_classifier(**spec, encoder_state=state, seed=params.seed)
-            try:
-                model, history = train_classifier(model, train_x, train_y, val_x, val_y, settings,
-                                                  on_epoch=_epoch_logger(f"{kind}_"),
-                                                  on_lp_epoch=_epoch_logger(f"{kind}_lp_"))
-            except TrainingDiverged as err:  # the message names the phase and step; this, the model and its params
-                raise TrainingDiverged(f"{kind} classifier: {err} (set by {_LR_KEYS[kind]})") from None
-            models[kind] = model.cpu().eval()
+        for kind in KINDS:
+            models[kind] = pair.models[kind].cpu().eval()
+            history = pair.histories[kind]
             with atomic_path(paths.FINETUNE_HISTORY[kind]) as tmp:
                 pd.DataFrame(history).to_csv(tmp, index=False)
             mlflow.log_artifact(str(paths.FINETUNE_HISTORY[kind]))
@@ -58,7 +58,7 @@ def run(params: PipelineParams) -> dict:
             if kept:  # the epoch whose weights were kept: a fact about the run, not a curve
                 mlflow.set_tag(f"{kind}.best_epoch", str(kept[-1]["epoch"]))
                 mlflow.log_metric(f"{kind}_best_val_acc", float(kept[-1]["val_acc"]))
-            log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings.mode)
+            log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings[kind].mode)
 
         for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
             save_torch(models[kind].state_dict(), target)
@@ -69,15 +69,16 @@ def run(params: PipelineParams) -> dict:
     return info
 
 
-def _epoch_logger(prefix: str):
-    """An epoch callback that logs a history row's numbers as ``<prefix><column>`` at step = its epoch.
+def _epoch_logger(phase: str):
+    """An epoch callback (``ssl_lib.finetune.finetune_pair``'s) that logs a history row's numbers as
+    ``<kind>_<phase><column>`` at step = its epoch.
 
     ``best`` (a flag on the epochs that became the kept one) is no curve: it is logged once, as a tag.
     """
     import mlflow
 
-    def log_epoch(row: dict) -> None:
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in row.items() if k not in ("epoch", "best")},
+    def log_epoch(kind: str, row: dict) -> None:
+        mlflow.log_metrics({f"{kind}_{phase}{k}": float(v) for k, v in row.items() if k not in ("epoch", "best")},
                            step=int(row["epoch"]))
 
     return log_epoch

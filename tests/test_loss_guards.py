@@ -117,3 +117,17 @@ def test_the_stage_cli_prints_a_divergence_as_one_line_with_exit_2(tmp_path: Pat
     assert err == ["sslpipe self_train: error: the self-training (fixmatch, round 1) loss is inf at step 3 of 40: "
                    "training diverged; lower self_train.lr (now 0.004), or check the data for broken images"]
     assert '"kind": "TrainingDiverged"' in report.read_text()
+
+
+def test_a_diverged_pair_names_the_model(monkeypatch):
+    """ssl_lib.finetune.finetune_pair says which of the two diverged; the finetune stage adds its params."""
+    from ssl_lib import finetune
+
+    def train(model, *args, **kwargs):
+        raise TrainingDiverged.at("fine-tuning", 2, 8, math.nan, 1e-3, None)
+
+    monkeypatch.setattr(finetune, "train_classifier", train)
+    spec = dict(backbone="convnet_small", in_channels=1, image_size=16, num_classes=2, mean=[0.5], std=[0.5])
+    with pytest.raises(finetune.ClassifierDiverged, match=r"^ssl classifier: the fine-tuning loss is nan") as info:
+        finetune.finetune_pair(spec, None, None, None, None, None, dict.fromkeys(finetune.KINDS), seed=0)
+    assert info.value.kind == "ssl" and isinstance(info.value, TrainingDiverged)
