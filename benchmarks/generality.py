@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.label_efficiency import run_point
+from benchmarks.machine import machine
 from benchmarks.shapes import write_folder as write_shapes_folder
 from ssl_lib.config import apply_overrides, parse_params, read_raw_params
 from ssl_lib.data.ingest import ingest
@@ -170,12 +171,8 @@ def summarize(points: list[dict]) -> str:
 
 def machine_header(command: str, points_file: Path) -> str:
     """Where, when and how the table was measured."""
-    import platform
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else "?"
     when = time.strftime("%Y-%m-%d", time.gmtime(points_file.stat().st_mtime)) if points_file.is_file() else "?"
-    return (f"Measured {when} on {cpu}, {os.cpu_count()} cores, no GPU, {torch.get_num_threads()} torch threads: "
+    return (f"Measured {when} on {machine()}, {torch.get_num_threads()} torch threads: "
             f"`.venv/bin/python {command}` with params.yaml as committed (only the data source changed). Each cell: "
             f"mean ± std over seeds, then each seed's value. Test accuracy; the final model is chosen by the "
             f"committed rule from each candidate's recorded val accuracy; minutes are wall-clock.\n\n")

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -57,6 +56,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -519,17 +520,6 @@ def measure_peaks(precisions: dict[str, tuple[Any, str]], quick: bool, reps: int
 
 
 # --------------------------------------------------------------------------- header, run, main
-
-
-def machine() -> str:
-    import torch
-
-    cpuinfo = Path("/proc/cpuinfo")
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if cpuinfo.is_file() else platform.processor()
-    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-            if torch.cuda.is_available() else [])
-    return f"{cpu}, {os.cpu_count()} cores, " + (f"GPU {', '.join(gpus)}" if gpus else "no GPU")
 
 
 def check_params(parent: Any, params: Any) -> list[str]:
