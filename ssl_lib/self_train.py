@@ -113,7 +113,7 @@ SELECTION_RULE = ("the final model is the last self-training round unless an ear
                   "self_train.selection_margin")
 
 
-def choose_final(val_accuracies: list[float], margin: float = 0.0) -> int:
+def choose_final(val_accuracies: list[float], margin: float) -> int:
     """The index of the candidate to ship: the last, unless an earlier one leads the current choice on val by more
     than ``margin``. The later candidates learned from more of the data, and the fine-tune's val accuracy is the
     best of its epochs on these same images (optimistic), so an earlier one must win clearly. NaN (no val images)
