@@ -52,12 +52,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine
+from ssl_lib.plan import DataShape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -330,32 +331,21 @@ def load_records(root: Path, run_id: str | None = None) -> RunRecords:
 
 
 @dataclass(frozen=True)
-class DataInfo:
-    height: int
-    width: int
-    channels: int
+class DataInfo(DataShape):
+    """The prepared data's shape and pool sizes (``ssl_lib.plan.DataShape``), with its normalisation."""
+
     mean: list[float]
     std: list[float]
-    num_classes: int
-    pretrain_pool: int
-    self_train_pool: int
-    labeled: int
 
 
 def data_info(root: Path) -> DataInfo:
     """The prepared data's shape and pool sizes, as the stages see them."""
-    import numpy as np
-
     from ssl_lib.data.prepared import load_prepared
 
-    prepared = root / "data" / "prepared"
-    data = load_prepared(prepared)
-    splits = data.manifest["split"].to_numpy()
+    data = load_prepared(root / "data" / "prepared")
     height, width, channels = (int(d) for d in data.meta["shape"])
-    return DataInfo(height, width, channels, list(data.meta["mean"]), list(data.meta["std"]), len(data.class_names),
-                    pretrain_pool=len(np.load(prepared / "pool_indices.npy")),
-                    self_train_pool=int(np.isin(splits, ["unlabeled", "labeled"]).sum()),
-                    labeled=int((splits == "labeled").sum()))
+    shape = DataShape.from_splits(data.manifest["split"].to_numpy(), len(data.class_names), height, width, channels)
+    return DataInfo(**asdict(shape), mean=list(data.meta["mean"]), std=list(data.meta["std"]))
 
 
 def _random_images(count: int, data: DataInfo, device: Any) -> Any:
@@ -375,7 +365,7 @@ def pretrain_flops(params: Any, data: DataInfo) -> tuple[float, int, str]:
     from ssl_lib.device import select_device
     from ssl_lib.engine import build_model, make_engine, train_step
     from ssl_lib.methods import get_method
-    from ssl_lib.sizing import pretrain_size
+    from ssl_lib.plan import make_plan
     from tasks.settings import pretrain_settings
 
     s = pretrain_settings(params, data.pretrain_pool)
@@ -391,9 +381,8 @@ def pretrain_flops(params: Any, data: DataInfo) -> tuple[float, int, str]:
     images = _random_images(s.batch_size, data, device).float().div_(255.0)
     generator = torch.Generator().manual_seed(0)
     flops = count_flops(lambda: train_step(engine, images, targets, generator, 0))
-    p = params.pretrain
-    size = pretrain_size(data.pretrain_pool, p.batch_size, p.epochs, p.images_seen, p.max_epochs, p.world_size)
-    return float(flops) * size.steps, size.steps, accel.precision
+    steps = make_plan(params, data).stage("pretrain").steps  # the steps the stage takes, by the stage's rules
+    return float(flops) * steps, steps, accel.precision
 
 
 def finetune_flops(params: Any, data: DataInfo) -> tuple[float, int]:
