@@ -1,7 +1,7 @@
 """Look at the UIs as a user does: a tiny digits pipeline in a temp project, then headless Chromium screenshots of
 the MLflow pages (`make ui`) and the Prefect flow runs (`make serve`'s server).
 
-    python scripts/ui_screenshots.py --out ui-screenshots
+    python -m scripts.ui_screenshots --out ui-screenshots   # from the repository root
 
 Two flow runs against a real `prefect server start` (the Makefile's `prefect-server` recipe, on a free port): the
 first runs every stage, the second changes `finetune.lp_epochs` (DVC skips ingest, pseudo_labels and pretrain, and
@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def free_port() -> int:

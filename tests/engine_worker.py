@@ -1,6 +1,6 @@
 """A pretraining run in a process of its own, for the engine tests (kill-and-resume, torchrun/DDP).
 
-    python tests/engine_worker.py OUT.json --methods simclr,moco [--checkpoint PATH --every 3 --kill-at 7]
+    python -m tests.engine_worker OUT.json --methods simclr,moco [--checkpoint PATH --every 3 --kill-at 7]
         [--fixed-views]
 
 Runs each method on 384 digits for one or two epochs and writes {method: step_losses} (rank 0 only)
@@ -16,13 +16,10 @@ import json
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VIT = {"mae", "autoregressive"}
 

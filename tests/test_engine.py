@@ -17,17 +17,19 @@ import yaml
 
 from tests.helpers import make_project, run_cmd, use_project
 
-WORKER = Path(__file__).with_name("engine_worker.py")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _worker(out: Path, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if torchrun:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
+                    "--module"]
     else:
-        launcher = [sys.executable]
-    return subprocess.run([*launcher, str(WORKER), str(out), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+        launcher = [sys.executable, "-m"]
+    # Run as a module from the repository root, so that the worker imports this checkout's packages.
+    return subprocess.run([*launcher, "tests.engine_worker", str(out), *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
 
 
 def _same_weights(a: Path, b: Path) -> bool:
