@@ -22,11 +22,17 @@ from tasks import paths
 from tasks.checkout_lock import hold_checkout
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
-from tasks.evaluate import RESULT_FILES, headline_metrics
 from tasks.params_file import apply_param_overrides
 from tasks.preflight import check_label_budget
 from tasks.registry import check_same_task, registered_model
-from tasks.run_summary import committed_params, inherited_note, param_changes, plan_against_actual, run_title
+from tasks.run_summary import (
+    committed_params,
+    headline_metrics,
+    inherited_note,
+    param_changes,
+    plan_against_actual,
+    run_title,
+)
 from tasks.tracking import (
     DESCRIPTION_TAG,
     PARENT_RUN_ENV,
@@ -147,7 +153,7 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
                 if not outcomes[-1].executed:
                     # Nothing was re-evaluated: the parent run still carries the results it stands for.
                     metrics = json.loads((root_path / paths.METRICS).read_text())
-                    log_results(parent_id, headline_metrics(metrics), [root_path / f for f in RESULT_FILES])
+                    log_results(parent_id, headline_metrics(metrics), [root_path / f for f in paths.RESULT_FILES])
                     _attach_final_model(parent_id, root_path)
                 if save_experiment:
                     exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),

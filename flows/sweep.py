@@ -32,7 +32,7 @@ from flows.stages import (
 )
 from tasks.checkout_lock import hold_checkout
 from tasks.environment import configure_environment, project_root
-from tasks.evaluate import headline_metrics
+from tasks.run_summary import headline_metrics
 
 
 @dataclass(frozen=True)

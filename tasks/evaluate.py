@@ -21,7 +21,6 @@ log = logging.getLogger("sslpipe.evaluate")
 CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
                   "self_train": paths.CONFUSION_FINAL}
 # Logged on the evaluate run and on its parent: the parent run shows the results of the run it stands for.
-RESULT_FILES = (paths.METRICS, paths.PER_CLASS, paths.PER_CLASS_PNG, paths.CONFUSION_FINAL)
 
 
 def _load_classifiers(spec: dict, self_trained: bool) -> dict:
@@ -50,6 +49,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.evaluation import evaluate_classifiers
     from ssl_lib.sizing import knn_probe_k
     from tasks.pretrained import load_encoder_info
+    from tasks.run_summary import headline_metrics
     from tasks.tracking import log_results, stage_run
 
     with stage_run("evaluate", params, section={"evaluate": params.evaluate.model_dump()}) as run_id:
@@ -78,11 +78,11 @@ def run(params: PipelineParams) -> dict:
         # Log.
         flat = headline_metrics(metrics)
         mlflow.log_metrics(flat)
-        for artifact in (*RESULT_FILES, paths.CONFUSION_BASELINE, paths.CONFUSION_SSL):
+        for artifact in (*paths.RESULT_FILES, paths.CONFUSION_BASELINE, paths.CONFUSION_SSL):
             mlflow.log_artifact(str(artifact))
         parent_id = MlflowClient().get_run(run_id).data.tags.get("mlflow.parentRunId")
         if parent_id:
-            log_results(parent_id, flat, list(RESULT_FILES))
+            log_results(parent_id, flat, list(paths.RESULT_FILES))
 
         registered = final_info.get("registered_model") or {}
         if registered.get("version") and not _in_registry(registered):
@@ -188,26 +188,6 @@ def _in_registry(registered: dict) -> bool:
     except MlflowException:
         return False
     return True
-
-
-def headline_metrics(metrics: dict) -> dict[str, float]:
-    """results/metrics.json flattened into the metric names runs are compared by in MLflow. The final model's test
-    accuracy comes first, as ``test_accuracy``: MLflow's compare view plots the first metric it is given."""
-    final = metrics["self_train"] if "self_train" in metrics else metrics["ssl"]
-    return {"test_accuracy": final["accuracy"],
-            "test_accuracy_ssl": metrics["ssl"]["accuracy"],
-            "test_accuracy_baseline": metrics["baseline"]["accuracy"],
-            "knn_accuracy_ssl": metrics["ssl"]["knn_accuracy"],
-            "knn_accuracy_baseline": metrics["baseline"]["knn_accuracy"],
-            "macro_f1_ssl": metrics["ssl"]["macro_f1"], "macro_f1_baseline": metrics["baseline"]["macro_f1"],
-            "knn_accuracy_pretrained_encoder": metrics["pretrained_encoder_knn_accuracy"],
-            "knn_accuracy_random_encoder": metrics["random_encoder_knn_accuracy"],
-            "ssl_gain": metrics["ssl_gain"],
-            **({"test_accuracy_self_train": metrics["self_train"]["accuracy"],
-                "knn_accuracy_self_train": metrics["self_train"]["knn_accuracy"],
-                "macro_f1_self_train": metrics["self_train"]["macro_f1"],
-                "self_train_gain": metrics["self_train_gain"]} if "self_train" in metrics else {})}
-
 
 
 if __name__ == "__main__":

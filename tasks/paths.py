@@ -38,3 +38,5 @@ CONFUSION_SSL = RESULTS / "confusion_ssl.png"
 CONFUSION_BASELINE = RESULTS / "confusion_baseline.png"
 # The registered model's: the self-trained student, or the SSL fine-tune when self_train.method is none.
 CONFUSION_FINAL = RESULTS / "confusion_final.png"
+# What the flow's parent run carries of the evaluation (the stage run carries every results file).
+RESULT_FILES = (METRICS, PER_CLASS, PER_CLASS_PNG, CONFUSION_FINAL)

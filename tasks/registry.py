@@ -76,8 +76,8 @@ def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]
     import hashlib
     import json
 
+    from tasks.dataset_digest import dataset_hash
     from tasks.run_summary import data_label, label_budget
-    from tasks.tracking import PREPARED_DATA, dataset_hash
 
     info = {"method": params.pretrain.method, "backbone": params.pretrain.backbone,
             "finetune_mode": params.finetune.mode, "self_train": "+".join(params.self_train.steps) or "none",
@@ -85,7 +85,7 @@ def provenance(params: PipelineParams, root: Path = Path(".")) -> dict[str, str]
     data_version = dataset_hash(root)
     if data_version:
         info["data_version"] = data_version
-    meta_path = root / PREPARED_DATA / "meta.json"
+    meta_path = root / paths.PREPARED / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         names = json.dumps(meta["class_names"]).encode()

@@ -21,12 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from ssl_lib.config import PipelineParams
 from ssl_lib.errors import UserError
-from tasks import stage_server
+from tasks import paths, stage_server
 from tasks.common import STAGES
+from tasks.dataset_digest import dataset_hash
 from tasks.environment import configure_environment, project_root
 from tasks.run_summary import committed_params, data_label, describe, flatten, param_changes, run_title
 
@@ -38,8 +37,6 @@ PREFECT_RUN_ENV = "SSLPIPE_PREFECT_FLOW_RUN_ID"
 DEFAULT_EXPERIMENT = "ssl-pipeline"
 INVOCATION_TAG = "sslpipe.invocation"
 OWNER_TAG = "sslpipe.parent_owner"
-PREPARED_DATA = "data/prepared"
-DATASET_FILES = ("images.npy", "manifest.csv")
 # The stages that read the prepared data, and what for (the dataset's context in MLflow); ingest writes it.
 DATA_CONTEXT = {"pseudo_labels": "training", "pretrain": "training", "finetune": "training",
                 "self_train": "training", "evaluate": "evaluation"}
@@ -181,23 +178,6 @@ def git_commit(root: Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
-
-
-def dataset_hash(root: Path | None = None) -> str | None:
-    """A digest of the md5s DVC recorded in dvc.lock for the prepared images and manifest, once ingest ran."""
-    lock = (root or project_root()) / "dvc.lock"
-    if not lock.is_file():
-        return None
-    try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    except yaml.YAMLError:
-        return None
-    # The dataset is the images plus their manifest: one digest over both of DVC's md5s.
-    md5s = {out.get("path"): out.get("md5") for out in stages.get("ingest", {}).get("outs", [])}
-    parts = [md5s.get(f"{PREPARED_DATA}/{name}") for name in DATASET_FILES]
-    if not all(parts):
-        return None
-    return hashlib.md5(":".join(parts).encode()).hexdigest()
 
 
 def common_tags(params: PipelineParams) -> dict[str, str]:
@@ -394,7 +374,7 @@ def dataset_entity(params: PipelineParams, root: Path | None = None) -> Any | No
     from ssl_lib.data.layout import SPLITS
 
     root = root or project_root()
-    prepared = root / PREPARED_DATA
+    prepared = root / paths.PREPARED
     try:
         meta = json.loads((prepared / "meta.json").read_text())
         lineage = json.loads((prepared / "lineage.json").read_text()) if (prepared / "lineage.json").is_file() else {}
