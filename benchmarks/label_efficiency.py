@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_lib.classifier import build_classifier
+from ssl_lib.classifier import FinetuneSettings, build_classifier
 from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
 from ssl_lib.data.prepared import load_prepared
@@ -37,11 +37,9 @@ from ssl_lib.evaluation import predict_proba
 from ssl_lib.finetune import KINDS, finetune_pair
 from ssl_lib.io import atomic_path
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels
-from ssl_lib.self_train import self_train
-from tasks.finetune import finetune_settings
-from tasks.self_train import pool_rows, self_train_settings
-from tasks.settings import pretrain_settings
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
+from ssl_lib.self_train import SelfTrainSettings, self_train
+from tasks.self_train import pool_rows
 
 ROWS = {"baseline": "supervised-only", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised",
         "scratch_semi": "semi-supervised from scratch"}
@@ -69,10 +67,10 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
     spec = dict(backbone=params.pretrain.backbone, in_channels=int(data.meta["shape"][2]),
                 image_size=int(data.meta["shape"][0]), num_classes=len(data.class_names), mean=data.meta["mean"],
                 std=data.meta["std"])
-    semi = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])
+    semi = SelfTrainSettings.from_params(params, len(rows), spec["num_classes"], spec["image_size"])
     result: dict = {"seed": seed, "labels_per_class": labels_per_class, "num_test": int(len(test_y))}
     pair = finetune_pair(spec, encoder_state, train_x, train_y, val_x, val_y,
-                         {kind: finetune_settings(params, spec["image_size"], baseline=kind == "baseline")
+                         {kind: FinetuneSettings.from_params(params, spec["image_size"], baseline=kind == "baseline")
                           for kind in KINDS}, seed=seed, progress=False)
     models = pair.models
     for kind in KINDS:
@@ -218,7 +216,7 @@ def main() -> None:
                 else:
                     data = load_prepared(_ingest_any(params, encoder_seed, work))
                     pool = data.pretrain_pool()
-                    settings = replace(pretrain_settings(params, len(pool)), seed=encoder_seed)
+                    settings = replace(PretrainSettings.from_params(params, len(pool)), seed=encoder_seed)
                     start = time.perf_counter()
                     encoders[encoder_seed] = pretrain(pool, data.meta["mean"], data.meta["std"],
                                                       make_pseudo_labels(settings, len(pool)), settings,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +26,11 @@ from ssl_lib.errors import TrainingDiverged
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
+from ssl_lib.sizing import shift_px
 from ssl_lib.timing import Laps
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 MODES = ("full", "linear")
 
@@ -89,9 +93,8 @@ def load_classifier(spec: Mapping[str, Any], path: str | Path) -> Classifier:
     return model
 
 
-# kw_only: a field without a default may follow those with one. head_init and lp_epochs have none: the default
-# run's values (params.yaml: prototype, 50) are not the plain training's (random, 0) that the baseline and the
-# time probe use, so each caller says which it means.
+# kw_only and no defaults where params.yaml has the value: the run's settings come from its params (from_params),
+# and a caller that builds them by hand says every one. The defaults left are the recipe's, not params.
 @dataclass(frozen=True, kw_only=True)
 class FinetuneSettings:
     mode: str  # "full": train everything; "linear": frozen encoder (BatchNorm in eval), train the head
@@ -100,10 +103,10 @@ class FinetuneSettings:
     lr: float
     weight_decay: float
     seed: int
-    augment: bool = True  # random shift + horizontal flip, batched
-    device: str = "auto"
-    encoder_lr_mult: float = 1.0  # full mode: < 1 moves a pretrained encoder slower than the head
-    max_shift_px: int = 2
+    augment: bool  # random shift + horizontal flip, batched
+    device: str
+    encoder_lr_mult: float  # full mode: < 1 moves a pretrained encoder slower than the head
+    max_shift_px: int  # the shift's largest step; ssl_lib.sizing.shift_px sizes it to the images
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.05
     # With augment: also a random resized crop (area in [crop_scale_min, 1]) with probability crop_p;
@@ -117,7 +120,25 @@ class FinetuneSettings:
     # LP-FT (Kumar et al., 2022): first train only the head on the frozen encoder (BatchNorm in eval)
     # for lp_epochs at lp_lr, then run the normal schedule. 0 = off.
     lp_epochs: int
-    lp_lr: float = 1e-2
+    lp_lr: float
+
+    @classmethod
+    def from_params(cls, params: PipelineParams, image_size: int, baseline: bool = False) -> FinetuneSettings:
+        """The SSL model's fine-tuning on images of ``image_size``, or the supervised-only baseline's training.
+
+        The baseline trains a random-init encoder at the full learning rate with a random head: LP-FT and a
+        prototype head need features worth keeping, and measured on Fashion-MNIST they did not help it.
+        Its epochs default to the SSL model's lp_epochs + epochs, the same number of passes over the labels.
+        """
+        f = params.finetune
+        common: dict[str, Any] = dict(batch_size=f.batch_size, weight_decay=f.weight_decay, seed=params.seed,
+                                      augment=f.augment, device=f.device, max_shift_px=shift_px(image_size),
+                                      lp_lr=f.lp_lr)
+        if baseline:
+            return cls(mode="full", epochs=f.baseline_epochs or f.epochs + f.lp_epochs, lr=f.baseline_lr or f.lr,
+                       encoder_lr_mult=1.0, head_init="random", lp_epochs=0, **common)
+        return cls(mode=f.mode, epochs=f.epochs, lr=f.lr, encoder_lr_mult=f.encoder_lr_mult, head_init=f.head_init,
+                   lp_epochs=f.lp_epochs, **common)
 
 
 HEAD_INITS = ("random", "prototype")

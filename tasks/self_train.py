@@ -13,7 +13,6 @@ from tasks.common import run_stage_cli
 
 if TYPE_CHECKING:
     from ssl_lib.config import PipelineParams
-    from ssl_lib.self_train import SelfTrainSettings
 
 log = logging.getLogger("sslpipe.self_train")
 
@@ -33,7 +32,7 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
     from ssl_lib.io import atomic_path, save_torch, write_json
-    from ssl_lib.self_train import SELECTION_RULE, self_train
+    from ssl_lib.self_train import SELECTION_RULE, SelfTrainSettings, self_train
     from tasks.registry import STATUS_TAG, check_same_task, log_classifier, provenance, registered_model, tag_version
     from tasks.tracking import stage_run
 
@@ -51,7 +50,7 @@ def run(params: PipelineParams) -> dict:
         model = load_classifier(spec, paths.SSL_CLASSIFIER)
         splits = data.manifest["split"].to_numpy()
         rows = pool_rows(splits)
-        settings = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])
+        settings = SelfTrainSettings.from_params(params, len(rows), spec["num_classes"], spec["image_size"])
         mlflow.log_params({"resolved.epochs": round(settings.epochs, 4), "resolved.batch_size": settings.batch_size,
                            "resolved.knn_k": settings.knn_k})
         history: list[dict] = []
@@ -164,27 +163,6 @@ def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: n
         captions += ["" if i is None else f"{confidence[i]:.2f}" for i in picks]
     save_image_grid(tiles, captions, cols=2 * per_side, path=path, row_labels=class_names, dpi=90,
                     title="pseudo-labels per class: most confident (left) and least confident (right)")
-
-
-def self_train_settings(params: PipelineParams, pool_size: int, num_classes: int,
-                        image_size: int) -> SelfTrainSettings:
-    """Self-training's settings, sized to a pool of ``pool_size`` images of ``image_size`` (``ssl_lib.sizing``):
-    the batch, the passes from the image budget unless ``self_train.epochs`` is set, the graph's k and the
-    labeled view's shift."""
-    from ssl_lib import sizing
-    from ssl_lib.self_train import SelfTrainSettings
-
-    s = params.self_train
-    size = sizing.self_train_size(pool_size, s.batch_size, s.epochs, s.images_seen, s.max_epochs, s.rounds,
-                                  len(s.steps))
-    return SelfTrainSettings(steps=s.steps, rounds=s.rounds, epochs=size.epochs, batch_size=size.batch_size,
-                             labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                             unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
-                             distribution_alignment=s.distribution_alignment, temperature=s.temperature,
-                             knn_k=sizing.knn_k(s.knn_k, pool_size, num_classes), alpha=s.alpha, balance=s.balance,
-                             whiten=s.whiten, bn_recalibration=s.bn_recalibration,
-                             max_shift_px=sizing.shift_px(image_size), selection_margin=s.selection_margin,
-                             seed=params.seed, device=s.device)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssl_lib.augment import nhwc_to_tensor, strong_augment
-from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+from ssl_lib.classifier import build_classifier, train_classifier
 from ssl_lib.config import ConfigError, parse_params
 from ssl_lib.self_train import (
     SelfTrainSettings,
@@ -23,6 +23,7 @@ from ssl_lib.self_train import (
     whitening,
 )
 from tasks.self_train import pool_rows
+from tests.helpers import finetune_settings, self_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,15 @@ def digits_teacher():
     pool = np.setdiff1d(rest, val)
     model = build_classifier("convnet_small", 1, 8, 10, [0.3], [0.4], seed=0)
     model, _ = train_classifier(model, images[labeled], labels[labeled], images[val], labels[val],
-                                FinetuneSettings(mode="full", epochs=30, batch_size=32, lr=2e-3, weight_decay=5e-4,
-                                                 seed=0, head_init="random", lp_epochs=0), progress=False)
+                                finetune_settings(mode="full", epochs=30, batch_size=32, lr=2e-3, weight_decay=5e-4,
+                                                  seed=0, head_init="random", lp_epochs=0), progress=False)
     return {"model": model, "images": images, "labels": labels, "pool": pool, "labeled": labeled, "val": val,
             "test": test}
 
 
 def _run(setup, steps, **overrides):
-    settings = SelfTrainSettings(**{"steps": steps, "rounds": 1, "epochs": 10, "batch_size": 64,
-                                    "labeled_batch_size": 30, "threshold": 0.8, **overrides})
+    settings = self_train_settings(**{"steps": steps, "rounds": 1, "epochs": 10, "batch_size": 64,
+                                      "labeled_batch_size": 30, "threshold": 0.8, **overrides})
     images, labels, pool = setup["images"], setup["labels"], setup["pool"]
     labeled_rows = np.searchsorted(pool, setup["labeled"])
     return self_train(setup["model"], images[pool], labeled_rows, labels[setup["labeled"]], images[setup["val"]],
@@ -181,16 +182,15 @@ def test_bad_self_train_params_are_rejected_at_load(override, key):
 
 def test_knn_k_is_sized_to_the_pool_and_an_impossible_one_is_still_refused_by_the_library():
     from tasks.preflight import check_label_budget
-    from tasks.self_train import self_train_settings
 
     # digits: 1797 images, 20 % test, 10 val per class: the pool holds 1797 - 360 - 100 = 1337 images or so.
     params = parse_params({"data": {"source": "digits"}, "self_train": {"method": "label_propagation",
                                                                          "knn_k": 5000}})
     shape = check_label_budget(params)
-    settings = self_train_settings(params, shape.self_train_pool, shape.num_classes, shape.height)
+    settings = SelfTrainSettings.from_params(params, shape.self_train_pool, shape.num_classes, shape.height)
     assert settings.knn_k == shape.self_train_pool // (2 * shape.num_classes)
     with pytest.raises(ValueError, match="knn_k"):
-        validate_settings(SelfTrainSettings(steps=("label_propagation",), knn_k=100), pool_size=100)
+        validate_settings(self_train_settings(steps=("label_propagation",), epochs=1.0, knn_k=100), pool_size=100)
 
 
 def test_method_none_has_no_steps():
