@@ -168,7 +168,7 @@ def validate_settings(settings: SelfTrainSettings, pool_size: int) -> None:
 # ---------------------------------------------------------------------------------------------- targets
 
 def propagate_labels(features: torch.Tensor, labeled_rows: np.ndarray, labels: np.ndarray, num_classes: int,
-                     k: int = 20, alpha: float = 0.99, gamma: float = 3.0, iterations: int = 20
+                     *, k: int, alpha: float, gamma: float = 3.0, iterations: int = 20
                      ) -> torch.Tensor:
     """Label propagation over a kNN graph (Zhou et al., 2004; Iscen et al., 2019). Returns (N, C) class scores.
 

@@ -101,7 +101,7 @@ def test_label_propagation_spreads_one_label_per_cluster():
     feats = np.concatenate([c + rng.normal(size=(100, 16)) for c in centers]).astype(np.float32)
     truth = np.repeat(np.arange(3), 100)
     labeled = np.array([0, 100, 200])
-    scores = propagate_labels(torch.from_numpy(feats), labeled, truth[labeled], 3, k=10)
+    scores = propagate_labels(torch.from_numpy(feats), labeled, truth[labeled], 3, k=10, alpha=0.99)
     assert (scores.argmax(1).numpy() == truth).mean() > 0.98
     targets, weights = propagation_targets(propagated_probabilities(scores))
     assert targets.shape == (300, 3) and torch.all(weights >= 0)
@@ -134,7 +134,7 @@ def test_whitening_lets_the_graph_see_a_weak_class_direction():
     labeled = np.array([0, 1, 300, 301])
 
     def propagated_accuracy(f: torch.Tensor) -> float:
-        scores = propagate_labels(f, labeled, truth[labeled], 2, k=10)
+        scores = propagate_labels(f, labeled, truth[labeled], 2, k=10, alpha=0.99)
         return float((scores.argmax(1).numpy() == truth).mean())
 
     unfloored = whitening(feats, floor=0.0)(feats)
