@@ -22,7 +22,7 @@ from ssl_lib.self_train import (
     validate_settings,
     whitening,
 )
-from tasks.self_train import pool_rows
+from ssl_lib.self_train_pool import pool_rows
 from tests.helpers import finetune_settings, self_train_settings
 
 
