@@ -29,8 +29,7 @@ from ssl_lib.data.ingest import ingest
 from ssl_lib.data.prepared import load_prepared
 from ssl_lib.io import atomic_path
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels
-from tasks.settings import pretrain_settings
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
 
 # (pretrain.max_epochs, self_train.max_epochs): the committed (100, 20), then each cap halved and doubled alone.
 CONFIGS = ((100, 20), (50, 20), (200, 20), (100, 10), (100, 40))
@@ -50,7 +49,7 @@ def run(shape: str, seeds: list[int], base: dict, work: Path,
         params = parse_params(apply_overrides(params0.model_dump(mode="json"), {
             "pretrain.max_epochs": pretrain_cap, "self_train.max_epochs": self_train_cap}))
         if pretrain_cap not in encoders:
-            settings = replace(pretrain_settings(params, len(pool)), seed=0)
+            settings = replace(PretrainSettings.from_params(params, len(pool)), seed=0)
             start = time.perf_counter()
             state = pretrain(pool, data.meta["mean"], data.meta["std"], make_pseudo_labels(settings, len(pool)),
                              settings, progress=False).encoder_state

@@ -33,15 +33,17 @@ MEAN, STD = [0.286], [0.353]
 # 0.710 at 5): the 9-minute budget leaves room for ~10-14 epochs of the 60000 images on a quiet machine.
 DEFAULT_PRETRAIN = PretrainSettings(method="simclr", backbone="convnet_small", epochs=5, batch_size=128, lr=3e-3,
                                     weight_decay=1e-4, seed=0, max_images=None, device="cpu",
-                                    options={"temperature": 0.3, "crop_scale_min": 0.4})
+                                    options={"temperature": 0.3, "crop_scale_min": 0.4}, precision="auto",
+                                    channels_last=None, compile=None, data_placement="auto", checkpoint_every=0)
 # LP-FT from a prototype-initialised head: +2 points over plain full fine-tuning on the 60k x 5 encoder
 # (measured with the encoder at 0.1x lr; 1.0x is the default since it did better, see docs/tuning.md).
 DEFAULT_FINETUNE = FinetuneSettings(mode="full", epochs=100, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
-                                    augment=True, device="cpu", encoder_lr_mult=1.0, head_init="prototype",
-                                    lp_epochs=50, lp_lr=1e-2)
+                                    augment=True, device="cpu", encoder_lr_mult=1.0, max_shift_px=2,
+                                    head_init="prototype", lp_epochs=50, lp_lr=1e-2)
 # The baseline was offered the same options (crop, prototype+LP-FT, label smoothing): none beat this.
 DEFAULT_BASELINE = FinetuneSettings(mode="full", epochs=150, batch_size=64, lr=2e-3, weight_decay=5e-4, seed=0,
-                                    augment=True, device="cpu", encoder_lr_mult=1.0, head_init="random", lp_epochs=0)
+                                    augment=True, device="cpu", encoder_lr_mult=1.0, max_shift_px=2,
+                                    head_init="random", lp_epochs=0, lp_lr=1e-2)
 
 
 def read_idx(path: Path) -> np.ndarray:

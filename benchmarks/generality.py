@@ -40,9 +40,8 @@ from ssl_lib.data.prepared import load_prepared
 from ssl_lib.io import atomic_path
 from ssl_lib.plan import DataShape, make_plan, probe
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
 from ssl_lib.self_train import choose_final
-from tasks.settings import pretrain_settings
 
 SHAPES = ("fashion-mnist", "folder-5000", "digits", "shapes-colour")
 ROWS = {"baseline": "supervised-only baseline", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised (final)",
@@ -95,7 +94,7 @@ def run_shape(shape: str, seeds: list[int], base: dict, work: Path) -> list[dict
     data = load_prepared(prepared)
     plan = probe(make_plan(params, data_shape(data)), params)
     pool = data.pretrain_pool()
-    settings = replace(pretrain_settings(params, len(pool)), seed=0)
+    settings = replace(PretrainSettings.from_params(params, len(pool)), seed=0)
     start = time.perf_counter()
     encoder = pretrain(pool, data.meta["mean"], data.meta["std"], make_pseudo_labels(settings, len(pool)), settings,
                        progress=False).encoder_state

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_lib.classifier import build_classifier
+from ssl_lib.classifier import FinetuneSettings, build_classifier
 from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
 from ssl_lib.data.prepared import load_prepared
@@ -37,11 +37,9 @@ from ssl_lib.evaluation import predict_proba
 from ssl_lib.finetune import KINDS, finetune_pair
 from ssl_lib.io import atomic_path
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels
-from ssl_lib.self_train import self_train
-from tasks.finetune import finetune_settings
-from tasks.self_train import pool_rows, self_train_settings
-from tasks.settings import pretrain_settings
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
+from ssl_lib.self_train import SelfTrainSettings, self_train
+from ssl_lib.self_train_pool import SelfTrainPool
 
 ROWS = {"baseline": "supervised-only", "ssl": "SSL fine-tune", "ssl_semi": "SSL + semi-supervised",
         "scratch_semi": "semi-supervised from scratch"}
@@ -61,18 +59,15 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
     train_x, train_y = data.split("labeled")
     val_x, val_y = data.split("val")
     test_x, test_y = data.split("test")
-    splits = data.manifest["split"].to_numpy()
-    rows = pool_rows(splits)
-    pool = np.asarray(data.images[rows])
-    labeled_rows = np.flatnonzero(splits[rows] == "labeled")
-    labeled_y = data.manifest["label"].to_numpy()[rows][labeled_rows]
+    pool = SelfTrainPool.of(data)
+    pool_images = pool.images()
     spec = dict(backbone=params.pretrain.backbone, in_channels=int(data.meta["shape"][2]),
                 image_size=int(data.meta["shape"][0]), num_classes=len(data.class_names), mean=data.meta["mean"],
                 std=data.meta["std"])
-    semi = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])
+    semi = SelfTrainSettings.from_params(params, pool.size, spec["num_classes"], spec["image_size"])
     result: dict = {"seed": seed, "labels_per_class": labels_per_class, "num_test": int(len(test_y))}
     pair = finetune_pair(spec, encoder_state, train_x, train_y, val_x, val_y,
-                         {kind: finetune_settings(params, spec["image_size"], baseline=kind == "baseline")
+                         {kind: FinetuneSettings.from_params(params, spec["image_size"], baseline=kind == "baseline")
                           for kind in KINDS}, seed=seed, progress=False)
     models = pair.models
     for kind in KINDS:
@@ -85,15 +80,16 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
         result[f"{kind}_s"] = pair.seconds[kind]  # building and training it (the test accuracy not included)
     # Dev: the unlabeled pool's hidden labels, for choosing settings without the test split (never trained on
     # as labels: these images enter self-training unlabeled).
-    unlabeled = np.flatnonzero(splits[rows] == "unlabeled")
-    dev_x, dev_y = pool[unlabeled], data.manifest["label"].to_numpy()[rows][unlabeled]
+    unlabeled = np.flatnonzero(data.manifest["split"].to_numpy()[pool.rows] == "unlabeled")
+    dev_x, dev_y = pool_images[unlabeled], data.manifest["label"].to_numpy()[pool.rows][unlabeled]
     for kind in ("ssl", "baseline"):
         result[f"{kind}_dev"] = accuracy(models[kind], dev_x, dev_y)
     for kind, teacher in (("ssl_semi", "ssl"), ("scratch_semi", "baseline")):
         if kind == "scratch_semi" and not with_scratch:
             continue
         start = time.perf_counter()
-        semi_result = self_train(models[teacher], pool, labeled_rows, labeled_y, val_x, val_y, semi, progress=False)
+        semi_result = self_train(models[teacher], pool_images, pool.labeled, pool.labels, val_x, val_y, semi,
+                                 progress=False)
         result[f"{kind}_s"] = time.perf_counter() - start
         result[kind] = accuracy(semi_result.model, test_x, test_y)
         result[f"{kind}_dev"] = accuracy(semi_result.model, dev_x, dev_y)
@@ -218,7 +214,7 @@ def main() -> None:
                 else:
                     data = load_prepared(_ingest_any(params, encoder_seed, work))
                     pool = data.pretrain_pool()
-                    settings = replace(pretrain_settings(params, len(pool)), seed=encoder_seed)
+                    settings = replace(PretrainSettings.from_params(params, len(pool)), seed=encoder_seed)
                     start = time.perf_counter()
                     encoders[encoder_seed] = pretrain(pool, data.meta["mean"], data.meta["std"],
                                                       make_pseudo_labels(settings, len(pool)), settings,

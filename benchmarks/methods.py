@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_lib.classifier import build_classifier, train_classifier
+from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
 from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
 from ssl_lib.data.prepared import load_prepared
@@ -32,9 +32,7 @@ from ssl_lib.evaluation import extract_features, knn_accuracy, predict_proba
 from ssl_lib.io import atomic_path
 from ssl_lib.methods import METHODS
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import make_pseudo_labels
-from tasks.finetune import finetune_settings
-from tasks.settings import pretrain_settings
+from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
 
 # Methods that need a token-based encoder get the small ViT; the rest the CPU-default ConvNet.
 VIT_METHODS = {"mae", "autoregressive"}
@@ -85,7 +83,8 @@ def main() -> None:
         probe_y = data.manifest["label"].to_numpy()[unlabeled_idx]
     mean, std = data.meta["mean"], data.meta["std"]
     channels, size = data.meta["shape"][2], data.meta["shape"][0]
-    finetune, baseline_finetune = finetune_settings(params, size), finetune_settings(params, size, baseline=True)
+    finetune = FinetuneSettings.from_params(params, size)
+    baseline_finetune = FinetuneSettings.from_params(params, size, baseline=True)
     if args.finetune_epochs is not None:
         finetune = replace(finetune, epochs=args.finetune_epochs,
                            lp_epochs=min(finetune.lp_epochs, args.finetune_epochs))
@@ -113,8 +112,9 @@ def main() -> None:
         backbone = "vit_tiny" if name in VIT_METHODS else conv_backbone
         epochs = max(1, round(args.images_seen / len(pool)))
         max_images = min(len(pool), args.images_seen)
-        settings = replace(pretrain_settings(params, len(pool)), method=name, backbone=backbone, epochs=epochs,
-                           max_images=max_images, options=dict(params.pretrain.options.get(name) or {}))
+        settings = replace(PretrainSettings.from_params(params, len(pool)), method=name, backbone=backbone,
+                           epochs=epochs, max_images=max_images,
+                           options=dict(params.pretrain.options.get(name) or {}))
         try:
             start = time.perf_counter()
             result = pretrain(pool, mean, std, make_pseudo_labels(settings, len(pool)), settings, progress=False)
@@ -159,7 +159,7 @@ def measure_speed(params, methods: list[str], steps: int, out: str | None) -> No
     lines = ["| method | backbone | batch | images/s (median) | ms/step (median) |", "|---|---|---|---|---|"]
     for name in methods:
         backbone = "vit_tiny" if name in VIT_METHODS else params.pretrain.backbone
-        settings = replace(pretrain_settings(params, len(images)), method=name, backbone=backbone, epochs=1,
+        settings = replace(PretrainSettings.from_params(params, len(images)), method=name, backbone=backbone, epochs=1,
                            max_images=(steps + 3) * params.pretrain.batch_size,
                            options=dict(params.pretrain.options.get(name) or {}))
         stamps: list[float] = []

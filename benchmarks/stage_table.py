@@ -366,9 +366,9 @@ def pretrain_flops(params: Any, data: DataInfo) -> tuple[float, int, str]:
     from ssl_lib.engine import build_model, make_engine, train_step
     from ssl_lib.methods import get_method
     from ssl_lib.plan import make_plan
-    from tasks.settings import pretrain_settings
+    from ssl_lib.pretrain_plan import PretrainSettings
 
-    s = pretrain_settings(params, data.pretrain_pool)
+    s = PretrainSettings.from_params(params, data.pretrain_pool)
     device = select_device(s.device)
     # Compiled or not, the same FLOPs (FlopCounterMode runs a compiled model eagerly): not compiled here.
     accel = replace(resolve_acceleration(device, s.precision, s.channels_last, s.compile), compile=False)
@@ -391,8 +391,7 @@ def finetune_flops(params: Any, data: DataInfo) -> tuple[float, int]:
     import numpy as np
 
     from benchmarks.throughput import count_flops
-    from ssl_lib.classifier import build_classifier, train_classifier
-    from tasks.finetune import finetune_settings
+    from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
 
     def one_step(settings: Any, batch: int, lp: bool) -> int:
         spec = dict(backbone=params.pretrain.backbone, in_channels=data.channels, image_size=data.height,
@@ -410,7 +409,7 @@ def finetune_flops(params: Any, data: DataInfo) -> tuple[float, int]:
 
     total, steps = 0.0, 0
     for baseline in (False, True):
-        settings = finetune_settings(params, data.height, baseline=baseline)
+        settings = FinetuneSettings.from_params(params, data.height, baseline=baseline)
         batch = min(settings.batch_size, data.labeled)
         sizes = [batch] * (data.labeled // batch) + ([data.labeled % batch] if data.labeled % batch else [])
         trained = [b for b in sizes if b >= 2 or settings.mode == "linear"]  # a 1-image batch is skipped in full
@@ -429,11 +428,10 @@ def self_train_flops(params: Any, data: DataInfo) -> tuple[float, int]:
     from benchmarks.throughput import count_flops
     from ssl_lib.classifier import build_classifier
     from ssl_lib.device import select_device
-    from ssl_lib.self_train import _train_step_method
+    from ssl_lib.self_train import SelfTrainSettings, _train_step_method
     from ssl_lib.sizing import self_train_steps
-    from tasks.self_train import self_train_settings
 
-    settings = self_train_settings(params, data.self_train_pool, data.num_classes, data.height)
+    settings = SelfTrainSettings.from_params(params, data.self_train_pool, data.num_classes, data.height)
     if not settings.steps or not settings.rounds:
         return 0.0, 0
     device = select_device(settings.device)

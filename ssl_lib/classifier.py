@@ -2,7 +2,8 @@
 
 ``train_classifier`` fine-tunes a pretrained encoder (mode "full" or "linear") and, with a
 random-init encoder and mode "full", also trains the supervised-from-scratch baseline, so the
-two are compared under the same loop, augmentation and model selection.
+two are compared under the same loop, augmentation and model selection. Its phases, LP-FT's linear probe and the
+training proper, are one loop (``_fit``); their settings come from the params (``FinetuneSettings.from_params``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,7 +27,11 @@ from ssl_lib.errors import TrainingDiverged
 from ssl_lib.models.backbones import build_backbone
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
+from ssl_lib.sizing import shift_px
 from ssl_lib.timing import Laps
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 MODES = ("full", "linear")
 
@@ -89,9 +94,8 @@ def load_classifier(spec: Mapping[str, Any], path: str | Path) -> Classifier:
     return model
 
 
-# kw_only: a field without a default may follow those with one. head_init and lp_epochs have none: the default
-# run's values (params.yaml: prototype, 50) are not the plain training's (random, 0) that the baseline and the
-# time probe use, so each caller says which it means.
+# kw_only and no defaults where params.yaml has the value: the run's settings come from its params (from_params),
+# and a caller that builds them by hand says every one. The defaults left are the recipe's, not params.
 @dataclass(frozen=True, kw_only=True)
 class FinetuneSettings:
     mode: str  # "full": train everything; "linear": frozen encoder (BatchNorm in eval), train the head
@@ -100,10 +104,10 @@ class FinetuneSettings:
     lr: float
     weight_decay: float
     seed: int
-    augment: bool = True  # random shift + horizontal flip, batched
-    device: str = "auto"
-    encoder_lr_mult: float = 1.0  # full mode: < 1 moves a pretrained encoder slower than the head
-    max_shift_px: int = 2
+    augment: bool  # random shift + horizontal flip, batched
+    device: str
+    encoder_lr_mult: float  # full mode: < 1 moves a pretrained encoder slower than the head
+    max_shift_px: int  # the shift's largest step; ssl_lib.sizing.shift_px sizes it to the images
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.05
     # With augment: also a random resized crop (area in [crop_scale_min, 1]) with probability crop_p;
@@ -117,7 +121,25 @@ class FinetuneSettings:
     # LP-FT (Kumar et al., 2022): first train only the head on the frozen encoder (BatchNorm in eval)
     # for lp_epochs at lp_lr, then run the normal schedule. 0 = off.
     lp_epochs: int
-    lp_lr: float = 1e-2
+    lp_lr: float
+
+    @classmethod
+    def from_params(cls, params: PipelineParams, image_size: int, baseline: bool = False) -> FinetuneSettings:
+        """The SSL model's fine-tuning on images of ``image_size``, or the supervised-only baseline's training.
+
+        The baseline trains a random-init encoder at the full learning rate with a random head: LP-FT and a
+        prototype head need features worth keeping, and measured on Fashion-MNIST they did not help it.
+        Its epochs default to the SSL model's lp_epochs + epochs, the same number of passes over the labels.
+        """
+        f = params.finetune
+        common: dict[str, Any] = dict(batch_size=f.batch_size, weight_decay=f.weight_decay, seed=params.seed,
+                                      augment=f.augment, device=f.device, max_shift_px=shift_px(image_size),
+                                      lp_lr=f.lp_lr)
+        if baseline:
+            return cls(mode="full", epochs=f.baseline_epochs or f.epochs + f.lp_epochs, lr=f.baseline_lr or f.lr,
+                       encoder_lr_mult=1.0, head_init="random", lp_epochs=0, **common)
+        return cls(mode=f.mode, epochs=f.epochs, lr=f.lr, encoder_lr_mult=f.encoder_lr_mult, head_init=f.head_init,
+                   lp_epochs=f.lp_epochs, **common)
 
 
 HEAD_INITS = ("random", "prototype")
@@ -156,61 +178,92 @@ def _prototype_init(model: Classifier, x_train: torch.Tensor, y_train: torch.Ten
     model.train(was_training)
 
 
-def _linear_probe_phase(model: Classifier, x_train: torch.Tensor, y_train: torch.Tensor,
-                        settings: FinetuneSettings, generator: torch.Generator,
-                        val: tuple[torch.Tensor, torch.Tensor] | None = None,
-                        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Train the head alone on the frozen encoder (eval-mode BatchNorm), cosine lr, same augmentation.
+@dataclass(frozen=True)
+class _Phase:
+    """One supervised phase of ``train_classifier``: the linear probe (LP-FT's first part) or the training proper."""
 
-    ``on_epoch`` gets a row per epoch (epoch, train_loss, train_acc, val_loss and val_acc with ``val``, seconds);
-    measuring it draws no random numbers, so the trained weights are the same with or without it.
+    name: str  # in a divergence's message: "linear-probe" or "fine-tuning"
+    epochs: int
+    lr: float  # the base learning rate, named in a divergence's message
+    warmup_fraction: float
+    min_warmup: int
+    # The encoder out of training: in eval mode (BatchNorm statistics do not drift either) and out of the graph.
+    frozen_encoder: bool
+
+
+def _fit(model: Classifier, x_train: torch.Tensor, y_train: torch.Tensor, optimizer: torch.optim.Optimizer,
+         phase: _Phase, settings: FinetuneSettings, generator: torch.Generator,
+         val: tuple[torch.Tensor, torch.Tensor] | None = None,
+         on_val: Callable[[dict[str, Any]], None] | None = None,
+         on_epoch: Callable[[dict[str, Any]], None] | None = None, progress: str | None = None) -> None:
+    """The supervised loop: ``phase.epochs`` passes over the uint8 images ``x_train`` in a seeded order, each batch of
+    ``settings.batch_size`` augmented and one ``optimizer`` step on the cross entropy of the head's logits, the
+    learning rate warmed up then cosine-decayed over all steps. A diverged epoch raises TrainingDiverged.
+
+    With ``on_epoch``, each epoch's row (epoch, train_loss, train_acc; val_loss and val_acc with ``val``, then
+    ``on_val`` sees the row; seconds and where they went) goes to it. Measuring draws no random numbers, so the
+    trained weights are the same with or without it. ``progress``: the progress bar's title; None: no bar.
     """
-    model.encoder.eval()
-    optimizer = torch.optim.AdamW(decay_groups(model.head.parameters(), settings.lp_lr, settings.weight_decay,
-                                               exempt_norm_and_bias=False), lr=settings.lp_lr)
+    device = x_train.device
     n = len(x_train)
     batch_size = min(settings.batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
-    total = max(1, steps_per_epoch * settings.lp_epochs)
-    # No warm-up: the head starts from its (prototype) init and the encoder is frozen.
-    scheduler = warmup_cosine_schedule(optimizer, total, 0.0, min_warmup=0)
-    laps = Laps(x_train.device, PHASES)
-    for epoch in range(settings.lp_epochs):
-        start = time.perf_counter()
-        laps.start()
-        order = torch.randperm(n, generator=generator).to(x_train.device)
-        loss_sum = torch.zeros((), device=x_train.device)
-        correct = torch.zeros((), device=x_train.device, dtype=torch.long)
-        step_losses: list[torch.Tensor] = []
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x = _augment(x_train[idx].float().div_(255.0), generator, settings)
-            laps.lap("data")
-            with torch.no_grad():
-                feats = model.features(x)
-            logits = model.head(feats)
-            loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == y_train[idx]).sum()
-            step_losses.append(loss.detach())
-            laps.lap("step")
-        _check_finite(loss_sum, step_losses, "linear-probe", epoch * steps_per_epoch, total, settings.lp_lr)
-        if on_epoch is not None:
+    total = steps_per_epoch * phase.epochs
+    scheduler = warmup_cosine_schedule(optimizer, total, phase.warmup_fraction, min_warmup=phase.min_warmup)
+    laps = Laps(device, PHASES)
+    bar = progress_bar(range(phase.epochs), enabled=progress is not None, desc=progress, unit="epoch")
+    try:
+        for epoch in bar:
+            start = time.perf_counter()
+            laps.start()
+            model.train()
+            if phase.frozen_encoder:
+                model.encoder.eval()
+            order = torch.randperm(n, generator=generator).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            step_losses: list[torch.Tensor] = []
+            for step in range(steps_per_epoch):
+                idx = order[step * batch_size:(step + 1) * batch_size]
+                if len(idx) < 2 and not phase.frozen_encoder:
+                    continue  # a single-sample batch breaks BatchNorm in train mode
+                x = _augment(x_train[idx].float().div_(255.0), generator, settings)
+                laps.lap("data")
+                if phase.frozen_encoder:
+                    with torch.no_grad():
+                        feats = model.features(x)
+                    logits = model.head(feats)
+                else:
+                    logits = model(x)
+                loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == y_train[idx]).sum()
+                step_losses.append(loss.detach())
+                laps.lap("step")
+            _check_finite(loss_sum, step_losses, phase.name, epoch * steps_per_epoch, total, phase.lr)
+            if on_epoch is None:
+                laps.totals()  # not recorded: start the next epoch's over
+                continue
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
                                       "train_acc": int(correct) / n}
             laps.lap("other")
             if val is not None:
-                # Leaves the whole model in eval mode: the frozen encoder stays so, and a linear head has no mode.
                 record["val_loss"], record["val_acc"] = _evaluate(model, *val)
-            laps.lap("eval")
+                if on_val is not None:
+                    on_val(record)
+            laps.lap("eval")  # the val images, and what on_val does (keeping a new best epoch's weights)
             record["seconds"] = time.perf_counter() - start
-            on_epoch({**record, **laps.columns()})
-        else:
-            laps.totals()  # not recorded: start the next epoch's over
+            record.update(laps.columns())
+            if progress is not None:
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False,
+                                val_acc=f"{record.get('val_acc', float('nan')):.3f}")
+            on_epoch(record)
+    finally:
+        bar.close()
 
 
 def _check_finite(loss_sum: torch.Tensor, step_losses: list[torch.Tensor], phase: str, steps_before: int,
@@ -275,12 +328,17 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     if settings.head_init not in HEAD_INITS:
         raise ValueError(f"unknown head_init {settings.head_init!r}; use one of {', '.join(HEAD_INITS)}")
     generator = torch.Generator().manual_seed(settings.seed)
+    val = (x_val, y_val) if has_val else None
     if settings.head_init == "prototype":
         _prototype_init(model, x_train, y_train)
     if settings.lp_epochs > 0:
         model.encoder.requires_grad_(False)
-        _linear_probe_phase(model, x_train, y_train, settings, generator, (x_val, y_val) if has_val else None,
-                            on_lp_epoch)
+        head = torch.optim.AdamW(decay_groups(model.head.parameters(), settings.lp_lr, settings.weight_decay,
+                                              exempt_norm_and_bias=False), lr=settings.lp_lr)
+        # No warm-up: the head starts from its (prototype) init and the encoder is frozen.
+        probe = _Phase("linear-probe", settings.lp_epochs, settings.lp_lr, warmup_fraction=0.0, min_warmup=0,
+                       frozen_encoder=True)
+        _fit(model, x_train, y_train, head, probe, settings, generator, val, on_epoch=on_lp_epoch)
 
     linear = settings.mode == "linear"
     model.encoder.requires_grad_(not linear)
@@ -289,67 +347,27 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
         groups += decay_groups(model.encoder.parameters(), settings.lr * settings.encoder_lr_mult,
                                settings.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=settings.lr)
-    n = len(x_train)
-    batch_size = min(settings.batch_size, n)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = steps_per_epoch * settings.epochs
-    scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)
-
     history: list[dict[str, Any]] = []
     best_key: tuple[float, float] | None = None
     best_state: dict[str, torch.Tensor] | None = None
-    bar = progress_bar(range(settings.epochs), enabled=progress, desc=f"train {settings.mode}", unit="epoch")
-    laps = Laps(device, PHASES)
-    try:
-        for epoch in bar:
-            start = time.perf_counter()
-            laps.start()
-            model.train()
-            if linear:
-                model.encoder.eval()  # frozen means frozen: BatchNorm running stats must not drift either
-            order = torch.randperm(n, generator=generator).to(device)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            step_losses: list[torch.Tensor] = []
-            for step in range(steps_per_epoch):
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                if len(idx) < 2 and not linear:
-                    continue  # a single-sample batch breaks BatchNorm in train mode
-                x = x_train[idx].float().div_(255.0)
-                x = _augment(x, generator, settings)
-                laps.lap("data")
-                logits = model(x)
-                loss = F.cross_entropy(logits, y_train[idx], label_smoothing=settings.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.argmax(1) == y_train[idx]).sum()
-                step_losses.append(loss.detach())
-                laps.lap("step")
-            _check_finite(loss_sum, step_losses, "fine-tuning", epoch * steps_per_epoch, total, settings.lr)
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n,
-                                      "train_acc": int(correct) / n}
-            laps.lap("other")
-            if has_val:
-                record["val_loss"], record["val_acc"] = _evaluate(model, x_val, y_val)
-                key = (record["val_acc"], -record["val_loss"])
-                if best_key is None or key > best_key:
-                    best_key = key
-                    best_state = copy.deepcopy(model.state_dict())
-                    record["best"] = True
-            laps.lap("eval")  # the val images, and the copy of the weights of a new best epoch
-            record["seconds"] = time.perf_counter() - start
-            record.update(laps.columns())
-            history.append(record)
-            if progress:
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", refresh=False,
-                                val_acc=f"{record.get('val_acc', float('nan')):.3f}")
-            if on_epoch is not None:
-                on_epoch(record)
-    finally:
-        bar.close()
+
+    def keep_best(record: dict[str, Any]) -> None:
+        nonlocal best_key, best_state
+        key = (record["val_acc"], -record["val_loss"])
+        if best_key is None or key > best_key:
+            best_key = key
+            best_state = copy.deepcopy(model.state_dict())
+            record["best"] = True
+
+    def record_epoch(record: dict[str, Any]) -> None:
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    training = _Phase("fine-tuning", settings.epochs, settings.lr, warmup_fraction=settings.warmup_fraction,
+                      min_warmup=1, frozen_encoder=linear)
+    _fit(model, x_train, y_train, optimizer, training, settings, generator, val, on_val=keep_best,
+         on_epoch=record_epoch, progress=f"train {settings.mode}" if progress else None)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.encoder.requires_grad_(True)

@@ -52,7 +52,7 @@ def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 512
 
 
 def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
-                 test_labels: np.ndarray, k: int = 20, temperature: float = 0.07) -> float:
+                 test_labels: np.ndarray, *, k: int, temperature: float = 0.07) -> float:
     """Weighted kNN accuracy with cosine similarity (Wu et al., 2018).
 
     Each of the k nearest training samples votes for its class with weight exp(cos(q, x_i) / T);

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -163,12 +163,10 @@ def _probe(plan: RunPlan, params: PipelineParams, steps: int) -> RunPlan:
     data, p = plan.data, params.pretrain
     mean, std = [0.5] * data.channels, [0.25] * data.channels
     pre = plan.stage("pretrain")
-    settings = PretrainSettings(method=p.method, backbone=p.backbone, epochs=1, batch_size=pre.batch_size, lr=p.lr,
-                                weight_decay=p.weight_decay, seed=0, max_images=None, device=p.device,
-                                options=p.method_options(), precision=p.precision,
-                                channels_last=None if p.channels_last == "auto" else p.channels_last,
-                                compile=False, data_placement=p.data_placement)
     images = _random_images(pre.batch_size * (1 + steps), data)
+    # The stage's settings on these images, one pass at the plan's batch; compiling would time the compiler.
+    settings = replace(PretrainSettings.from_params(params, len(images)), epochs=1, batch_size=pre.batch_size, seed=0,
+                       max_images=None, compile=False, checkpoint_every=0)
     stamps = [time.perf_counter()]
     pretrain(images, mean, std, make_pseudo_labels(settings, len(images)), settings, progress=False,
              on_step=lambda _: stamps.append(time.perf_counter()))
@@ -182,9 +180,9 @@ def _probe(plan: RunPlan, params: PipelineParams, steps: int) -> RunPlan:
     labels = np.arange(max(data.labeled, 2)) % num_classes
     ft = plan.stage("finetune")
     images = _random_images(ft.batch_size, data)  # one step an epoch
-    ft_settings = FinetuneSettings(mode="full", epochs=1 + steps, batch_size=ft.batch_size, lr=1e-3,
-                                   weight_decay=0.0, seed=0, device=params.finetune.device,
-                                   max_shift_px=sizing.shift_px(data.height), head_init="random", lp_epochs=0)
+    # Plain full training (the baseline's: random head, no linear probe), one step an epoch.
+    ft_settings = replace(FinetuneSettings.from_params(params, data.height, baseline=True), epochs=1 + steps,
+                          batch_size=ft.batch_size, lr=1e-3, weight_decay=0.0, seed=0)
     _, history = train_classifier(new_classifier(), images, np.resize(labels, len(images)), None, None,
                                   ft_settings, progress=False)
     ft.seconds_per_step = _median_after_first([row["seconds"] for row in history])
@@ -202,11 +200,9 @@ def _probe(plan: RunPlan, params: PipelineParams, steps: int) -> RunPlan:
     s = params.self_train
     if st.steps:
         images = _random_images(st.batch_size, data)  # one step an epoch
-        st_settings = SelfTrainSettings(steps=("label_propagation",), rounds=1, epochs=float(1 + steps),
-                                        batch_size=st.batch_size, labeled_batch_size=s.labeled_batch_size,
-                                        bn_recalibration=0, device=s.device,
-                                        knn_k=sizing.knn_k(s.knn_k, len(images), num_classes),
-                                        max_shift_px=sizing.shift_px(data.height))
+        st_settings = replace(SelfTrainSettings.from_params(params, len(images), num_classes, data.height),
+                              steps=("label_propagation",), rounds=1, epochs=float(1 + steps),
+                              batch_size=st.batch_size, bn_recalibration=0, seed=0)
         result = self_train(new_classifier(), images, np.arange(len(labels)) % len(images), labels,
                             images[:2], labels[:2], st_settings, progress=False)
         st.seconds_per_step = _median_after_first([row["seconds"] for row in result.history])

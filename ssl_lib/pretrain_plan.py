@@ -1,20 +1,26 @@
-"""What a pretraining run is, decided before its first step: its settings, the images it trains on, and its
-pseudo-labels (pretext targets and per-epoch seeds). Their preview is drawn by ``ssl_lib.previews``.
+"""What a pretraining run is, decided before its first step: its settings (from the params), the images it trains on,
+and its pseudo-labels (pretext targets and per-epoch seeds). Their preview is drawn by ``ssl_lib.previews``.
 
 The pseudo_labels stage needs exactly this and none of the training engine (``ssl_lib.pretrain``), so the
 two stay apart and editing the engine does not rerun pseudo_labels.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ssl_lib.methods import get_method
+from ssl_lib.sizing import pretrain_size
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 
-@dataclass(frozen=True)
+# kw_only and no defaults where params.yaml has the value: the run's settings come from its params (from_params),
+# and a caller that builds them by hand says every one. The defaults left are the recipe's, not params.
+@dataclass(frozen=True, kw_only=True)
 class PretrainSettings:
     method: str
     backbone: str
@@ -24,15 +30,29 @@ class PretrainSettings:
     weight_decay: float
     seed: int
     max_images: int | None
-    device: str = "auto"
-    options: dict = field(default_factory=dict)  # method options, checked against the method's Options
+    device: str
+    options: dict  # method options, checked against the method's Options
     optimizer: str = "adamw"  # "adamw" or "sgd" (nesterov, momentum 0.9)
     warmup_fraction: float = 0.05  # of all steps: linear warm-up, then cosine decay to 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see ssl_lib.acceleration)
-    channels_last: bool | None = None  # None = decide per device
-    compile: bool | None = None  # torch.compile the encoder; None = decide per device
-    data_placement: str = "auto"  # auto | device | stream (see ssl_lib.batches)
-    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = none
+    precision: str  # auto | fp32 | bf16 | fp16 (see ssl_lib.acceleration)
+    channels_last: bool | None  # None = decide per device
+    compile: bool | None  # torch.compile the encoder; None = decide per device
+    data_placement: str  # auto | device | stream (see ssl_lib.batches)
+    checkpoint_every: int  # optimizer steps between resumable checkpoints; 0 = none
+
+    @classmethod
+    def from_params(cls, params: PipelineParams, num_images: int) -> PretrainSettings:
+        """Pretraining's settings for ``num_images`` prepared pool images: the batch and the passes sized to the
+        pool (``ssl_lib.sizing``) from the image budget, unless ``pretrain.epochs`` is set."""
+        p = params.pretrain
+        size = pretrain_size(pretraining_pool_size(num_images, p.max_images), p.batch_size, p.epochs, p.images_seen,
+                             p.max_epochs, p.world_size)
+        return cls(method=p.method, backbone=p.backbone, epochs=int(size.epochs), batch_size=size.batch_size,
+                   lr=p.lr, weight_decay=p.weight_decay, seed=params.seed, max_images=p.max_images, device=p.device,
+                   options=p.method_options(), precision=p.precision,
+                   channels_last=None if p.channels_last == "auto" else p.channels_last,
+                   compile=None if p.compile == "auto" else p.compile, data_placement=p.data_placement,
+                   checkpoint_every=p.checkpoint_every)
 
     def trajectory(self) -> dict[str, Any]:
         """The settings that determine the weights (not where data live or how often they are saved)."""

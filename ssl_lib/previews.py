@@ -11,7 +11,7 @@ from ssl_lib.methods import get_method
 
 
 def save_preview(method_name: str, images_uint8: np.ndarray, pseudo: dict[str, np.ndarray],
-                 path: str | Path, count: int = 32, options: dict[str, Any] | None = None) -> None:
+                 path: str | Path, count: int, options: dict[str, Any] | None = None) -> None:
     """Write a PNG grid of what ``method_name`` trains on. ``images_uint8`` must be aligned with
     ``pseudo`` (i.e. the pretraining subset, in order)."""
     pairs = get_method(method_name).preview_pairs(np.asarray(images_uint8), pseudo, count, options)

@@ -29,12 +29,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_lib import sizing
 from ssl_lib.acceleration import keep_freed_memory
 from ssl_lib.augment import nhwc_to_tensor, shift_flip, strong_augment
 from ssl_lib.classifier import Classifier
@@ -42,8 +43,10 @@ from ssl_lib.device import select_device
 from ssl_lib.errors import ConfigError, TrainingDiverged
 from ssl_lib.optim import decay_groups, warmup_cosine_schedule
 from ssl_lib.progress import progress_bar
-from ssl_lib.sizing import self_train_steps, steps_per_pass
 from ssl_lib.timing import Laps
+
+if TYPE_CHECKING:
+    from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("ssl_lib.self_train")
 
@@ -54,30 +57,49 @@ METHODS = ("none", "label_propagation", "distill", "fixmatch")
 PHASES = ("data", "teacher", "step", "ema", "other", "bn_recalibration", "eval")
 
 
-@dataclass(frozen=True)
+# kw_only and no defaults where params.yaml has the value: the run's settings come from its params (from_params),
+# and a caller that builds them by hand says every one. The default left is the recipe's, not a param.
+@dataclass(frozen=True, kw_only=True)
 class SelfTrainSettings:
     steps: tuple[str, ...]  # methods applied in order within each round, e.g. ("label_propagation", "fixmatch")
-    rounds: int = 2
-    epochs: float = 2.0  # passes over the pool per step
-    batch_size: int = 256  # pool images per step
-    labeled_batch_size: int = 64
-    lr: float = 4e-3
-    weight_decay: float = 5e-4
-    unlabeled_weight: float = 1.0
-    ema_decay: float = 0.99
-    threshold: float = 0.95  # fixmatch
-    distribution_alignment: bool = True  # fixmatch
-    temperature: float = 1.0  # distill
-    knn_k: int = 10  # label_propagation
-    alpha: float = 0.99  # label_propagation: diffusion strength
-    balance: bool = True  # label_propagation: rebalance propagated labels to the labeled set's class shares
-    whiten: bool = True  # label_propagation: PCA-whiten the features before building the graph
-    bn_recalibration: int = 40  # batches of clean pool images that re-estimate BatchNorm statistics after a step
-    max_shift_px: int = 2  # the labeled (weak) view's shift; ssl_lib.sizing.shift_px sizes it to the images
-    selection_margin: float = 0.03  # val accuracy an earlier candidate must lead by to replace a later one
-    seed: int = 0
-    device: str = "auto"
+    rounds: int
+    epochs: float  # passes over the pool per step
+    batch_size: int  # pool images per step
+    labeled_batch_size: int
+    lr: float
+    weight_decay: float
+    unlabeled_weight: float
+    ema_decay: float
+    threshold: float  # fixmatch
+    distribution_alignment: bool  # fixmatch
+    temperature: float  # distill
+    knn_k: int  # label_propagation
+    alpha: float  # label_propagation: diffusion strength
+    balance: bool  # label_propagation: rebalance propagated labels to the labeled set's class shares
+    whiten: bool  # label_propagation: PCA-whiten the features before building the graph
+    bn_recalibration: int  # batches of clean pool images that re-estimate BatchNorm statistics after a step
+    max_shift_px: int  # the labeled (weak) view's shift; ssl_lib.sizing.shift_px sizes it to the images
+    selection_margin: float  # val accuracy an earlier candidate must lead by to replace a later one
+    seed: int
+    device: str
     warmup_fraction: float = 0.05
+
+    @classmethod
+    def from_params(cls, params: PipelineParams, pool_size: int, num_classes: int,
+                    image_size: int) -> SelfTrainSettings:
+        """Self-training's settings, sized to a pool of ``pool_size`` images of ``image_size`` (``ssl_lib.sizing``):
+        the batch, the passes from the image budget unless ``self_train.epochs`` is set, the graph's k and the
+        labeled view's shift."""
+        s = params.self_train
+        size = sizing.self_train_size(pool_size, s.batch_size, s.epochs, s.images_seen, s.max_epochs, s.rounds,
+                                      len(s.steps))
+        return cls(steps=s.steps, rounds=s.rounds, epochs=size.epochs, batch_size=size.batch_size,
+                   labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
+                   unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
+                   distribution_alignment=s.distribution_alignment, temperature=s.temperature,
+                   knn_k=sizing.knn_k(s.knn_k, pool_size, num_classes), alpha=s.alpha, balance=s.balance,
+                   whiten=s.whiten, bn_recalibration=s.bn_recalibration, max_shift_px=sizing.shift_px(image_size),
+                   selection_margin=s.selection_margin, seed=params.seed, device=s.device)
 
 
 @dataclass
@@ -146,7 +168,7 @@ def validate_settings(settings: SelfTrainSettings, pool_size: int) -> None:
 # ---------------------------------------------------------------------------------------------- targets
 
 def propagate_labels(features: torch.Tensor, labeled_rows: np.ndarray, labels: np.ndarray, num_classes: int,
-                     k: int = 20, alpha: float = 0.99, gamma: float = 3.0, iterations: int = 20
+                     *, k: int, alpha: float, gamma: float = 3.0, iterations: int = 20
                      ) -> torch.Tensor:
     """Label propagation over a kNN graph (Zhou et al., 2004; Iscen et al., 2019). Returns (N, C) class scores.
 
@@ -284,8 +306,8 @@ def _train_step_method(method: str, model: Classifier, pool: torch.Tensor, label
     device = pool.device
     n = len(pool)
     batch = min(settings.batch_size, n)
-    steps_per_epoch = steps_per_pass(n, batch)
-    total = self_train_steps(settings.epochs, n, batch)
+    steps_per_epoch = sizing.steps_per_pass(n, batch)
+    total = sizing.self_train_steps(settings.epochs, n, batch)
     optimizer = torch.optim.AdamW(decay_groups(model.parameters(), settings.lr, settings.weight_decay))
     scheduler = warmup_cosine_schedule(optimizer, total, settings.warmup_fraction)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True)

@@ -9,12 +9,11 @@ from tasks import paths
 from tasks.common import run_stage_cli
 
 if TYPE_CHECKING:
-    from ssl_lib.classifier import FinetuneSettings
     from ssl_lib.config import PipelineParams
 
 log = logging.getLogger("sslpipe.finetune")
 
-# The params that set each model's learning rates (finetune_settings), named when its training diverges.
+# The params that set each model's learning rates (FinetuneSettings.from_params), named when its training diverges.
 _LR_KEYS = {"ssl": "finetune.lr, and finetune.lp_lr for the linear probe",
             "baseline": "finetune.baseline_lr, or finetune.lr where it is null"}
 
@@ -23,6 +22,7 @@ def run(params: PipelineParams) -> dict:
     import mlflow
     import pandas as pd
 
+    from ssl_lib.classifier import FinetuneSettings
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import TrainingDiverged
     from ssl_lib.finetune import KINDS, ClassifierDiverged, finetune_pair
@@ -40,7 +40,7 @@ def run(params: PipelineParams) -> dict:
         num_classes = len(data.meta["class_names"])
         spec = dict(backbone=info["backbone"], in_channels=info["in_channels"], image_size=info["image_size"],
                     num_classes=num_classes, mean=info["mean"], std=info["std"])
-        settings = {kind: finetune_settings(params, info["image_size"], baseline=kind == "baseline")
+        settings = {kind: FinetuneSettings.from_params(params, info["image_size"], baseline=kind == "baseline")
                     for kind in KINDS}
         try:
             pair = finetune_pair(spec, encoder_state, train_x, train_y, val_x, val_y, settings, seed=params.seed,
@@ -82,27 +82,6 @@ def _epoch_logger(phase: str):
                            step=int(row["epoch"]))
 
     return log_epoch
-
-
-def finetune_settings(params: PipelineParams, image_size: int, baseline: bool = False) -> FinetuneSettings:
-    """The SSL model's fine-tuning, or the supervised-only baseline's training.
-
-    The baseline trains a random-init encoder at the full learning rate with a random head: LP-FT and a
-    prototype head need features worth keeping, and measured on Fashion-MNIST they did not help it.
-    Its epochs default to the SSL model's lp_epochs + epochs, the same number of passes over the labels.
-    """
-    from ssl_lib.classifier import FinetuneSettings
-    from ssl_lib.sizing import shift_px
-
-    f = params.finetune
-    common = dict(batch_size=f.batch_size, weight_decay=f.weight_decay, seed=params.seed, augment=f.augment,
-                  device=f.device, max_shift_px=shift_px(image_size))
-    if baseline:
-        return FinetuneSettings(mode="full", epochs=f.baseline_epochs or f.epochs + f.lp_epochs,
-                                lr=f.baseline_lr or f.lr, encoder_lr_mult=1.0, head_init="random", lp_epochs=0,
-                                **common)
-    return FinetuneSettings(mode=f.mode, epochs=f.epochs, lr=f.lr, encoder_lr_mult=f.encoder_lr_mult,
-                            head_init=f.head_init, lp_epochs=f.lp_epochs, lp_lr=f.lp_lr, **common)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,11 @@ def run(params: PipelineParams) -> dict | None:
     """Train (this process's share, under torchrun) and, on rank 0, log and write the outputs."""
     from ssl_lib.data.prepared import load_pool
     from ssl_lib.distributed import rank_info
-    from tasks.settings import pretrain_settings
+    from ssl_lib.pretrain_plan import PretrainSettings
 
     # Memory-mapped: the engine copies the pool onto the device when it fits, or streams it.
     pool, meta = load_pool(paths.PREPARED, in_memory=False)
-    settings = pretrain_settings(params, len(pool))
+    settings = PretrainSettings.from_params(params, len(pool))
     if not rank_info().is_main:
         _train(pool, meta, settings, on_epoch=None)
         return None

@@ -22,13 +22,12 @@ def run(params: PipelineParams) -> dict[str, np.ndarray]:
     from ssl_lib.data.prepared import load_pool
     from ssl_lib.io import atomic_path
     from ssl_lib.methods import get_method
-    from ssl_lib.pretrain_plan import make_pseudo_labels, subset_indices
+    from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels, subset_indices
     from ssl_lib.previews import save_preview
-    from tasks.settings import pretrain_settings
     from tasks.tracking import stage_run
 
     pool, _ = load_pool(paths.PREPARED)
-    settings = pretrain_settings(params, len(pool))
+    settings = PretrainSettings.from_params(params, len(pool))
     section = {"seed": params.seed, "pseudo_labels": params.pseudo_labels.model_dump(),
                "pretrain.method": settings.method, "pretrain.epochs": settings.epochs,
                "pretrain.max_images": settings.max_images}

@@ -13,14 +13,8 @@ from tasks.common import run_stage_cli
 
 if TYPE_CHECKING:
     from ssl_lib.config import PipelineParams
-    from ssl_lib.self_train import SelfTrainSettings
 
 log = logging.getLogger("sslpipe.self_train")
-
-
-def pool_rows(splits: np.ndarray) -> np.ndarray:
-    """Dataset rows self-training may train on: unlabeled and labeled, never val or test."""
-    return np.flatnonzero((splits == "unlabeled") | (splits == "labeled"))
 
 
 def run(params: PipelineParams) -> dict:
@@ -33,7 +27,8 @@ def run(params: PipelineParams) -> dict:
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import DataError
     from ssl_lib.io import atomic_path, save_torch, write_json
-    from ssl_lib.self_train import SELECTION_RULE, self_train
+    from ssl_lib.self_train import SELECTION_RULE, SelfTrainSettings, self_train
+    from ssl_lib.self_train_pool import SelfTrainPool, pseudo_label_table, save_pseudo_label_preview
     from tasks.registry import STATUS_TAG, check_same_task, log_classifier, provenance, registered_model, tag_version
     from tasks.tracking import stage_run
 
@@ -49,17 +44,14 @@ def run(params: PipelineParams) -> dict:
         info = json.loads(paths.CLASSIFIER_INFO.read_text())
         spec = classifier_spec(info)
         model = load_classifier(spec, paths.SSL_CLASSIFIER)
-        splits = data.manifest["split"].to_numpy()
-        rows = pool_rows(splits)
-        settings = self_train_settings(params, len(rows), spec["num_classes"], spec["image_size"])
+        pool = SelfTrainPool.of(data)
+        settings = SelfTrainSettings.from_params(params, pool.size, spec["num_classes"], spec["image_size"])
         mlflow.log_params({"resolved.epochs": round(settings.epochs, 4), "resolved.batch_size": settings.batch_size,
                            "resolved.knn_k": settings.knn_k})
         history: list[dict] = []
-        table = pd.DataFrame(columns=["index", "source_id", "label", "class", "confidence", "weight", "used"])
+        pseudo = None
         if settings.steps and settings.rounds > 0:
-            labels = data.manifest["label"].to_numpy(dtype=np.int64)
-            pool = np.asarray(data.images[rows])
-            labeled_rows = np.flatnonzero(splits[rows] == "labeled")
+            images = pool.images()
             val_x, val_y = data.split("val")
 
             def on_epoch(row: dict) -> None:
@@ -71,9 +63,9 @@ def run(params: PipelineParams) -> dict:
                 mlflow.log_metrics({f"{row['method']}_{k}": float(v) for k, v in row.items()
                                     if k not in ("method", "round")}, step=int(row["round"]))
 
-            log.info("self-training on a pool of %d images (%d labeled), steps %s x %d rounds", len(rows),
-                     len(labeled_rows), "+".join(settings.steps), settings.rounds)
-            result = self_train(model, pool, labeled_rows, labels[rows][labeled_rows], val_x, val_y, settings,
+            log.info("self-training on a pool of %d images (%d labeled), steps %s x %d rounds", pool.size,
+                     len(pool.labeled), "+".join(settings.steps), settings.rounds)
+            result = self_train(model, images, pool.labeled, pool.labels, val_x, val_y, settings,
                                 on_epoch=lambda r: (history.append(r), on_epoch(r)), on_round=on_round)
             model = result.model.cpu().eval()
             candidates = [{"name": c.name, "val_accuracy": round(c.val_accuracy, 4), "chosen": i == result.chosen}
@@ -85,11 +77,7 @@ def run(params: PipelineParams) -> dict:
             tag_final_choice(run_id, final_choice_text(result.candidates, result.chosen, len(val_y),
                                                        settings.selection_margin))
             pseudo = result.pseudo_labels
-            table = pd.DataFrame({"index": rows, "source_id": data.manifest["source_id"].to_numpy()[rows],
-                                  "label": pseudo.label, "class": [data.class_names[i] for i in pseudo.label],
-                                  "confidence": pseudo.confidence.round(5), "weight": pseudo.weight.round(5),
-                                  "used": pseudo.weight > 0})
-            save_pseudo_label_preview(pool, pseudo.label, pseudo.confidence, data.class_names,
+            save_pseudo_label_preview(images, pseudo.label, pseudo.confidence, data.class_names,
                                       paths.POOL_PSEUDO_PREVIEW)
             mlflow.log_artifact(str(paths.POOL_PSEUDO_PREVIEW))
         else:
@@ -98,7 +86,7 @@ def run(params: PipelineParams) -> dict:
             save_pseudo_label_preview(np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0),
                                       data.class_names, paths.POOL_PSEUDO_PREVIEW)
         with atomic_path(paths.POOL_PSEUDO_LABELS) as tmp:
-            table.to_csv(tmp, index=False)
+            pseudo_label_table(pool, pseudo).to_csv(tmp, index=False)
         with atomic_path(paths.SELF_TRAIN_HISTORY) as tmp:
             pd.DataFrame(history, columns=None if history else ["round", "method", "epoch", "val_acc"]).to_csv(
                 tmp, index=False)
@@ -146,45 +134,6 @@ def tag_final_choice(run_id: str, text: str) -> None:
     parent_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
     if parent_id:
         client.set_tag(parent_id, FINAL_CHOICE_TAG, text)
-
-
-def save_pseudo_label_preview(pool: np.ndarray, label: np.ndarray, confidence: np.ndarray, class_names: list[str],
-                              path, per_side: int = 4) -> None:
-    """A PNG, one row per class: its ``per_side`` most confident pool images, then its least confident ones."""
-    from ssl_lib.image_grid import save_image_grid
-
-    tiles: list[np.ndarray | None] = []
-    captions: list[str] = []
-    for c in range(len(class_names)):
-        members = np.flatnonzero(label == c)
-        ranked = members[np.argsort(-confidence[members], kind="stable")]
-        picks = list(ranked[:per_side]) + [None] * (per_side - min(per_side, len(ranked)))
-        picks += list(ranked[-per_side:][::-1]) if len(ranked) > per_side else [None] * per_side
-        tiles += [None if i is None else pool[i] for i in picks]
-        captions += ["" if i is None else f"{confidence[i]:.2f}" for i in picks]
-    save_image_grid(tiles, captions, cols=2 * per_side, path=path, row_labels=class_names, dpi=90,
-                    title="pseudo-labels per class: most confident (left) and least confident (right)")
-
-
-def self_train_settings(params: PipelineParams, pool_size: int, num_classes: int,
-                        image_size: int) -> SelfTrainSettings:
-    """Self-training's settings, sized to a pool of ``pool_size`` images of ``image_size`` (``ssl_lib.sizing``):
-    the batch, the passes from the image budget unless ``self_train.epochs`` is set, the graph's k and the
-    labeled view's shift."""
-    from ssl_lib import sizing
-    from ssl_lib.self_train import SelfTrainSettings
-
-    s = params.self_train
-    size = sizing.self_train_size(pool_size, s.batch_size, s.epochs, s.images_seen, s.max_epochs, s.rounds,
-                                  len(s.steps))
-    return SelfTrainSettings(steps=s.steps, rounds=s.rounds, epochs=size.epochs, batch_size=size.batch_size,
-                             labeled_batch_size=s.labeled_batch_size, lr=s.lr, weight_decay=s.weight_decay,
-                             unlabeled_weight=s.unlabeled_weight, ema_decay=s.ema_decay, threshold=s.threshold,
-                             distribution_alignment=s.distribution_alignment, temperature=s.temperature,
-                             knn_k=sizing.knn_k(s.knn_k, pool_size, num_classes), alpha=s.alpha, balance=s.balance,
-                             whiten=s.whiten, bn_recalibration=s.bn_recalibration,
-                             max_shift_px=sizing.shift_px(image_size), selection_margin=s.selection_margin,
-                             seed=params.seed, device=s.device)
 
 
 if __name__ == "__main__":

@@ -31,12 +31,11 @@ def digits_uint8() -> np.ndarray:
 
 
 def settings_for(method: str, epochs: int, every: int):
-    from ssl_lib.pretrain_plan import PretrainSettings
+    from tests.helpers import digits_settings
 
     options = {"augment": False} if method == "rotation" else {}
-    return PretrainSettings(method=method, backbone="vit_tiny" if method in VIT else "convnet_small", epochs=epochs,
-                            batch_size=64, lr=1e-3, weight_decay=1e-4, seed=0, max_images=384, options=options,
-                            checkpoint_every=every)
+    return digits_settings(method, epochs, backbone="vit_tiny" if method in VIT else "convnet_small", batch_size=64,
+                           lr=1e-3, max_images=384, device="auto", options=options, checkpoint_every=every)
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
-"""What test modules import: the repository root, a tiny git + DVC project on digits, and the digits settings.
+"""What test modules import: the repository root, a tiny git + DVC project on digits, the settings tests train with.
 
 Plain functions and constants (no fixtures, no hooks, nothing run at import): the fixtures and the session's
 environment live in ``tests/conftest.py``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -16,7 +17,9 @@ import pytest
 import yaml
 
 if TYPE_CHECKING:
+    from ssl_lib.classifier import FinetuneSettings
     from ssl_lib.pretrain_plan import PretrainSettings
+    from ssl_lib.self_train import SelfTrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,10 +90,37 @@ BACKBONE = "convnet_small"
 
 
 def digits_settings(method: str, epochs: int, **kw: Any) -> PretrainSettings:
-    """Pretraining settings for the digits tests: convnet_small, batch 128, seed 0, on the CPU."""
+    """Pretraining settings for the digits tests: convnet_small, batch 128, seed 0, the method's own options, on the
+    CPU, the engine deciding per device, no checkpoints."""
     base = dict(method=method, backbone=BACKBONE, epochs=epochs, batch_size=128, lr=3e-3, weight_decay=1e-4,
-                seed=0, max_images=None, device="cpu")
+                seed=0, max_images=None, device="cpu", options={}, precision="auto", channels_last=None, compile=None,
+                data_placement="auto", checkpoint_every=0)
     base.update(kw)
     from ssl_lib.pretrain_plan import PretrainSettings
 
     return PretrainSettings(**base)
+
+
+def _param_defaults(section: Any, settings: type) -> dict[str, Any]:
+    """The defaults of a params section (ssl_lib.config) that are fields of ``settings`` under the same name."""
+    names = {f.name for f in dataclasses.fields(settings)}
+    return {key: value for key, value in section.model_dump().items() if key in names}
+
+
+def finetune_settings(**kw: Any) -> FinetuneSettings:
+    """A test's fine-tuning settings: ``kw``, else seed 0 and 2-pixel shifts, else the finetune params' defaults."""
+    from ssl_lib.classifier import FinetuneSettings
+    from ssl_lib.config import FinetuneParams
+
+    return FinetuneSettings(**{**_param_defaults(FinetuneParams(), FinetuneSettings), "seed": 0, "max_shift_px": 2,
+                               **kw})
+
+
+def self_train_settings(**kw: Any) -> SelfTrainSettings:
+    """A test's self-training settings: ``kw`` (``steps`` and ``epochs`` among them), else seed 0 and 2-pixel shifts,
+    else the self_train params' defaults, not sized to any pool."""
+    from ssl_lib.config import SelfTrainParams
+    from ssl_lib.self_train import SelfTrainSettings
+
+    return SelfTrainSettings(**{**_param_defaults(SelfTrainParams(), SelfTrainSettings), "seed": 0,
+                                "max_shift_px": 2, **kw})

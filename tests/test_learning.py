@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssl_lib.augment import augment_views, random_resized_crop, shift_flip, to_float
-from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+from ssl_lib.classifier import build_classifier, train_classifier
 from ssl_lib.evaluation import extract_features, knn_accuracy, per_class_table, predict_proba, save_confusion_png
 from ssl_lib.methods import METHODS, UnknownMethodError, get_method
 from ssl_lib.methods.simclr import nt_xent_loss
@@ -18,7 +18,7 @@ from ssl_lib.models.backbones import BACKBONES, build_backbone
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import make_pseudo_labels
 from ssl_lib.previews import save_preview
-from tests.helpers import BACKBONE, digits_settings
+from tests.helpers import BACKBONE, digits_settings, finetune_settings
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -237,8 +237,8 @@ def test_linear_mode_freezes_encoder_and_full_mode_trains(digits):
     for mode in ("linear", "full"):
         model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
         before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-        settings = FinetuneSettings(mode=mode, epochs=3, batch_size=32, lr=3e-3, weight_decay=0.0, seed=0,
-                                    device="cpu", head_init="random", lp_epochs=0)
+        settings = finetune_settings(mode=mode, epochs=3, batch_size=32, lr=3e-3, weight_decay=0.0, seed=0,
+                                     device="cpu", head_init="random", lp_epochs=0)
         model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                           progress=False)
         after = model.encoder.state_dict()
@@ -252,8 +252,8 @@ def test_supervised_training_learns_and_keeps_best_epoch(digits):
     tr, va = _split(labels, 20), _split(labels, 10, offset=20)
     test = np.setdiff1d(np.arange(len(images)), np.concatenate([tr, va]))
     model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
-    settings = FinetuneSettings(mode="full", epochs=15, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0,
-                                device="cpu", encoder_lr_mult=1.0, head_init="random", lp_epochs=0)
+    settings = finetune_settings(mode="full", epochs=15, batch_size=64, lr=3e-3, weight_decay=5e-4, seed=0,
+                                 device="cpu", encoder_lr_mult=1.0, head_init="random", lp_epochs=0)
     model, history = train_classifier(model, images[tr], labels[tr], images[va], labels[va], settings,
                                       progress=False)
     best = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -285,9 +285,9 @@ def test_prototype_head_init_is_nearest_class_mean(digits):
 def test_lp_ft_crop_and_prototype_options_are_deterministic(digits):
     images, labels, mean, std = digits
     tr, va = _split(labels, 10), _split(labels, 10, offset=10)
-    settings = FinetuneSettings(mode="full", epochs=3, batch_size=32, lr=3e-3, weight_decay=1e-4, seed=0,
-                                device="cpu", head_init="prototype", lp_epochs=3, crop_p=0.5,
-                                label_smoothing=0.1)
+    settings = finetune_settings(mode="full", epochs=3, batch_size=32, lr=3e-3, weight_decay=1e-4, seed=0,
+                                 device="cpu", head_init="prototype", lp_epochs=3, crop_p=0.5,
+                                 label_smoothing=0.1)
     runs = []
     for _ in range(2):
         model = build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0)
@@ -297,9 +297,9 @@ def test_lp_ft_crop_and_prototype_options_are_deterministic(digits):
     assert runs[0] == runs[1]
     with pytest.raises(ValueError, match="head_init"):
         train_classifier(build_classifier(BACKBONE, 1, 16, 10, mean, std, seed=0), images[tr], labels[tr],
-                         None, None, FinetuneSettings(mode="full", epochs=1, batch_size=32, lr=1e-3,
-                                                      weight_decay=0.0, seed=0, device="cpu", head_init="x",
-                                                      lp_epochs=0),
+                         None, None, finetune_settings(mode="full", epochs=1, batch_size=32, lr=1e-3,
+                                                       weight_decay=0.0, seed=0, device="cpu", head_init="x",
+                                                       lp_epochs=0),
                          progress=False)
 
 

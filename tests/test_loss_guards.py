@@ -39,11 +39,11 @@ def _nan_from_call(real, bad_call: int):
 
 def test_pretraining_stops_at_the_step_whose_loss_is_nan(monkeypatch):
     import ssl_lib.pretrain as pretrain_module
-    from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
+    from ssl_lib.pretrain_plan import make_pseudo_labels
+    from tests.helpers import digits_settings
 
     images, _ = _images()
-    settings = PretrainSettings(method="rotation", backbone="convnet_small", epochs=3, batch_size=16, lr=1e-3,
-                                weight_decay=0.0, seed=0, max_images=None, device="cpu")
+    settings = digits_settings("rotation", 3, batch_size=16, lr=1e-3, weight_decay=0.0)
     epochs: list[dict] = []
     # 3 steps an epoch: step 5 is the second epoch's second.
     monkeypatch.setattr(pretrain_module, "train_step", _nan_from_call(pretrain_module.train_step, 5))
@@ -58,12 +58,13 @@ def test_pretraining_stops_at_the_step_whose_loss_is_nan(monkeypatch):
 def test_fine_tuning_stops_at_the_step_whose_loss_is_nan(monkeypatch, lp_epochs: int, phase: str, step: int):
     import torch.nn.functional as F
 
-    from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+    from ssl_lib.classifier import build_classifier, train_classifier
+    from tests.helpers import finetune_settings
 
     images, labels = _images()
     model = build_classifier("convnet_small", 1, 8, 4, [0.3], [0.35], seed=0)
-    settings = FinetuneSettings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
-                                head_init="random", lp_epochs=lp_epochs)
+    settings = finetune_settings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
+                                 head_init="random", lp_epochs=lp_epochs)
     monkeypatch.setattr(F, "cross_entropy", _nan_from_call(F.cross_entropy, step))  # 3 steps an epoch
     with pytest.raises(TrainingDiverged, match=rf"the {phase} loss is nan at step {step} of "):
         train_classifier(model, images, labels, None, None, settings, progress=False)
@@ -71,25 +72,27 @@ def test_fine_tuning_stops_at_the_step_whose_loss_is_nan(monkeypatch, lp_epochs:
 
 def test_a_real_overflow_in_fine_tuning_is_caught():
     """No injection: inputs scaled past float32's range make the loss NaN on the first step."""
-    from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+    from ssl_lib.classifier import build_classifier, train_classifier
+    from tests.helpers import finetune_settings
 
     images, labels = _images()
     model = build_classifier("convnet_small", 1, 8, 4, [0.3], [1e-40], seed=0)  # a denormal std: x / std overflows
     with pytest.raises(TrainingDiverged, match="the fine-tuning loss is nan at step 1 of 9"):
         train_classifier(model, images, labels, None, None,
-                         FinetuneSettings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
-                                          head_init="random", lp_epochs=0),
+                         finetune_settings(mode="full", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.0, seed=0,
+                                           head_init="random", lp_epochs=0),
                          progress=False)
 
 
 def test_self_training_stops_at_the_step_whose_loss_is_nan(monkeypatch):
     import ssl_lib.self_train as self_train_module
     from ssl_lib.classifier import build_classifier
+    from tests.helpers import self_train_settings
 
     images, labels = _images(64)
     model = build_classifier("convnet_small", 1, 8, 4, [0.3], [0.35], seed=0)
-    settings = self_train_module.SelfTrainSettings(steps=("fixmatch",), rounds=1, epochs=2, batch_size=16,
-                                                   labeled_batch_size=8, bn_recalibration=1, device="cpu")
+    settings = self_train_settings(steps=("fixmatch",), rounds=1, epochs=2, batch_size=16,
+                                   labeled_batch_size=8, bn_recalibration=1, device="cpu")
     epochs: list[dict] = []
     monkeypatch.setattr(self_train_module, "_soft_cross_entropy",
                         _nan_from_call(self_train_module._soft_cross_entropy, 3))

@@ -31,8 +31,9 @@ from ssl_lib.methods.jigsaw import hamming_permutations, min_pairwise_hamming
 from ssl_lib.models.backbones import NormalizedEncoder, build_backbone
 from ssl_lib.models.vit import ViT, build_vit_tiny
 from ssl_lib.pretrain import pretrain
-from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
+from ssl_lib.pretrain_plan import make_pseudo_labels
 from ssl_lib.previews import save_preview
+from tests.helpers import digits_settings
 
 NEW_METHODS = {"jigsaw": "pretext", "inpainting": "pretext", "colorization": "pretext",
                "autoencoder": "generative", "mae": "generative", "autoregressive": "generative"}
@@ -230,8 +231,7 @@ def test_conv_methods_learn_through_pretrain(digits, method):
     """The real ssl_lib.pretrain loop with a conv backbone: pseudo-label shapes check out, the loss falls."""
     images, _, mean, std = digits
     options = {} if method == "jigsaw" else {"decoder_width": 32}
-    settings = PretrainSettings(method=method, backbone="convnet_small", epochs=4, batch_size=64, lr=3e-3,
-                                weight_decay=1e-4, seed=0, max_images=512, device="cpu", options=options)
+    settings = digits_settings(method, 4, batch_size=64, max_images=512, options=options)
     pseudo = make_pseudo_labels(settings, len(images))
     for key, value in pseudo.items():
         assert value.shape == ((4,) if key == "epoch_seed" else (4, 512)), key

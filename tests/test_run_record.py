@@ -102,12 +102,13 @@ def test_progress_in_a_log_is_whole_lines():
 def test_the_lp_phase_reports_its_epochs_without_changing_the_weights(digits):
     import torch
 
-    from ssl_lib.classifier import PHASES, FinetuneSettings, build_classifier, train_classifier
+    from ssl_lib.classifier import PHASES, build_classifier, train_classifier
+    from tests.helpers import finetune_settings
 
     images, labels, mean, std = digits
     train, val = np.arange(0, 60), np.arange(60, 90)
-    settings = FinetuneSettings(mode="full", epochs=1, batch_size=32, lr=1e-3, weight_decay=0.0, seed=0,
-                                device="cpu", head_init="prototype", lp_epochs=2, lp_lr=1e-2)
+    settings = finetune_settings(mode="full", epochs=1, batch_size=32, lr=1e-3, weight_decay=0.0, seed=0,
+                                 device="cpu", head_init="prototype", lp_epochs=2, lp_lr=1e-2)
     rows: list[dict] = []
     states = []
     for callback in (None, rows.append):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssl_lib.augment import nhwc_to_tensor, strong_augment
-from ssl_lib.classifier import FinetuneSettings, build_classifier, train_classifier
+from ssl_lib.classifier import build_classifier, train_classifier
 from ssl_lib.config import ConfigError, parse_params
 from ssl_lib.self_train import (
     SelfTrainSettings,
@@ -22,7 +22,8 @@ from ssl_lib.self_train import (
     validate_settings,
     whitening,
 )
-from tasks.self_train import pool_rows
+from ssl_lib.self_train_pool import pool_rows
+from tests.helpers import finetune_settings, self_train_settings
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,15 @@ def digits_teacher():
     pool = np.setdiff1d(rest, val)
     model = build_classifier("convnet_small", 1, 8, 10, [0.3], [0.4], seed=0)
     model, _ = train_classifier(model, images[labeled], labels[labeled], images[val], labels[val],
-                                FinetuneSettings(mode="full", epochs=30, batch_size=32, lr=2e-3, weight_decay=5e-4,
-                                                 seed=0, head_init="random", lp_epochs=0), progress=False)
+                                finetune_settings(mode="full", epochs=30, batch_size=32, lr=2e-3, weight_decay=5e-4,
+                                                  seed=0, head_init="random", lp_epochs=0), progress=False)
     return {"model": model, "images": images, "labels": labels, "pool": pool, "labeled": labeled, "val": val,
             "test": test}
 
 
 def _run(setup, steps, **overrides):
-    settings = SelfTrainSettings(**{"steps": steps, "rounds": 1, "epochs": 10, "batch_size": 64,
-                                    "labeled_batch_size": 30, "threshold": 0.8, **overrides})
+    settings = self_train_settings(**{"steps": steps, "rounds": 1, "epochs": 10, "batch_size": 64,
+                                      "labeled_batch_size": 30, "threshold": 0.8, **overrides})
     images, labels, pool = setup["images"], setup["labels"], setup["pool"]
     labeled_rows = np.searchsorted(pool, setup["labeled"])
     return self_train(setup["model"], images[pool], labeled_rows, labels[setup["labeled"]], images[setup["val"]],
@@ -100,7 +101,7 @@ def test_label_propagation_spreads_one_label_per_cluster():
     feats = np.concatenate([c + rng.normal(size=(100, 16)) for c in centers]).astype(np.float32)
     truth = np.repeat(np.arange(3), 100)
     labeled = np.array([0, 100, 200])
-    scores = propagate_labels(torch.from_numpy(feats), labeled, truth[labeled], 3, k=10)
+    scores = propagate_labels(torch.from_numpy(feats), labeled, truth[labeled], 3, k=10, alpha=0.99)
     assert (scores.argmax(1).numpy() == truth).mean() > 0.98
     targets, weights = propagation_targets(propagated_probabilities(scores))
     assert targets.shape == (300, 3) and torch.all(weights >= 0)
@@ -133,7 +134,7 @@ def test_whitening_lets_the_graph_see_a_weak_class_direction():
     labeled = np.array([0, 1, 300, 301])
 
     def propagated_accuracy(f: torch.Tensor) -> float:
-        scores = propagate_labels(f, labeled, truth[labeled], 2, k=10)
+        scores = propagate_labels(f, labeled, truth[labeled], 2, k=10, alpha=0.99)
         return float((scores.argmax(1).numpy() == truth).mean())
 
     unfloored = whitening(feats, floor=0.0)(feats)
@@ -181,16 +182,15 @@ def test_bad_self_train_params_are_rejected_at_load(override, key):
 
 def test_knn_k_is_sized_to_the_pool_and_an_impossible_one_is_still_refused_by_the_library():
     from tasks.preflight import check_label_budget
-    from tasks.self_train import self_train_settings
 
     # digits: 1797 images, 20 % test, 10 val per class: the pool holds 1797 - 360 - 100 = 1337 images or so.
     params = parse_params({"data": {"source": "digits"}, "self_train": {"method": "label_propagation",
                                                                          "knn_k": 5000}})
     shape = check_label_budget(params)
-    settings = self_train_settings(params, shape.self_train_pool, shape.num_classes, shape.height)
+    settings = SelfTrainSettings.from_params(params, shape.self_train_pool, shape.num_classes, shape.height)
     assert settings.knn_k == shape.self_train_pool // (2 * shape.num_classes)
     with pytest.raises(ValueError, match="knn_k"):
-        validate_settings(SelfTrainSettings(steps=("label_propagation",), knn_k=100), pool_size=100)
+        validate_settings(self_train_settings(steps=("label_propagation",), epochs=1.0, knn_k=100), pool_size=100)
 
 
 def test_method_none_has_no_steps():

@@ -92,14 +92,14 @@ def test_the_final_model_is_the_last_round_unless_an_earlier_candidate_leads_it_
 
 
 def test_the_plan_states_what_the_stages_will_run():
-    from tasks.self_train import self_train_settings
-    from tasks.settings import pretrain_settings
+    from ssl_lib.pretrain_plan import PretrainSettings
+    from ssl_lib.self_train import SelfTrainSettings
 
     params = parse_params({"data": {"source": "digits", "labels_per_class": 5, "val_per_class": 3}})
     plan = make_plan(params, DIGITS)
-    pretrain = pretrain_settings(params, DIGITS.pretrain_pool)
+    pretrain = PretrainSettings.from_params(params, DIGITS.pretrain_pool)
     assert plan.stage("pretrain").steps == pretrain.epochs * (DIGITS.pretrain_pool // pretrain.batch_size)
-    self_train = self_train_settings(params, DIGITS.self_train_pool, DIGITS.num_classes, DIGITS.height)
+    self_train = SelfTrainSettings.from_params(params, DIGITS.self_train_pool, DIGITS.num_classes, DIGITS.height)
     assert plan.stage("self_train").batch_size == self_train.batch_size == 128
     assert plan.stage("self_train").epochs == self_train.epochs == 20.0
     assert self_train.max_shift_px == 1
