@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from flows.stages import StageOutcome, dvc_command, stage_server, stage_tasks, subprocess_env
+from flows.stages import StageOutcome, dvc_command, stage_tasks, subprocess_env
 from tasks import paths
 from tasks.checkout_lock import hold_checkout
 from tasks.common import STAGES
@@ -57,19 +57,17 @@ UNCACHED_OUTPUTS = (paths.SOURCE_FINGERPRINT, paths.METRICS, paths.PREDICTIONS, 
                     *paths.FINETUNE_HISTORY.values(), paths.SELF_TRAIN_HISTORY)
 
 
-def save_dvc_experiment(root: Path, name: str, env_extra: dict[str, str] | None = None) -> str | None:
-    """Record the workspace as a DVC experiment; None (with the reason logged) where git has no commit yet.
-
-    ``env_extra`` may name the flow's stage server, which then runs the `dvc exp save`."""
+def save_dvc_experiment(root: Path, name: str) -> str | None:
+    """Record the workspace as a DVC experiment; None (with the reason logged) where git has no commit yet."""
     logger = get_run_logger()
-    env = subprocess_env(env_extra)
+    env = subprocess_env()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, env=env)
     if head.returncode != 0:
         logger.warning("not a git repository with a commit: the run is not saved as a DVC experiment")
         return None
     # Outputs with `cache: false` (metrics, plot data) are plain files git does not track yet: include them.
     untracked = [arg for path in UNCACHED_OUTPUTS if (root / path).exists() for arg in ("--include-untracked", path)]
-    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name, *untracked], env), cwd=root,
+    out = subprocess.run(dvc_command(["exp", "save", "--force", "--name", name, *untracked]), cwd=root,
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         logger.warning("dvc exp save failed: %s", (out.stderr or out.stdout).strip())
@@ -89,8 +87,7 @@ def _stage_row(outcome: StageOutcome) -> dict[str, Any]:
         return None if value is None else round(value, 1)
 
     return {"stage": outcome.stage, "executed": outcome.executed, "seconds": rounded(outcome.seconds),
-            "startup_seconds": rounded(outcome.startup_seconds), "work_seconds": rounded(outcome.work_seconds),
-            "stage_server": outcome.stage_server}
+            "startup_seconds": rounded(outcome.startup_seconds), "work_seconds": rounded(outcome.work_seconds)}
 
 
 @flow(name="ssl-pipeline", log_prints=True)
@@ -145,19 +142,17 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         exp_name = None
         succeeded = False
         try:
-            with stage_server(root_path) as server_env:
-                for stage_task in stage_tasks().values():
-                    # Its state, then its result: a stage DVC skipped ends in a state of its own (flows.stages.SKIPPED).
-                    state = stage_task(str(root_path), {**env, **server_env}, force=force, return_state=True)
-                    outcomes.append(state.result())
-                if not outcomes[-1].executed:
-                    # Nothing was re-evaluated: the parent run still carries the results it stands for.
-                    metrics = json.loads((root_path / paths.METRICS).read_text())
-                    log_results(parent_id, headline_metrics(metrics), [root_path / f for f in paths.RESULT_FILES])
-                    _attach_final_model(parent_id, root_path)
-                if save_experiment:
-                    exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name),
-                                                   server_env)
+            for stage_task in stage_tasks().values():
+                # Its state, then its result: a stage DVC skipped ends in a state of its own (flows.stages.SKIPPED).
+                state = stage_task(str(root_path), env, force=force, return_state=True)
+                outcomes.append(state.result())
+            if not outcomes[-1].executed:
+                # Nothing was re-evaluated: the parent run still carries the results it stands for.
+                metrics = json.loads((root_path / paths.METRICS).read_text())
+                log_results(parent_id, headline_metrics(metrics), [root_path / f for f in paths.RESULT_FILES])
+                _attach_final_model(parent_id, root_path)
+            if save_experiment:
+                exp_name = save_dvc_experiment(root_path, _experiment_name(params.pretrain.method, flow_run.name))
             succeeded = True
         finally:
             failed = None if succeeded or len(outcomes) >= len(STAGES) else STAGES[len(outcomes)]

@@ -8,7 +8,6 @@ matching DVC's console text.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -16,12 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import stage_server as server
 from tasks.common import STAGE_REPORT_ENV, STAGES
 from tasks.environment import configure_environment
 
@@ -35,8 +33,6 @@ class StageOutcome:
     # the start of its work (interpreter, imports, params), and of the work itself.
     startup_seconds: float | None = None
     work_seconds: float | None = None
-    # Whether the stage ran in a child of the warm stage server (tasks.stage_server) rather than starting cold.
-    stage_server: bool | None = None
 
     @property
     def process_seconds(self) -> float | None:
@@ -89,39 +85,9 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def stage_server(root: Path) -> Iterator[dict[str, str]]:
-    """A warm stage server (``tasks.stage_server``) for the stages run inside this block.
-
-    Yields the environment that sends a stage to it (for ``run_dvc_stage``'s ``env_extra``), or {} where none
-    runs: ``$SSLPIPE_STAGE_SERVER`` is ``off`` (or names a server already running, which the stages then use),
-    or it did not come up (the stages then start cold, as before).
-    The server starts importing at once, while DVC is still starting, and stops when the block ends.
-    """
-    existing = server.server_address()
-    if os.environ.get(server.SERVER_ENV) == server.DISABLED or (existing and os.path.exists(existing)):
-        yield {}  # none wanted, or one already serves this environment (the stages inherit its address)
-        return
-    # A short directory: a Unix socket's path has a limit of about 100 bytes.
-    with tempfile.TemporaryDirectory(prefix="sslpipe-", dir="/tmp" if os.path.isdir("/tmp") else None) as tmp:
-        address = os.path.join(tmp, "stages.sock")
-        proc, listening = server.start(address, subprocess_env(), str(root))
-        try:
-            yield {server.SERVER_ENV: address} if listening else {}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def dvc_command(args: list[str], env: dict[str, str] | None = None) -> list[str]:
-    """The command line of ``dvc ARGS``; where ``env`` names a stage server, through ``tasks.dvc_cli``, which hands
-    it to that server (DVC already imported there)."""
-    warm = server.server_address(env or {}) is not None
-    return [sys.executable, "-m", "tasks.dvc_cli" if warm else "dvc", *args]
+def dvc_command(args: list[str]) -> list[str]:
+    """The command line of ``dvc ARGS``, with this interpreter (the project's environment has DVC)."""
+    return [sys.executable, "-m", "dvc", *args]
 
 
 def read_stage_report(path: Path) -> dict[str, Any] | None:
@@ -164,7 +130,7 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
         report_path = Path(tmp) / "report.json"
         env = subprocess_env({**(env_extra or {}), STAGE_REPORT_ENV: str(report_path)})
         start = time.perf_counter()
-        proc = subprocess.Popen(dvc_command(args, env), cwd=root, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(dvc_command(args), cwd=root, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         lines: list[str] = []
         assert proc.stdout is not None
@@ -183,8 +149,7 @@ def run_dvc_stage(stage: str, root: Path, env_extra: dict[str, str] | None = Non
         return StageOutcome(stage=stage, executed=False, seconds=seconds)
     return StageOutcome(stage=stage, executed=True, seconds=seconds,
                         startup_seconds=report["work_started"] - report["process_started"],
-                        work_seconds=report["work_ended"] - report["work_started"],
-                        stage_server=bool(report.get("stage_server")))
+                        work_seconds=report["work_ended"] - report["work_started"])
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:

@@ -23,10 +23,8 @@ from pathlib import Path
 from ssl_lib.errors import UserError
 
 LOCK_FILE = Path(".dvc/tmp/sslpipe-run.lock")
-# Set by the holder for everything it starts: a stage process, however it was started (by DVC, through a stage
-# server forked elsewhere, by a flow in a worker's subprocess), belongs to the run that holds the checkout when
-# it carries the holder's pid. Ancestry alone cannot tell: a stage forked by a stage server descends from the
-# server, not from the run.
+# Set by the holder for everything it starts: a stage process, however it was started (by DVC, by a flow in a
+# worker's subprocess), belongs to the run that holds the checkout when it carries the holder's pid.
 HOLDER_ENV = "SSLPIPE_CHECKOUT_HOLDER"
 # Checkouts this process holds, by resolved root, with how deep: a flow inside a command (or the pipeline flow
 # inside the retrain flow) takes the lock its caller already holds. A second flock from the same process would

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ssl_lib.errors import UserError
-from tasks import stage_server
 from tasks.checkout_lock import check_stage_may_run
 from tasks.environment import configure_environment
 
@@ -29,6 +28,13 @@ STAGES = ("ingest", "pseudo_labels", "pretrain", "finetune", "self_train", "eval
 STAGE_REPORT_ENV = "SSLPIPE_STAGE_REPORT"
 
 log = logging.getLogger("sslpipe")
+
+
+def process_start_time() -> float:
+    """When this process was created (epoch seconds): the start of its interpreter, before any import."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _write_report(report: dict) -> None:
@@ -60,19 +66,12 @@ def run_stage_cli(stage: str, body: Callable[[Any], object], load: Callable[[str
     ``UserError`` is printed as one line and the process exits 2; anything else is a bug (or a transient failure)
     and keeps its traceback.
     """
-    # With a stage server (a flow run's), the stage runs in a child forked from it, already warm.
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    if spec is not None and spec.name == f"tasks.{stage}":  # this process is `python -m tasks.<stage>`
-        code = stage_server.delegate(spec.name, sys.argv[1:])
-        if code is not None:
-            raise SystemExit(code)
-    require_project_environment(stage)  # only where the stage runs: a process handing it to a server imports nothing
+    require_project_environment(stage)
     if load is None:
         from ssl_lib.config import load_params as load
     configure_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = {"stage": stage, "process_started": stage_server.process_start_time(), "work_started": time.time(),
-              "stage_server": stage_server.forked()}
+    report = {"stage": stage, "process_started": process_start_time(), "work_started": time.time()}
     try:
         # DVC runs each stage in the repository root; a run that holds it and did not start this stage stops it.
         check_stage_may_run(".")

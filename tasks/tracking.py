@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_lib.config import PipelineParams
 from ssl_lib.errors import UserError
-from tasks import paths, stage_server
+from tasks import paths
 from tasks.common import STAGES
 from tasks.dataset_digest import dataset_hash
 from tasks.environment import configure_environment, project_root
@@ -201,8 +201,7 @@ def _dvc_invocation_key() -> str | None:
     import psutil
 
     try:
-        # The stage's own process: in a child of the stage server, the one DVC started (tasks.stage_server).
-        for proc in psutil.Process(stage_server.stage_process_id()).parents():
+        for proc in psutil.Process().parents():
             cmdline = proc.cmdline()
             head = [Path(arg).name for arg in cmdline[:3]]
             if "dvc" in head or ("-m" in head and "dvc" in cmdline[:4]):
@@ -438,7 +437,7 @@ def _resolve_parent(params: PipelineParams) -> tuple[str, bool]:
     given = os.environ.get(PARENT_RUN_ENV)
     if given:
         return given, False
-    invocation = _dvc_invocation_key() or f"standalone-{stage_server.stage_process_id()}-{time.time_ns()}"
+    invocation = _dvc_invocation_key() or f"standalone-{os.getpid()}-{time.time_ns()}"
     return open_parent_run(params, invocation, owner="dvc"), True
 
 

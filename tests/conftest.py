@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.environment import OFFLINE_SWITCHES
-from tests.helpers import REPO, make_project, use_project
+from tests.helpers import make_project, use_project
 
 
 def _share_cores_between_workers() -> None:
@@ -45,23 +45,6 @@ def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="session", autouse=True)
-def stage_server():
-    """One warm stage server per test process (``tasks.stage_server``) for every stage the tests start.
-
-    Each stage process would otherwise spend ~9 s importing torch and MLflow; the stages forked from this server
-    skip that, and a flow run inside a test uses this one instead of starting its own. What runs is unchanged:
-    ``tests/test_stage_server.py`` checks a stage run this way against the same stage run alone, and tests that
-    need a cold stage process set ``SSLPIPE_STAGE_SERVER=off`` for it.
-    """
-    from flows.stages import stage_server as serving
-
-    with serving(REPO) as env, pytest.MonkeyPatch.context() as patch:  # the flows' own way to start and stop one
-        for key, value in env.items():
-            patch.setenv(key, value)
         yield
 
 
