@@ -15,7 +15,6 @@ The overhead target of issue #11 is <= 10 % of the run. Run it on a quiet machin
     .venv/bin/python benchmarks/pipeline_overhead.py                      # the default run (~11 min)
     .venv/bin/python benchmarks/pipeline_overhead.py --in-place           # ... in this repository
     .venv/bin/python benchmarks/pipeline_overhead.py --set pretrain.epochs=1 --set self_train.rounds=1
-    .venv/bin/python benchmarks/pipeline_overhead.py --stage-server both ...  # cold stages, then warm ones
 """
 from __future__ import annotations
 
@@ -63,10 +62,6 @@ def main() -> None:
     parser.add_argument("--in-place", action="store_true",
                         help="run in this repository instead of a copy (as `make run` does, every stage forced): "
                              "its dvc.lock, results and MLflow store get the run")
-    parser.add_argument("--stage-server", choices=("on", "off", "both"), default="on",
-                        help="run the stages forked from the flow's warm stage server (on, as `sslpipe run` does), "
-                             "each in a cold process of its own (off, as a plain `dvc repro`), or both, one after "
-                             "the other")
     args = parser.parse_args()
 
     from ssl_lib.config import parse_override
@@ -80,31 +75,15 @@ def main() -> None:
     configure_environment()
     overrides = dict(parse_override(text) for text in args.sets)
     from flows.pipeline import ssl_pipeline  # imports Prefect: part of the CLI's start-up, timed below
-    from tasks import stage_server
 
     label = ", ".join(args.sets) or "default params"
-    if args.stage_server == "both":
-        _start_prefect()  # else the first of the two runs alone pays for starting Prefect's temporary server
-    modes = {"off": [False], "on": [True], "both": [False, True]}[args.stage_server]
-    totals: dict[bool, tuple[float, float]] = {}
-    for warm in modes:
-        # off: every stage process starts cold, as under a plain `dvc repro`; on: the flow's stage server.
-        os.environ[stage_server.SERVER_ENV] = "" if warm else stage_server.DISABLED
-        started = time.perf_counter()
-        summary = ssl_pipeline(overrides=overrides, root=str(root), force=True, save_experiment=False)
-        total = time.perf_counter() - started
-        work = _print_split(summary["stages"], total,
-                            f"{label}, every stage forced, stage server {'on' if warm else 'off'}")
-        totals[warm] = (total, work)
-        metrics = summary["metrics"]
-        print(f"\nmetrics: baseline {metrics['baseline']['accuracy']:.4f}, SSL {metrics['ssl']['accuracy']:.4f}"
-              + (f", SSL + self-training {metrics['self_train']['accuracy']:.4f}" if "self_train" in metrics else ""))
-    if len(totals) == 2:
-        (cold, cold_work), (warm_total, warm_work) = totals[False], totals[True]
-        print("\n| stage server | flow wall (s) | overhead (s) |\n|---|---|---|")  # Prefect already up
-        print(f"| off | {cold:.1f} | {cold - cold_work:.1f} |")
-        print(f"| on | {warm_total:.1f} | {warm_total - warm_work:.1f} |")
-        print(f"\nwall time off / on: {cold / warm_total:.2f}x")
+    started = time.perf_counter()
+    summary = ssl_pipeline(overrides=overrides, root=str(root), force=True, save_experiment=False)
+    total = time.perf_counter() - started
+    _print_split(summary["stages"], total, f"{label}, every stage forced")
+    metrics = summary["metrics"]
+    print(f"\nmetrics: baseline {metrics['baseline']['accuracy']:.4f}, SSL {metrics['ssl']['accuracy']:.4f}"
+          + (f", SSL + self-training {metrics['self_train']['accuracy']:.4f}" if "self_train" in metrics else ""))
     print("\n| cold import, fresh interpreter | seconds |")
     print("|---|---|")
     for module, seconds in imports.items():
@@ -113,17 +92,6 @@ def main() -> None:
         print(f"\nproject copy: {root}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _start_prefect() -> None:
-    """Run an empty flow, so that Prefect's temporary server (kept for this process) is up before any timing."""
-    from prefect import flow
-
-    @flow(name="pipeline-overhead-warm-up")
-    def warm_up() -> None:
-        pass
-
-    warm_up()
 
 
 def _print_split(stages: list[dict], total: float, title: str) -> float:

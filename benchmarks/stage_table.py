@@ -317,8 +317,7 @@ def load_records(root: Path, run_id: str | None = None) -> RunRecords:
                      "parent run and `dvc exp save`. `sslpipe run`'s own start (imports, Prefect's temporary server) "
                      "comes before the flow and is in no record")
     if "ingest" in outcomes:
-        notes.append("ingest's start-up includes the fingerprint stage DVC runs before it and, in a flow, the wait "
-                     "for the stage server's imports")
+        notes.append("ingest's start-up includes the fingerprint stage DVC runs before it")
     if times is None:
         notes.append("no stages.json on the run (a run before the flow recorded it, or plain `dvc repro`): each "
                      "stage's wall is its MLflow run plus the gap before it, the run's is its MLflow parent run")
