@@ -72,6 +72,22 @@ def make_project(path: Path, params: dict | None = None) -> Path:
     return path
 
 
+def run_stage_here(stage: str, project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``python -m tasks.<stage>`` in ``project`` as DVC would, but in this process: the stage's own code from
+    its ``__main__`` block, without a new interpreter importing torch and MLflow again. A user error leaves as the
+    command's would: ``SystemExit(2)`` with its one line on stderr. ``monkeypatch`` undoes the change of directory.
+    """
+    import runpy
+    import warnings
+
+    monkeypatch.chdir(project)  # DVC runs a stage in the repository root
+    with warnings.catch_warnings():
+        # run_module executes a fresh copy of the module as __main__, as `python -m` does, and warns when the
+        # package's import already loaded one (which this run does not use).
+        warnings.filterwarnings("ignore", r"'tasks\.\w+' found in sys\.modules", RuntimeWarning)
+        runpy.run_module(f"tasks.{stage}", run_name="__main__", alter_sys=True)
+
+
 def project_env(path: Path) -> dict[str, str]:
     """The variables that point a process (and the stage subprocesses it starts) at ``path``'s MLflow store."""
     return {"SSLPIPE_ROOT": str(path), "MLFLOW_TRACKING_URI": f"sqlite:///{path / 'mlflow.db'}"}
