@@ -1,23 +1,27 @@
-"""Every SSL method through the real pipeline, both ways (issue #3): what the two test_every_method_* modules share.
+"""Every SSL method through the pipeline's stages (issue #3): what the two test_every_method_* modules share.
 
-Each method, in one git + DVC project on digits:
+Each method, in one git + DVC project on digits, runs every stage it reaches: its params written into params.yaml
+as ``dvc exp run -S`` writes them, then pseudo_labels, pretrain, finetune, self_train and evaluate, each run as DVC
+runs it (``python -m tasks.<stage>`` in the project) but in the test's own process (``tests.helpers.run_stage_here``).
+The encoder it writes loads into the classifier exactly as the finetune stage loads it, and each method goes from
+pretext targets to test accuracy, with every stage's MLflow run naming the method.
+
+The method reaches the stages through params.yaml alone, so the commands a user types wire every method alike;
+``THROUGH_COMMANDS`` methods take them for real, in their own processes:
 
 * ``dvc exp run -S pretrain.method=NAME ... pretrain``: DVC runs the two stages that depend on the method
-  (pseudo_labels, pretrain) for real and saves an experiment whose params name the method; the encoder it
-  writes loads into the classifier exactly as the finetune stage loads it.
-* then ``sslpipe run --set pretrain.method=NAME ...`` with the same params (the Prefect flow, in-process,
-  against the session's test Prefect server): DVC finds the method's pretraining up to date (the experiment
-  just made it) and the flow runs finetune, self_train and evaluate for real on that encoder, so each method
-  goes from pretext targets to test accuracy, and the flow saves that as a DVC experiment.
+  (pseudo_labels, pretrain) and saves an experiment whose params name the method;
+* then ``sslpipe run --set pretrain.method=NAME ...`` with the same params (the Prefect flow, in-process, against
+  the session's test Prefect server): DVC finds the method's pretraining up to date (the experiment just made it)
+  and the flow runs finetune, self_train and evaluate on that encoder, and saves that as a DVC experiment.
 
-So every stage runs once per method, each through the command a user would type, and the flow's handling of
-an up-to-date stage is exercised on every method too. Training is the minimum that still takes real
-optimisation steps: what is tested is the wiring, not the accuracy. ``SSLPIPE_FULL_METHOD_RUNS=1`` makes
-the ``dvc exp run``\\ s whole pipelines (no target); the flow then finds everything up to date.
+Each stage process DVC starts imports torch and MLflow anew, seconds before any work, which is why the other methods
+run their stages in-process. ``SSLPIPE_FULL_METHOD_RUNS=1`` sends every method through both commands, the
+``dvc exp run``\\ s as whole pipelines (no target); the flow then finds everything up to date. Training is the minimum
+that still takes real optimisation steps: what is tested is the wiring, not the accuracy.
 
 The methods are split over two modules (``DIGITS_METHODS[0::2]`` and ``[1::2]``) so that two pytest-xdist
-workers share them: every stage is a fresh process that imports torch and MLflow, so each method costs
-tens of seconds even at one epoch.
+workers share them.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import numpy as np
 import pytest
 
 from ssl_lib.methods import METHODS
-from tests.helpers import make_project, run_cmd, use_project
+from tests.helpers import make_project, run_cmd, run_stage_here, use_project
 
 VIT_METHODS = {name for name, cls in METHODS.items() if cls.required_backbone == "vit_tiny"}
 RGB_METHODS = {name for name, cls in METHODS.items() if cls.required_channels == 3}
@@ -40,6 +44,8 @@ DIGITS_METHODS = sorted(set(METHODS) - RGB_METHODS)
 FULL_RUNS = os.environ.get("SSLPIPE_FULL_METHOD_RUNS", "") not in ("", "0")
 METHOD_STAGES = ("pseudo_labels", "pretrain")
 DOWNSTREAM_STAGES = ("finetune", "self_train", "evaluate")
+# The digits method that takes both commands for real, in the module whose half holds it: params.yaml's default.
+THROUGH_COMMANDS = ("simclr",)
 
 # Only the wiring is under test: a few real optimisation steps per stage, nothing more.
 CHEAP = {"pretrain": {"epochs": 1, "max_images": 256, "batch_size": 128},
@@ -121,6 +127,29 @@ def flow_runs(project: Path, method: str) -> list:
     return result
 
 
+def run_method_here(project: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The method's params into params.yaml (as ``dvc exp run -S`` writes them), then every stage from pseudo_labels
+    to evaluate in this process, checking the encoder, the metrics and each stage's MLflow run."""
+    from mlflow import MlflowClient
+
+    from ssl_lib.config import parse_override
+    from tasks.params_file import apply_param_overrides
+
+    use_project(project, monkeypatch)
+    apply_param_overrides(project / "params.yaml", dict(parse_override(text) for text in method_overrides(method)))
+    (project / "results/metrics.json").unlink(missing_ok=True)  # so that the one read below is this method's
+    for stage in METHOD_STAGES + DOWNSTREAM_STAGES:
+        run_stage_here(stage, project, monkeypatch)
+    check_encoder(project, method)
+    metrics = json.loads((project / "results/metrics.json").read_text())
+    assert 0.0 <= metrics["ssl"]["accuracy"] <= 1.0 and 0.0 <= metrics["baseline"]["accuracy"] <= 1.0
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ssl-pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`sslpipe.method` = '{method}'")
+    stages = {r.data.tags["sslpipe.stage"]: r.info.status for r in runs if "sslpipe.stage" in r.data.tags}
+    assert stages == {stage: "FINISHED" for stage in METHOD_STAGES + DOWNSTREAM_STAGES}, stages
+
+
 def run_method_both_ways(project: Path, method: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """``dvc exp run`` then ``sslpipe run`` for ``method`` (see the module docstring), checking each; returns
     the DVC experiment each of them saved."""
@@ -168,9 +197,11 @@ def check_experiments_record_their_method(project: Path, saved: dict[str, dict[s
 
 
 def method_half_tests(methods: list[str], name: str) -> tuple:
-    """The module-scoped project and the two tests of one half of the methods: each method through both
-    commands, then every saved experiment checked. A module binds the three names it gets, so pytest collects
+    """The module-scoped project and the two tests of one half of the methods: each method through its stages (and
+    the ``THROUGH_COMMANDS`` ones through both commands), then every saved experiment checked (None where no method
+    of the half takes the commands: nothing to collect). A module binds the three names it gets, so pytest collects
     them there (each half in its own module, on its own xdist worker)."""
+    through_commands = set(methods) if FULL_RUNS else set(methods) & set(THROUGH_COMMANDS)
     saved: dict[str, dict[str, str]] = {}  # method -> the DVC experiment each command saved
 
     @pytest.fixture(scope="module")
@@ -178,16 +209,22 @@ def method_half_tests(methods: list[str], name: str) -> tuple:
         path = make_project(tmp_path_factory.mktemp(name) / "proj", CHEAP)
         with pytest.MonkeyPatch.context() as patch:  # the module's tests run on it; undone after the last
             use_project(path, patch)
+            with pytest.MonkeyPatch.context() as here:  # the prepared data every method's stages read
+                run_stage_here("ingest", path, here)
             yield path
 
     @pytest.mark.parametrize("method", methods)
-    def test_method_runs_through_dvc_then_the_flow(project: Path, method: str, prefect_server,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-        saved[method] = run_method_both_ways(project, method, monkeypatch)
+    def test_method_runs_through_its_stages(project: Path, method: str, prefect_server,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        if method in through_commands:
+            saved[method] = run_method_both_ways(project, method, monkeypatch)
+        else:
+            run_method_here(project, method, monkeypatch)
 
     def test_every_experiment_records_its_method(project: Path) -> None:
-        if set(saved) != set(methods):
-            pytest.skip(f"no experiments for {sorted(set(methods) - set(saved))} (their own test failed)")
+        if set(saved) != through_commands:
+            pytest.skip(f"no experiments for {sorted(through_commands - set(saved))} (their own test failed)")
         check_experiments_record_their_method(project, saved)
 
-    return project, test_method_runs_through_dvc_then_the_flow, test_every_experiment_records_its_method
+    return (project, test_method_runs_through_its_stages,
+            test_every_experiment_records_its_method if through_commands else None)

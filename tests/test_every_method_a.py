@@ -1,5 +1,6 @@
-"""Every SSL method through ``dvc exp run`` and ``sslpipe run`` (see tests/every_method.py): the first half of
-the digits methods, and colorization refused on digits, both ways, with a clear message and no traceback."""
+"""Every SSL method through its stages (see tests/every_method.py): the first half of the digits methods, simclr
+also through ``dvc exp run`` and ``sslpipe run``, and colorization refused on digits, both ways, with a clear
+message and no traceback."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ from tests.every_method import (
     COLOUR_ERROR,
     DIGITS_METHODS,
     RGB_METHODS,
+    THROUGH_COMMANDS,
     VIT_METHODS,
     dvc_exp_run,
     method_half_tests,
@@ -21,7 +23,7 @@ from tests.helpers import use_project
 pytestmark = pytest.mark.slow
 
 # test_every_method_b.py runs DIGITS_METHODS[1::2]
-project, test_method_runs_through_dvc_then_the_flow, test_every_experiment_records_its_method = \
+project, test_method_runs_through_its_stages, test_every_experiment_records_its_method = \
     method_half_tests(DIGITS_METHODS[0::2], "every_method_a")
 
 
@@ -29,6 +31,7 @@ def test_the_lists_cover_every_method():
     assert len(METHODS) == 14
     assert RGB_METHODS == {"colorization"} and VIT_METHODS == {"mae", "autoregressive"}
     assert set(DIGITS_METHODS[0::2]) | set(DIGITS_METHODS[1::2]) | RGB_METHODS == set(METHODS)
+    assert set(THROUGH_COMMANDS) <= set(DIGITS_METHODS[0::2])  # a method of this half takes the commands for real
 
 
 def test_colorization_on_digits_fails_clearly_through_dvc(project: Path, monkeypatch: pytest.MonkeyPatch):

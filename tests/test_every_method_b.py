@@ -1,5 +1,5 @@
-"""Every SSL method through ``dvc exp run`` and ``sslpipe run`` (see tests/every_method.py): the second half of
-the digits methods, and colorization through the whole pipeline on a small RGB ``folder`` source."""
+"""Every SSL method through its stages (see tests/every_method.py): the second half of the digits methods, and
+colorization through ``dvc exp run`` (the whole pipeline) and ``sslpipe run`` on a small RGB ``folder`` source."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,7 @@ from tests.helpers import make_project, use_project
 pytestmark = pytest.mark.slow
 
 # test_every_method_a.py runs DIGITS_METHODS[0::2]
-project, test_method_runs_through_dvc_then_the_flow, test_every_experiment_records_its_method = \
+project, test_method_runs_through_its_stages, test_every_experiment_records_its_method = \
     method_half_tests(DIGITS_METHODS[1::2], "every_method_b")
 
 
