@@ -3,6 +3,7 @@ the environment only through ``monkeypatch`` (undone after the test), never by w
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,35 @@ def test_a_test_module_imports_helpers_not_conftest(path: Path):
 def test_the_checks_see_a_write():
     assert _environ_writes(ast.parse("import os\nos.environ['A'] = '1'\nos.environ.pop('B')\n")) == [2, 3]
     assert _environ_writes(ast.parse("import os\nenv = {**os.environ, 'A': '1'}\nos.environ.get('A')\n")) == []
+
+
+def _sys_path_edits(tree: ast.AST) -> list[int]:
+    """Lines that change ``sys.path``: a call on it (insert, append, ...) or an assignment to it or an item of it."""
+    def is_sys_path(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys")
+
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value):
+            lines.append(node.lineno)
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(is_sys_path(t) or (isinstance(t, ast.Subscript) and is_sys_path(t.value)) for t in targets):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_module_edits_sys_path():
+    # Scripts, benchmarks and test workers run as modules from the repository root (python -m), so every
+    # import resolves to this checkout without a path hack.
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, check=True, capture_output=True,
+                           text=True).stdout.split()
+    found = {name: lines for name in files if (lines := _sys_path_edits(ast.parse((REPO / name).read_text())))}
+    assert not found, f"sys.path edited (run the file with python -m from the repository root instead): {found}"
+
+
+def test_the_sys_path_check_sees_an_edit():
+    assert _sys_path_edits(ast.parse("import sys\nsys.path.insert(0, 'x')\nsys.path[0] = 'y'\nsys.path += ['z']\n")) \
+        == [2, 3, 4]
+    assert _sys_path_edits(ast.parse("import sys\nprint(sys.path)\nfrom os import path\npath.join('a')\n")) == []
