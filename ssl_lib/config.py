@@ -213,7 +213,7 @@ class SelfTrainParams(_Section):
     # Compute, not passes (ssl_lib.sizing): pool images seen in all rounds and methods together; the passes
     # per method and round follow from the pool's size, at most max_epochs. An explicit epochs overrides it.
     images_seen: int = Field(default=240_000, ge=1)
-    max_epochs: Number = Field(default=20.0, gt=0)
+    max_epochs: Number = Field(default=40.0, gt=0)
     epochs: Number | None = Field(default=None, gt=0)
     batch_size: int = Field(default=256, ge=2)
     labeled_batch_size: int = Field(default=64, ge=1)
