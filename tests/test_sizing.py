@@ -101,7 +101,7 @@ def test_the_plan_states_what_the_stages_will_run():
     assert plan.stage("pretrain").steps == pretrain.epochs * (DIGITS.pretrain_pool // pretrain.batch_size)
     self_train = SelfTrainSettings.from_params(params, DIGITS.self_train_pool, DIGITS.num_classes, DIGITS.height)
     assert plan.stage("self_train").batch_size == self_train.batch_size == 128
-    # digits' pool (120 images) is small enough that the passes cap binds, not the image budget.
+    # digits' pool (1 337 images) is small enough that the passes cap binds, not the image budget.
     assert plan.stage("self_train").epochs == self_train.epochs == params.self_train.max_epochs
     assert self_train.max_shift_px == 1
 
