@@ -67,6 +67,19 @@ def test_digits_pixels_are_rescaled_to_uint8(digits_dirs):
     assert prepared.images.max() == 255
 
 
+def test_digits_source_reads_what_scikit_learns_loader_reads():
+    import sklearn
+    from sklearn.datasets import load_digits
+
+    from ssl_lib.data.sources import load_digits as load_digits_source
+
+    ours, theirs = load_digits_source(), load_digits()
+    np.testing.assert_array_equal(ours.images[..., 0], np.rint(theirs.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(ours.labels, theirs.target)
+    assert ours.class_names == [str(c) for c in theirs.target_names]
+    assert ours.source_version == f"sklearn-{sklearn.__version__}"
+
+
 def test_two_ingests_are_byte_identical(digits_dirs, tmp_path):
     a, b, _ = digits_dirs
     for name in FILES:

@@ -238,20 +238,32 @@ def load_fashion_mnist(path: str | os.PathLike[str] | None = None) -> RawDataset
 # --------------------------------------------------------------------------- digits
 
 def load_digits() -> RawDataset:
-    """scikit-learn's 8x8 digits (1797 images), rescaled from 0..16 to 0..255. No test set."""
-    import sklearn
-    from sklearn.datasets import load_digits as _sk_load_digits
+    """scikit-learn's 8x8 digits (1797 images), rescaled from 0..16 to 0..255. No test set.
 
-    bunch = _sk_load_digits()
-    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
+    Read from the file ``sklearn.datasets.load_digits`` reads (``digits.csv.gz``: 64 pixels then the label per row),
+    found without importing scikit-learn: its import costs about a second, paid by every fingerprint and ingest
+    process on digits. ``tests/test_data.py`` checks the arrays against scikit-learn's loader.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    csv = (Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+           if spec is not None and spec.submodule_search_locations else None)
+    if csv is None or not csv.is_file():
+        raise DataError("the 'digits' source is scikit-learn's digits, and scikit-learn is not installed here "
+                        "(or has no datasets/data/digits.csv.gz): pip install scikit-learn")
+    rows = np.loadtxt(csv, delimiter=",")
+    images = np.rint(rows[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[..., None]
+    labels = rows[:, -1].astype(np.int64)
     return RawDataset(
         images=images,
-        labels=bunch.target.astype(np.int64),
+        labels=labels,
         source_ids=[f"digits/{i:05d}" for i in range(len(images))],
         predefined_test=np.zeros(len(images), bool),
-        class_names=[str(c) for c in bunch.target_names],
+        class_names=[str(c) for c in range(10)],
         source="digits",
-        source_version=f"sklearn-{sklearn.__version__}",
+        source_version=f"sklearn-{importlib.metadata.version('scikit-learn')}",
     )
 
 
