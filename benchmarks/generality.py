@@ -108,7 +108,8 @@ def run_shape(shape: str, seeds: list[int], base: dict, work: Path) -> list[dict
                      planned_pretrain_s=plan.stage("pretrain").seconds,
                      planned_finetune_s=plan.stage("finetune").seconds,
                      planned_self_train_s=plan.stage("self_train").seconds,
-                     self_train_epochs=plan.stage("self_train").epochs, image_shape=list(data.meta["shape"]),
+                     self_train_epochs=plan.stage("self_train").epochs,
+                     self_train_max_epochs=params.self_train.max_epochs, image_shape=list(data.meta["shape"]),
                      pool=len(pool), classes=len(data.class_names))
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()}, flush=True)
         results.append(point)

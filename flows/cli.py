@@ -58,11 +58,11 @@ def _parse_sets(sets: list[str] | None) -> dict[str, Any]:
 
 def _validate(root: Path, overrides: dict[str, Any]):
     """Check params (with overrides) and the label budget before anything starts or is written."""
-    from ssl_lib.config import apply_overrides, parse_params, read_raw_params
+    from tasks.params_file import params_with_overrides
     from tasks.preflight import check_label_budget
 
-    params = parse_params(apply_overrides(read_raw_params(root / "params.yaml"), overrides),
-                          origin=f"{root / 'params.yaml'}" + (f" with --set {overrides}" if overrides else ""))
+    params = params_with_overrides(root / "params.yaml", overrides,
+                                   origin=f"{root / 'params.yaml'}" + (f" with --set {overrides}" if overrides else ""))
     return params, check_label_budget(params, root)
 
 

@@ -22,7 +22,7 @@ from tasks import paths
 from tasks.checkout_lock import hold_checkout
 from tasks.common import STAGES
 from tasks.environment import configure_environment, project_root
-from tasks.params_file import apply_param_overrides
+from tasks.params_file import apply_param_overrides, params_with_overrides
 from tasks.preflight import check_label_budget
 from tasks.registry import check_same_task, registered_model
 from tasks.run_summary import (
@@ -117,16 +117,17 @@ def ssl_pipeline(overrides: dict[str, Any] | None = None, method: str | None = N
         inherited = inherited_note(root_path, overrides)  # before the overrides are written into the file
         if inherited:
             logger.warning(inherited)
-        params = apply_param_overrides(root_path / "params.yaml", overrides)
+        # Every check before params.yaml is written: a run that stops on a user mistake leaves the file as it was.
+        params = params_with_overrides(root_path / "params.yaml", overrides)
         from ssl_lib.plan import plan_run  # torch, for the probe: imported once the params are known to be valid
 
         shape = check_label_budget(params, root_path)
         check_same_task(registered_model(params), shape.num_classes,
                         (shape.channels, shape.height, shape.width))
         plan, budget_overrides = plan_run(params, shape)
-        if budget_overrides:  # written like any override, so the stages, dvc.lock and MLflow record what ran
-            overrides = {**overrides, **budget_overrides}
-            params = apply_param_overrides(root_path / "params.yaml", overrides)
+        # The budget's overrides are written like any other, so the stages, dvc.lock and MLflow record what ran.
+        overrides = {**overrides, **budget_overrides}
+        params = apply_param_overrides(root_path / "params.yaml", overrides)
         for line in plan.describe().splitlines():
             logger.info(line)
 

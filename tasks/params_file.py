@@ -8,14 +8,19 @@ from ssl_lib.config import PipelineParams, apply_overrides, parse_params, read_r
 from ssl_lib.io import atomic_path
 
 
+def params_with_overrides(path: Path, overrides: dict[str, Any], origin: str | None = None) -> PipelineParams:
+    """params.yaml with ``overrides`` applied, validated; the file is not touched."""
+    return parse_params(apply_overrides(read_raw_params(path), overrides),
+                        origin=origin or f"{path} with overrides {overrides}")
+
+
 def apply_param_overrides(path: Path, overrides: dict[str, Any]) -> PipelineParams:
     """Validate params.yaml with ``overrides`` applied; write them into the file only if they are valid.
 
     The file stays the one record DVC hashes, so a flow run with overrides and
     ``dvc exp run -S key=value`` leave the workspace in the same state.
     """
-    raw = read_raw_params(path)
-    params = parse_params(apply_overrides(raw, overrides), origin=f"{path} with overrides {overrides}")
+    params = params_with_overrides(path, overrides)
     if not overrides:
         return params
 
