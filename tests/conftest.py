@@ -78,9 +78,9 @@ def digits() -> tuple[np.ndarray, np.ndarray, list[float], list[float]]:
 # short ones fill in around it (longest-processing-time-first). Seconds per module come from the table this
 # suite prints at its end ("seconds per test module"); modules not listed are short and run last.
 LONGEST_FIRST = (
-    "tests/test_pipeline.py", "tests/test_retrain.py", "tests/test_learning.py", "tests/test_engine.py",
-    "tests/test_every_method_a.py", "tests/test_every_method_b.py", "tests/test_sweep.py",
-    "tests/test_beyond_one_machine.py", "tests/test_growing_data.py",
+    "tests/test_pipeline.py", "tests/test_every_method.py", "tests/test_retrain.py", "tests/test_engine.py",
+    "tests/test_sweep.py", "tests/test_beyond_one_machine.py", "tests/test_checkout_lock.py",
+    "tests/test_methods_pretext.py", "tests/test_stage_runner.py", "tests/test_bad_input.py",
 )
 _MODULE_SECONDS: dict[str, float] = {}
 

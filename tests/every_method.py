@@ -1,4 +1,4 @@
-"""Every SSL method through the pipeline's stages (issue #3): what the two test_every_method_* modules share.
+"""Every SSL method through the pipeline's stages (issue #3): the helpers of ``tests/test_every_method.py``.
 
 Each method, in one git + DVC project on digits, runs every stage it reaches: its params written into params.yaml
 as ``dvc exp run -S`` writes them, then pseudo_labels, pretrain, finetune, self_train and evaluate, each run as DVC
@@ -19,9 +19,6 @@ Each stage process DVC starts imports torch and MLflow anew, seconds before any 
 run their stages in-process. ``SSLPIPE_FULL_METHOD_RUNS=1`` sends every method through both commands, the
 ``dvc exp run``\\ s as whole pipelines (no target); the flow then finds everything up to date. Training is the minimum
 that still takes real optimisation steps: what is tested is the wiring, not the accuracy.
-
-The methods are split over two modules (``DIGITS_METHODS[0::2]`` and ``[1::2]``) so that two pytest-xdist
-workers share them.
 """
 from __future__ import annotations
 
@@ -29,14 +26,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ssl_lib.methods import METHODS
-from tests.helpers import make_project, run_cmd, run_stage_here, use_project
+from tests.helpers import run_cmd, run_stage_here, use_project
 
 VIT_METHODS = {name for name, cls in METHODS.items() if cls.required_backbone == "vit_tiny"}
 RGB_METHODS = {name for name, cls in METHODS.items() if cls.required_channels == 3}
@@ -44,7 +40,7 @@ DIGITS_METHODS = sorted(set(METHODS) - RGB_METHODS)
 FULL_RUNS = os.environ.get("SSLPIPE_FULL_METHOD_RUNS", "") not in ("", "0")
 METHOD_STAGES = ("pseudo_labels", "pretrain")
 DOWNSTREAM_STAGES = ("finetune", "self_train", "evaluate")
-# The digits method that takes both commands for real, in the module whose half holds it: params.yaml's default.
+# The digits method that takes both commands for real: params.yaml's default.
 THROUGH_COMMANDS = ("simclr",)
 
 # Only the wiring is under test: a few real optimisation steps per stage, nothing more.
@@ -194,37 +190,3 @@ def check_experiments_record_their_method(project: Path, saved: dict[str, dict[s
             if how == "sslpipe run" or FULL_RUNS:
                 accuracy = found[name]["metrics"]["results/metrics.json"]["data"]["ssl"]["accuracy"]
                 assert 0.0 <= accuracy <= 1.0, (method, how, accuracy)
-
-
-def method_half_tests(methods: list[str], name: str) -> tuple:
-    """The module-scoped project and the two tests of one half of the methods: each method through its stages (and
-    the ``THROUGH_COMMANDS`` ones through both commands), then every saved experiment checked (None where no method
-    of the half takes the commands: nothing to collect). A module binds the three names it gets, so pytest collects
-    them there (each half in its own module, on its own xdist worker)."""
-    through_commands = set(methods) if FULL_RUNS else set(methods) & set(THROUGH_COMMANDS)
-    saved: dict[str, dict[str, str]] = {}  # method -> the DVC experiment each command saved
-
-    @pytest.fixture(scope="module")
-    def project(tmp_path_factory) -> Iterator[Path]:
-        path = make_project(tmp_path_factory.mktemp(name) / "proj", CHEAP)
-        with pytest.MonkeyPatch.context() as patch:  # the module's tests run on it; undone after the last
-            use_project(path, patch)
-            with pytest.MonkeyPatch.context() as here:  # the prepared data every method's stages read
-                run_stage_here("ingest", path, here)
-            yield path
-
-    @pytest.mark.parametrize("method", methods)
-    def test_method_runs_through_its_stages(project: Path, method: str, prefect_server,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-        if method in through_commands:
-            saved[method] = run_method_both_ways(project, method, monkeypatch)
-        else:
-            run_method_here(project, method, monkeypatch)
-
-    def test_every_experiment_records_its_method(project: Path) -> None:
-        if set(saved) != through_commands:
-            pytest.skip(f"no experiments for {sorted(through_commands - set(saved))} (their own test failed)")
-        check_experiments_record_their_method(project, saved)
-
-    return (project, test_method_runs_through_its_stages,
-            test_every_experiment_records_its_method if through_commands else None)
