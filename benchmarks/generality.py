@@ -169,6 +169,33 @@ def summarize(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(points: list[dict], margin: float) -> str:
+    """Per shape and seed, each SSL + semi-supervised candidate's val / dev / test accuracy, the one the committed
+    rule chose (from val) and the one dev would have chosen: how the rule fares, judged on dev (the pool's hidden
+    labels), never on test. Empty when no point recorded its candidates' dev accuracies."""
+    rows = []
+    for point in sorted(points, key=lambda p: (SHAPES.index(p["shape"]), p["seed"])):
+        names = sorted((k[len("ssl_semi_"):-len("_dev")] for k in point
+                        if k.startswith("ssl_semi_") and k.endswith("_dev") and k != "ssl_semi_dev"),
+                       key=lambda name: -1 if name == "fine_tune" else int(name.split("_")[1]))
+        if len(names) >= 2:
+            rows.append((point, names))
+    if not rows:
+        return ""
+    width = max(len(names) for _, names in rows)
+    head = ["fine-tune"] + [f"round {i}" for i in range(1, width)]
+    lines = ["| shape | seed | " + " | ".join(f"{h}: val / dev / test" for h in head)
+             + " | rule's choice (val) | dev's best |", "|---|---|" + "---|" * (width + 2)]
+    for point, names in rows:
+        cells = [f"{point[f'ssl_semi_{n}_val']:.4f} / {point[f'ssl_semi_{n}_dev']:.4f} / "
+                 f"{point[f'ssl_semi_{n}_test']:.4f}" for n in names] + ["-"] * (width - len(names))
+        by_rule = names[choose_final([point[f"ssl_semi_{n}_val"] for n in names], margin)]
+        by_dev = max(names, key=lambda n: point[f"ssl_semi_{n}_dev"])
+        lines.append(f"| {point['shape']} | {point['seed']} | " + " | ".join(cells)
+                     + f" | {by_rule.replace('_', ' ')} | {by_dev.replace('_', ' ')} |")
+    return "\n".join(lines)
+
+
 def machine_header(command: str, points_file: Path) -> str:
     """Where, when and how the table was measured."""
     when = time.strftime("%Y-%m-%d", time.gmtime(points_file.stat().st_mtime)) if points_file.is_file() else "?"
@@ -208,6 +235,10 @@ def main() -> None:
                 points[(point["shape"], point["seed"])] = point
     margin = parse_params(base).self_train.selection_margin
     table = summarize([apply_rule(p, margin) for p in points.values()])
+    selection = selection_table(list(points.values()), margin)
+    if selection:
+        table += ("\n\nThe final-model rule per candidate (SSL + semi-supervised; val / dev / test accuracy; dev is "
+                  "the unlabeled pool's hidden labels):\n\n" + selection)
     print(table)
     with atomic_path(args.out) as tmp_path:
         Path(tmp_path).write_text(machine_header("benchmarks/generality.py", points_file) + table + "\n")
