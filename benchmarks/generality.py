@@ -137,7 +137,7 @@ def apply_rule(point: dict, margin: float) -> dict:
             continue
         chosen = names[choose_final([point[f"{kind}_{name}_val"] for name in names], margin)]
         point[kind] = point[f"{kind}_{chosen}_test"]
-        point[f"{kind}_final"] = chosen.replace("_", " ").replace("fine tune", "fine-tune")
+        point[f"{kind}_final"] = _candidate_label(chosen)
     return point
 
 
@@ -169,6 +169,11 @@ def summarize(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _candidate_label(name: str) -> str:
+    """``fine_tune`` -> ``fine-tune``, ``round_2`` -> ``round 2``: as the main table names them."""
+    return "fine-tune" if name == "fine_tune" else name.replace("_", " ")
+
+
 def selection_table(points: list[dict], margin: float) -> str:
     """Per shape and seed, each SSL + semi-supervised candidate's val / dev / test accuracy, the one the committed
     rule chose (from val) and the one dev would have chosen: how the rule fares, judged on dev (the pool's hidden
@@ -192,7 +197,7 @@ def selection_table(points: list[dict], margin: float) -> str:
         by_rule = names[choose_final([point[f"ssl_semi_{n}_val"] for n in names], margin)]
         by_dev = max(names, key=lambda n: point[f"ssl_semi_{n}_dev"])
         lines.append(f"| {point['shape']} | {point['seed']} | " + " | ".join(cells)
-                     + f" | {by_rule.replace('_', ' ')} | {by_dev.replace('_', ' ')} |")
+                     + f" | {_candidate_label(by_rule)} | {_candidate_label(by_dev)} |")
     return "\n".join(lines)
 
 

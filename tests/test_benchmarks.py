@@ -14,10 +14,25 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
+def _tables(stdout: str) -> list[list[dict[str, str]]]:
+    """Every markdown table in ``stdout`` (a block of lines starting with "|"), as rows keyed by the header."""
+    blocks: list[list[str]] = [[]]
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    tables = []
+    for lines in (block for block in blocks if block):
+        header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+        tables.append([dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+                       for line in lines[2:]])
+    return tables
+
+
 def _table_rows(stdout: str) -> list[dict[str, str]]:
-    lines = [line for line in stdout.splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+    """The rows of the first table in ``stdout``."""
+    return _tables(stdout)[0]
 
 
 @pytest.mark.skipif(not FASHION_TRAIN.exists(), reason="apt-get install dataset-fashion-mnist")
@@ -129,6 +144,13 @@ def test_generality_quick_on_digits(tmp_path):
                    "semi-supervised from scratch"):
         assert re.match(r"0\.\d{4} ± 0\.0000<br>0\.\d{4}$", rows[0][column]), rows[0]
     assert rows[0]["final model chosen"] in ("fine-tune", "round 1", "round 2")
+    # The per-candidate table: val / dev / test for each, the rule's choice (the same as above) and dev's best.
+    (candidate,), = _tables(proc.stdout)[1:]
+    assert candidate["rule's choice (val)"] == rows[0]["final model chosen"]
+    assert candidate["dev's best"] in ("fine-tune", "round 1", "round 2")
+    for name in ("fine-tune", "round 1", "round 2"):
+        assert re.fullmatch(r"(0\.\d{4}|1\.0000) / (0\.\d{4}|1\.0000) / (0\.\d{4}|1\.0000)",
+                            candidate[f"{name}: val / dev / test"]), candidate
     assert (tmp_path / "generality.md").read_text().startswith("Measured ")
 
 
