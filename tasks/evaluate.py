@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sslpipe.evaluate")
 CONFUSION_PNGS = {"ssl": paths.CONFUSION_SSL, "baseline": paths.CONFUSION_BASELINE,
                   "self_train": paths.CONFUSION_FINAL}
-# Logged on the evaluate run and on its parent: the parent run shows the results of the run it stands for.
 
 
 def _load_classifiers(spec: dict, self_trained: bool) -> dict:
