@@ -130,10 +130,8 @@ def apply_rule(point: dict, margin: float) -> dict:
     the committed rule, whichever rule ran when the point was measured."""
     point = dict(point)
     for kind in ("ssl_semi", "scratch_semi"):
-        names = ["fine_tune"] + sorted((k[len(kind) + 1:-len("_val")] for k in point
-                                        if k.startswith(f"{kind}_round_") and k.endswith("_val")),
-                                       key=lambda name: int(name.split("_")[1]))
-        if not all(f"{kind}_{name}_val" in point for name in names) or len(names) < 2:
+        names = _candidates(point, kind, "val")
+        if "fine_tune" not in names or len(names) < 2:
             continue
         chosen = names[choose_final([point[f"{kind}_{name}_val"] for name in names], margin)]
         point[kind] = point[f"{kind}_{chosen}_test"]
@@ -169,6 +167,15 @@ def summarize(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _candidates(point: dict, kind: str, measure: str) -> list[str]:
+    """The candidates of ``kind`` (``ssl_semi``, ``scratch_semi``) with a recorded ``measure`` (val, dev, test) in
+    ``point``, in the order the rule takes them: the fine-tune, then each round."""
+    prefix, suffix = f"{kind}_", f"_{measure}"
+    names = [k[len(prefix):-len(suffix)] for k in point if k.startswith(prefix) and k.endswith(suffix)]
+    names = [n for n in names if n == "fine_tune" or n.startswith("round_")]
+    return sorted(names, key=lambda name: -1 if name == "fine_tune" else int(name.split("_")[1]))
+
+
 def _candidate_label(name: str) -> str:
     """``fine_tune`` -> ``fine-tune``, ``round_2`` -> ``round 2``: as the main table names them."""
     return "fine-tune" if name == "fine_tune" else name.replace("_", " ")
@@ -180,9 +187,7 @@ def selection_table(points: list[dict], margin: float) -> str:
     labels), never on test. Empty when no point recorded its candidates' dev accuracies."""
     rows = []
     for point in sorted(points, key=lambda p: (SHAPES.index(p["shape"]), p["seed"])):
-        names = sorted((k[len("ssl_semi_"):-len("_dev")] for k in point
-                        if k.startswith("ssl_semi_") and k.endswith("_dev") and k != "ssl_semi_dev"),
-                       key=lambda name: -1 if name == "fine_tune" else int(name.split("_")[1]))
+        names = _candidates(point, "ssl_semi", "dev")
         if len(names) >= 2:
             rows.append((point, names))
     if not rows:

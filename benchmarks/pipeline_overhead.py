@@ -94,8 +94,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _print_split(stages: list[dict], total: float, title: str) -> float:
-    """Print one run's split of its wall time; returns the stages' work seconds."""
+def _print_split(stages: list[dict], total: float, title: str) -> None:
+    """Print one run's split of its wall time."""
     work = sum(s["work_seconds"] or 0.0 for s in stages)
     startup = sum(s["startup_seconds"] or 0.0 for s in stages)
     dvc = sum(s["seconds"] for s in stages) - work - startup
@@ -111,7 +111,6 @@ def _print_split(stages: list[dict], total: float, title: str) -> float:
                           ("Prefect and flow", prefect)):
         print(f"| {name} | {seconds:.1f} | {seconds / total:.1%} |")
     print(f"| **overhead (all but stage work)** | {total - work:.1f} | **{(total - work) / total:.1%}** |")
-    return work
 
 
 if __name__ == "__main__":
