@@ -124,16 +124,20 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
+# Each semi-supervised row's teacher: the fine-tuned model its "fine_tune" candidate is.
+TEACHERS = {"ssl_semi": "ssl", "scratch_semi": "baseline"}
+
+
 def apply_rule(point: dict, margin: float) -> dict:
     """``point`` with each semi-supervised row's final model chosen by ``choose_final`` from the candidates' recorded
-    val accuracies (each candidate's test accuracy is recorded too, never used to choose): the table always shows
-    the committed rule, whichever rule ran when the point was measured."""
+    val accuracies and the fine-tune's val optimism (each candidate's test accuracy is recorded too, never used to
+    choose): the table always shows the committed rule, whichever rule ran when the point was measured."""
     point = dict(point)
-    for kind in ("ssl_semi", "scratch_semi"):
+    for kind in TEACHERS:
         names = _candidates(point, kind, "val")
         if "fine_tune" not in names or len(names) < 2:
             continue
-        chosen = names[choose_final([point[f"{kind}_{name}_val"] for name in names], margin)]
+        chosen = names[choose_final(_rule_scores(point, kind, names), margin)]
         point[kind] = point[f"{kind}_{chosen}_test"]
         point[f"{kind}_final"] = _candidate_label(chosen)
     return point
@@ -176,15 +180,23 @@ def _candidates(point: dict, kind: str, measure: str) -> list[str]:
     return sorted(names, key=lambda name: -1 if name == "fine_tune" else int(name.split("_")[1]))
 
 
+def _rule_scores(point: dict, kind: str, names: list[str]) -> list[float]:
+    """What the rule compares (``ssl_lib.self_train.Candidate.selection_score``): each candidate's recorded val
+    accuracy, the fine-tune's less its teacher's recorded val optimism."""
+    optimism = max(0.0, point.get(f"{TEACHERS[kind]}_val_optimism", 0.0))
+    return [point[f"{kind}_{name}_val"] - (optimism if name == "fine_tune" else 0.0) for name in names]
+
+
 def _candidate_label(name: str) -> str:
     """``fine_tune`` -> ``fine-tune``, ``round_2`` -> ``round 2``: as the main table names them."""
     return "fine-tune" if name == "fine_tune" else name.replace("_", " ")
 
 
 def selection_table(points: list[dict], margin: float) -> str:
-    """Per shape and seed, each SSL + semi-supervised candidate's val / dev / test accuracy, the one the committed
-    rule chose (from val) and the one dev would have chosen: how the rule fares, judged on dev (the pool's hidden
-    labels), never on test. Empty when no point recorded its candidates' dev accuracies."""
+    """Per shape and seed, each SSL + semi-supervised candidate's val / dev / test accuracy, the fine-tune's val
+    optimism, the one the committed rule chose (from val) and the one dev would have chosen: how the rule fares,
+    judged on dev (the pool's hidden labels), never on test. Empty when no point recorded its candidates' dev
+    accuracies."""
     rows = []
     for point in sorted(points, key=lambda p: (SHAPES.index(p["shape"]), p["seed"])):
         names = _candidates(point, "ssl_semi", "dev")
@@ -195,14 +207,15 @@ def selection_table(points: list[dict], margin: float) -> str:
     width = max(len(names) for _, names in rows)
     head = ["fine-tune"] + [f"round {i}" for i in range(1, width)]
     lines = ["| shape | seed | " + " | ".join(f"{h}: val / dev / test" for h in head)
-             + " | rule's choice (val) | dev's best |", "|---|---|" + "---|" * (width + 2)]
+             + " | fine-tune's val optimism | rule's choice (val) | dev's best |", "|---|---|" + "---|" * (width + 3)]
     for point, names in rows:
         cells = [f"{point[f'ssl_semi_{n}_val']:.4f} / {point[f'ssl_semi_{n}_dev']:.4f} / "
                  f"{point[f'ssl_semi_{n}_test']:.4f}" for n in names] + ["-"] * (width - len(names))
-        by_rule = names[choose_final([point[f"ssl_semi_{n}_val"] for n in names], margin)]
+        by_rule = names[choose_final(_rule_scores(point, "ssl_semi", names), margin)]
         by_dev = max(names, key=lambda n: point[f"ssl_semi_{n}_dev"])
+        optimism = point.get("ssl_val_optimism", 0.0)
         lines.append(f"| {point['shape']} | {point['seed']} | " + " | ".join(cells)
-                     + f" | {_candidate_label(by_rule)} | {_candidate_label(by_dev)} |")
+                     + f" | {max(0.0, optimism):.4f} | {_candidate_label(by_rule)} | {_candidate_label(by_dev)} |")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_lib.classifier import FinetuneSettings, build_classifier
+from ssl_lib.classifier import FinetuneSettings, build_classifier, val_optimism
 from ssl_lib.config import load_params
 from ssl_lib.data.ingest import ingest
 from ssl_lib.data.prepared import load_prepared
@@ -71,11 +71,7 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
                           for kind in KINDS}, seed=seed, progress=False)
     models = pair.models
     for kind in KINDS:
-        # How optimistic the kept epoch's val accuracy is: it is the best of all epochs on these same val images;
-        # the mean of the last 20 epochs is what the model scores there without being chosen on them.
-        val_curve = [row["val_acc"] for row in pair.histories[kind] if "val_acc" in row]
-        if val_curve:
-            result[f"{kind}_val_optimism"] = max(val_curve) - float(np.mean(val_curve[-20:]))
+        result[f"{kind}_val_optimism"] = val_optimism(pair.histories[kind])
         result[kind] = accuracy(models[kind], test_x, test_y)
         result[f"{kind}_s"] = pair.seconds[kind]  # building and training it (the test accuracy not included)
     # Dev: the unlabeled pool's hidden labels, for choosing settings without the test split (never trained on
@@ -89,7 +85,7 @@ def run_point(params, encoder_state, seed: int, labels_per_class: int, with_scra
             continue
         start = time.perf_counter()
         semi_result = self_train(models[teacher], pool_images, pool.labeled, pool.labels, val_x, val_y, semi,
-                                 progress=False)
+                                 progress=False, teacher_val_optimism=result[f"{teacher}_val_optimism"])
         result[f"{kind}_s"] = time.perf_counter() - start
         result[kind] = accuracy(semi_result.model, test_x, test_y)
         result[f"{kind}_dev"] = accuracy(semi_result.model, dev_x, dev_y)

@@ -373,3 +373,20 @@ def train_classifier(model: Classifier, train_images: np.ndarray, train_labels: 
     model.encoder.requires_grad_(True)
     model.eval()
     return model, history
+
+
+# How many of the last epochs' val accuracies stand for the kept model's score where it was not chosen.
+UNCHOSEN_EPOCHS = 20
+
+
+def val_optimism(history: list[dict[str, Any]]) -> float:
+    """How far the kept epoch's val accuracy overstates the model, from ``train_classifier``'s history.
+
+    The kept epoch is the best of all epochs on the same val images it is then scored on, so its val accuracy is
+    the maximum of a noisy curve. optimism = max_e val_acc(e) - mean(val_acc over the last UNCHOSEN_EPOCHS epochs):
+    the mean is what the model scores on those images without being chosen on them. 0.0 without val.
+    """
+    curve = [float(row["val_acc"]) for row in history if "val_acc" in row]
+    if not curve:
+        return 0.0
+    return max(0.0, max(curve) - float(np.mean(curve[-UNCHOSEN_EPOCHS:])))

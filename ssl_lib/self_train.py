@@ -19,7 +19,8 @@ All randomness comes from ``settings.seed``: two CPU runs with the same thread c
 
 Self-training can also make a model worse (a small pool, a poor teacher). So every round's model is a candidate
 next to the fine-tuned model it started from, and ``choose_final`` keeps the last round unless an earlier
-candidate leads it on the labeled val images (never test) by more than ``selection_margin``.
+candidate leads it on the labeled val images (never test) by more than ``selection_margin``. The fine-tune's
+val accuracy counts less its optimism (``ssl_lib.classifier.val_optimism``): its epoch was chosen on those images.
 """
 from __future__ import annotations
 
@@ -118,6 +119,14 @@ class Candidate:
     name: str  # "fine-tune", "round 1", ...
     val_accuracy: float
     state: dict[str, torch.Tensor]  # its weights, on the CPU
+    # How far val_accuracy overstates the model because it was chosen on the same val images (the fine-tune's best
+    # epoch); 0 for a round, whose weights are not chosen on val.
+    val_optimism: float = 0.0
+
+    @property
+    def selection_score(self) -> float:
+        """The val accuracy the rule compares: unchosen, as a round's is."""
+        return self.val_accuracy - self.val_optimism
 
 
 @dataclass
@@ -132,19 +141,27 @@ class SelfTrainResult:
 
 SELECTION_RULE = ("the final model is the last self-training round unless an earlier candidate (the SSL fine-tune, "
                   "an earlier round) leads it in accuracy on the labeled val images, never test, by more than "
-                  "self_train.selection_margin")
+                  "self_train.selection_margin; the fine-tune's val accuracy counts less its optimism (the best of "
+                  "its epochs on those images, less the mean of its last 20)")
 
 
 def choose_final(val_accuracies: list[float], margin: float) -> int:
     """The index of the candidate to ship: the last, unless an earlier one leads the current choice on val by more
-    than ``margin``. The later candidates learned from more of the data, and the fine-tune's val accuracy is the
-    best of its epochs on these same images (optimistic), so an earlier one must win clearly. NaN (no val images)
-    never wins."""
+    than ``margin``. The later candidates learned from more of the data, and val is small and noisy, so an earlier
+    one must win clearly. Callers pass the fine-tune's val accuracy less its optimism (``Candidate.selection_score``).
+    NaN (no val images) never wins."""
     best = len(val_accuracies) - 1
     for index in range(len(val_accuracies) - 2, -1, -1):
         if val_accuracies[index] > val_accuracies[best] + margin + 1e-9:  # 1e-9: 0.74 vs 0.71 + 0.03 in floats
             best = index
     return best
+
+
+def candidate_scores(candidates: list[Candidate]) -> str:
+    """``fine-tune 0.4500 (0.3838 counted, optimism 0.0662), round 1 0.4125, round 2 0.3875``"""
+    return ", ".join(f"{c.name} {c.val_accuracy:.4f}"
+                     + (f" ({c.selection_score:.4f} counted, optimism {c.val_optimism:.4f})" if c.val_optimism else "")
+                     for c in candidates)
 
 
 def validate_settings(settings: SelfTrainSettings, pool_size: int) -> None:
@@ -404,13 +421,15 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: torch.Tensor, batches:
 def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndarray, labeled_labels: np.ndarray,
                val_images: np.ndarray, val_labels: np.ndarray, settings: SelfTrainSettings,
                on_epoch: Callable[[dict[str, Any]], None] | None = None,
-               on_round: Callable[[dict[str, Any]], None] | None = None, progress: bool = True) -> SelfTrainResult:
+               on_round: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
+               teacher_val_optimism: float = 0.0) -> SelfTrainResult:
     """Improve a fine-tuned ``model`` with the unlabeled pool; return the final EMA model.
 
     ``pool_images`` (uint8 NHWC) are every image the model may train on: unlabeled and labeled, never val
     or test. ``labeled_rows`` are the positions of the labeled images within the pool and ``labeled_labels``
-    their classes. ``val_images``/``val_labels`` only measure: the pseudo-labels' accuracy and each epoch's
-    model, both logged, never trained on.
+    their classes. ``val_images``/``val_labels`` only measure: the pseudo-labels' accuracy, each epoch's
+    model and the candidates, never trained on. ``teacher_val_optimism`` is how far ``model``'s val accuracy
+    overstates it (``ssl_lib.classifier.val_optimism`` of its fine-tuning history); the rule discounts it.
     """
     validate_settings(settings, len(pool_images))
     device = select_device(settings.device)
@@ -431,11 +450,11 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
         if on_epoch is not None:
             on_epoch(record)
 
-    def candidate(name: str) -> Candidate:
+    def candidate(name: str, val_optimism: float = 0.0) -> Candidate:
         weights = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
-        return Candidate(name, accuracy(model, *val), weights)
+        return Candidate(name, accuracy(model, *val), weights, val_optimism)
 
-    result.candidates.append(candidate("fine-tune"))
+    result.candidates.append(candidate("fine-tune", teacher_val_optimism))
     for round_index in range(settings.rounds):
         for method in settings.steps:
             tag = {"round": round_index + 1, "method": method}
@@ -475,10 +494,9 @@ def self_train(model: Classifier, pool_images: np.ndarray, labeled_rows: np.ndar
                                        val, record_epoch, progress)
         if settings.steps:
             result.candidates.append(candidate(f"round {round_index + 1}"))
-    result.chosen = choose_final([c.val_accuracy for c in result.candidates], settings.selection_margin)
+    result.chosen = choose_final([c.selection_score for c in result.candidates], settings.selection_margin)
     chosen = result.candidates[result.chosen]
-    log.info("final model: %s (val accuracy %s)", chosen.name,
-             ", ".join(f"{c.name} {c.val_accuracy:.4f}" for c in result.candidates))
+    log.info("final model: %s (val accuracy %s)", chosen.name, candidate_scores(result.candidates))
     if result.chosen != len(result.candidates) - 1:
         model.load_state_dict(chosen.state)
     model.eval()

@@ -22,7 +22,7 @@ def run(params: PipelineParams) -> dict:
     import mlflow
     import pandas as pd
 
-    from ssl_lib.classifier import FinetuneSettings
+    from ssl_lib.classifier import FinetuneSettings, val_optimism
     from ssl_lib.data.prepared import load_prepared
     from ssl_lib.errors import TrainingDiverged
     from ssl_lib.finetune import KINDS, ClassifierDiverged, finetune_pair
@@ -48,6 +48,8 @@ def run(params: PipelineParams) -> dict:
         except ClassifierDiverged as err:  # the message names the model, the phase and step; this, its params
             raise TrainingDiverged(f"{err} (set by {_LR_KEYS[err.kind]})") from None
         models = {}
+        # How far each kept epoch's val accuracy overstates its model: self_train's rule discounts the SSL one's.
+        optimism = {kind: round(val_optimism(pair.histories[kind]), 6) for kind in KINDS}
         for kind in KINDS:
             models[kind] = pair.models[kind].cpu().eval()
             history = pair.histories[kind]
@@ -57,14 +59,16 @@ def run(params: PipelineParams) -> dict:
             kept = [row for row in history if row.get("best")]
             if kept:  # the epoch whose weights were kept: a fact about the run, not a curve
                 mlflow.set_tag(f"{kind}.best_epoch", str(kept[-1]["epoch"]))
-                mlflow.log_metric(f"{kind}_best_val_acc", float(kept[-1]["val_acc"]))
+                mlflow.log_metrics({f"{kind}_best_val_acc": float(kept[-1]["val_acc"]),
+                                    f"{kind}_val_optimism": optimism[kind]})
             log.info("%s classifier trained on %d labeled images (%s)", kind, len(train_y), settings[kind].mode)
 
         for kind, target in (("ssl", paths.SSL_CLASSIFIER), ("baseline", paths.BASELINE_CLASSIFIER)):
             save_torch(models[kind].state_dict(), target)
 
         mlflow.log_metrics({"num_labeled": len(train_y), "num_val": len(val_y)})
-        info = {**spec, "class_names": data.meta["class_names"], "mode": params.finetune.mode}
+        info = {**spec, "class_names": data.meta["class_names"], "mode": params.finetune.mode,
+                "val_optimism": optimism}
         write_json(paths.CLASSIFIER_INFO, info)
     return info
 
