@@ -225,7 +225,8 @@ def machine_header(command: str, points_file: Path) -> str:
     return (f"Measured {when} on {machine()}, {torch.get_num_threads()} torch threads: "
             f"`.venv/bin/python {command}` with params.yaml as committed (only the data source changed). Each cell: "
             f"mean ± std over seeds, then each seed's value. Test accuracy; the final model is chosen by the "
-            f"committed rule from each candidate's recorded val accuracy; minutes are wall-clock.\n\n")
+            f"committed rule from each candidate's recorded val accuracy and the fine-tune's recorded val optimism; "
+            f"minutes are wall-clock.\n\n")
 
 
 def main() -> None:

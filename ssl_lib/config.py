@@ -230,7 +230,7 @@ class SelfTrainParams(_Section):
     whiten: bool = True
     bn_recalibration: int = Field(default=40, ge=0)
     # The final model is the last round unless an earlier candidate leads it on val by more than this (README
-    # "The final model"): the fine-tune's val accuracy is the best of its epochs, an optimistic figure.
+    # "The final model"): val is small and noisy, and the later candidates learned from more of the data.
     selection_margin: Number = Field(default=0.03, ge=0, lt=1)
     device: str = "auto"
 

@@ -80,7 +80,7 @@ def test_the_convnet_stops_pooling_before_a_map_falls_below_three_pixels():
 @pytest.mark.parametrize(("val", "chosen"), [
     ([0.72, 0.80, 0.81], 2),  # the last round, best on val
     ([0.90, 0.85, 0.83], 0),  # self-training made it clearly worse: the fine-tune ships
-    ([0.74, 0.72, 0.72], 2),  # the fine-tune leads by less than the margin: its val figure is optimistic
+    ([0.74, 0.72, 0.72], 2),  # the fine-tune leads by less than the margin
     ([0.72, 0.85, 0.80], 1),  # an earlier round leads the last one clearly
     ([0.72, 0.81, 0.80], 2),  # within the margin the later candidate stays
     ([0.74, 0.71, 0.71], 2),  # exactly the margin is not more than it
