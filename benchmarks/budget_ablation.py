@@ -1,13 +1,16 @@
-"""How the passes caps were chosen: pretraining's and self-training's ``max_epochs`` on small pools, judged on dev.
+"""Accuracy against minutes for the recipe's compute knobs, judged on dev: how the budgets and caps were chosen.
 
 Dev is the unlabeled pool's hidden labels (those images enter self-training unlabeled; the test split is never
-read). Fashion-MNIST's pool is large enough that neither cap binds there (5 and 2 passes), so the caps are chosen on
-the small shapes, where they decide the compute: scikit-learn's digits (1 438 pool images, 8x8) and the colour
-shapes folder (2 400, 32x32). Per shape and pretraining cap, one encoder (seed 0); per seed, every row as the
-stages train it (``benchmarks/label_efficiency.run_point``), 10 labels per class.
+read). A config is a set of params overrides beside params.yaml. The passes caps (``max_epochs``) bind on small
+pools only (Fashion-MNIST's pool takes 5 and 2 passes), so they are varied on digits, the colour shapes folder and
+the 5 000-image folder; the image budgets (``images_seen``) decide Fashion-MNIST's compute. Per shape and
+pretraining config, one encoder (seed 0); per seed, every row as the stages train it
+(``benchmarks/label_efficiency.run_point``), 10 labels per class.
 
     .venv/bin/python benchmarks/budget_ablation.py                    # the table in benchmarks/results/
     .venv/bin/python benchmarks/budget_ablation.py --shapes digits --seeds 0
+    .venv/bin/python benchmarks/budget_ablation.py --shapes fashion-mnist \
+        --configs "pretrain.images_seen=300000,self_train.images_seen=240000;pretrain.images_seen=200000"
 """
 from __future__ import annotations
 
@@ -31,48 +34,75 @@ from ssl_lib.io import atomic_path
 from ssl_lib.pretrain import pretrain
 from ssl_lib.pretrain_plan import PretrainSettings, make_pseudo_labels
 
-# (pretrain.max_epochs, self_train.max_epochs): the committed (100, 20), then each cap halved and doubled alone.
-CONFIGS = ((100, 20), (50, 20), (200, 20), (100, 10), (100, 40))
+# The caps as first chosen, (100, 20), then each cap halved and doubled alone.
+CONFIGS: tuple[dict[str, int], ...] = tuple(
+    {"pretrain.max_epochs": pre, "self_train.max_epochs": st} for pre, st in ((100, 20), (50, 20), (200, 20),
+                                                                              (100, 10), (100, 40)))
+
+
+def parse_configs(text: str) -> tuple[dict[str, int], ...]:
+    """``"a.b=1,c.d=2;a.b=3"`` -> ({"a.b": 1, "c.d": 2}, {"a.b": 3}): configs split by ';', overrides by ','."""
+    configs = []
+    for config in text.split(";"):
+        pairs = [pair.split("=", 1) for pair in config.split(",") if pair.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise SystemExit(f"--configs: each override is key=value, got {config!r}")
+        configs.append({key.strip(): int(value) for key, value in pairs})
+    return tuple(configs)
+
+
+def config_of(point: dict) -> dict[str, int]:
+    """A point's overrides; points measured before configs were recorded carry the two caps."""
+    if "config" in point:
+        return point["config"]
+    return {"pretrain.max_epochs": point["pretrain_max_epochs"],
+            "self_train.max_epochs": point["self_train_max_epochs"]}
 
 
 def run(shape: str, seeds: list[int], base: dict, work: Path,
-        configs: tuple[tuple[int, int], ...] = CONFIGS) -> list[dict]:
+        configs: tuple[dict[str, int], ...] = CONFIGS) -> list[dict]:
     params0 = shape_params(shape, work, base)
     prepared = work / f"{shape}-pool"
     ingest(params0.data.source, params0.data.path, 0, labels_per_class=LABELS_PER_CLASS, label_fraction=None,
            val_per_class=params0.data.val_per_class, test_fraction=params0.data.test_fraction, out_dir=prepared)
     data = load_prepared(prepared)
     pool = data.pretrain_pool()
-    encoders: dict[int, tuple[dict, float]] = {}
+    encoders: dict[tuple, tuple[dict, float]] = {}
     points = []
-    for pretrain_cap, self_train_cap in configs:
-        params = parse_params(apply_overrides(params0.model_dump(mode="json"), {
-            "pretrain.max_epochs": pretrain_cap, "self_train.max_epochs": self_train_cap}))
-        if pretrain_cap not in encoders:
+    for config in configs:
+        params = parse_params(apply_overrides(params0.model_dump(mode="json"), dict(config)))
+        # Configs that pretrain alike share one encoder.
+        pretrain_key = tuple(sorted((k, v) for k, v in config.items() if k.startswith("pretrain.")))
+        if pretrain_key not in encoders:
             settings = replace(PretrainSettings.from_params(params, len(pool)), seed=0)
             start = time.perf_counter()
             state = pretrain(pool, data.meta["mean"], data.meta["std"], make_pseudo_labels(settings, len(pool)),
                              settings, progress=False).encoder_state
-            encoders[pretrain_cap] = (state, time.perf_counter() - start)
-        encoder, pretrain_s = encoders[pretrain_cap]
+            encoders[pretrain_key] = (state, time.perf_counter() - start)
+        encoder, pretrain_s = encoders[pretrain_key]
         for seed in seeds:
             point = run_point(params, encoder, seed, LABELS_PER_CLASS, False, work)
-            point.update(shape=shape, pretrain_max_epochs=pretrain_cap, self_train_max_epochs=self_train_cap,
-                         pretrain_s=pretrain_s)
+            point.update(shape=shape, config=config, pretrain_s=pretrain_s)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()
                    if not k.startswith("ssl_semi_") or k.endswith(("_dev", "_s", "_final"))}, flush=True)
             points.append(point)
     return points
 
 
+def _config_text(config: dict[str, int]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in config.items())
+
+
 def summarize(points: list[dict]) -> str:
-    lines = ["| shape | pretrain.max_epochs | self_train.max_epochs | SSL fine-tune, dev | final model, dev "
-             "| final model, val | minutes: pretrain + self-train |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({(p["shape"], p["pretrain_max_epochs"], p["self_train_max_epochs"]) for p in points},
-                  key=lambda k: (k[0], [c for c in CONFIGS].index(k[1:]) if k[1:] in CONFIGS else 99))
-    for shape, pre, st in keys:
-        rows = [p for p in points if (p["shape"], p["pretrain_max_epochs"], p["self_train_max_epochs"])
-                == (shape, pre, st)]
+    lines = ["| shape | config (beside params.yaml) | SSL fine-tune, dev | final model, dev "
+             "| final model, val | minutes: pretrain + self-train |", "|---|---|---|---|---|---|"]
+    keys: list[tuple[str, str]] = []  # in the order first measured
+    for point in points:
+        key = (point["shape"], _config_text(config_of(point)))
+        if key not in keys:
+            keys.append(key)
+    for shape, config in sorted(keys, key=lambda k: k[0]):
+        rows = [p for p in points if (p["shape"], _config_text(config_of(p))) == (shape, config)]
 
         def cell(key: str, rows: list[dict] = rows) -> str:
             values = [p[key] for p in rows if key in p]
@@ -82,7 +112,7 @@ def summarize(points: list[dict]) -> str:
         final_val = [max(v for k, v in p.items() if k.startswith("ssl_semi_") and k.endswith("_val"))
                      for p in rows]
         minutes = f"{rows[0]['pretrain_s'] / 60:.1f} + {statistics.fmean(p['ssl_semi_s'] for p in rows) / 60:.1f}"
-        lines.append(f"| {shape} (n={len(rows)}) | {pre} | {st} | {cell('ssl_dev')} | {cell('ssl_semi_dev')} | "
+        lines.append(f"| {shape} (n={len(rows)}) | {config} | {cell('ssl_dev')} | {cell('ssl_semi_dev')} | "
                      f"{statistics.fmean(final_val):.4f} | {minutes} |")
     return "\n".join(lines)
 
@@ -94,19 +124,18 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--points", default="benchmarks/results/budget_ablation_points.jsonl")
     parser.add_argument("--out", default="benchmarks/results/budget_ablation.md")
-    parser.add_argument("--configs", default=",".join(f"{a}:{b}" for a, b in CONFIGS),
-                        help="pretrain.max_epochs:self_train.max_epochs pairs, comma-separated")
+    parser.add_argument("--configs", default=";".join(",".join(f"{k}={v}" for k, v in c.items()) for c in CONFIGS),
+                        help="params overrides: key=value pairs split by ',', configs split by ';'")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
-    configs = tuple(tuple(int(v) for v in pair.split(":")) for pair in args.configs.split(",") if pair.strip())
+    configs = parse_configs(args.configs)
     torch.set_num_threads(int(os.environ.get("SSLPIPE_THREADS", torch.get_num_threads())))
     base = read_raw_params(args.params)
     points_file = Path(args.points)
     if not args.table_only:
         with tempfile.TemporaryDirectory() as tmp:
             for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
-                for point in run(shape, [int(s) for s in args.seeds.split(",")], base, Path(tmp),
-                                 configs):  # type: ignore[arg-type]
+                for point in run(shape, [int(s) for s in args.seeds.split(",")], base, Path(tmp), configs):
                     with points_file.open("a") as fh:
                         fh.write(json.dumps(point) + "\n")
     points = [json.loads(line) for line in points_file.read_text().splitlines() if line.strip()]

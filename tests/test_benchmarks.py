@@ -230,3 +230,20 @@ def test_stage_table_on_cuda_without_a_gpu_fails_in_one_line():
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "CUDA is not available" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_budget_ablation_configs_are_params_overrides_and_old_points_keep_their_caps():
+    from benchmarks.budget_ablation import CONFIGS, config_of, parse_configs, summarize
+
+    assert parse_configs("pretrain.images_seen=200000,self_train.images_seen=160000;self_train.rounds=1") == (
+        {"pretrain.images_seen": 200000, "self_train.images_seen": 160000}, {"self_train.rounds": 1})
+    with pytest.raises(SystemExit, match="key=value"):
+        parse_configs("pretrain.images_seen")
+    assert config_of({"pretrain_max_epochs": 100, "self_train_max_epochs": 40}) == CONFIGS[-1]
+    point = {"ssl_dev": 0.7, "ssl_semi_dev": 0.8, "ssl_semi_round_1_val": 0.75, "ssl_semi_s": 60.0,
+             "pretrain_s": 120.0}
+    table = summarize([{**point, "shape": "fashion-mnist", "seed": s, "config": {"pretrain.images_seen": 200000}}
+                       for s in (0, 1)] + [{**point, "shape": "digits", "seed": 0, "pretrain_max_epochs": 100,
+                                            "self_train_max_epochs": 20}])
+    assert "| fashion-mnist (n=2) | pretrain.images_seen 200000 | 0.7000 ± 0.0000 | 0.8000 ± 0.0000" in table
+    assert "| digits (n=1) | pretrain.max_epochs 100, self_train.max_epochs 20 |" in table
