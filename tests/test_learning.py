@@ -264,6 +264,12 @@ def test_supervised_training_learns_and_keeps_best_epoch(digits):
     assert float((probs.argmax(1) == labels[va]).mean()) == pytest.approx(best["val_acc"])
     test_acc = float((predict_proba(model, images[test]).argmax(1) == labels[test]).mean())
     assert test_acc > 0.6, test_acc
+    # The evaluate stage's one pass gives what the two calls give, to the bit.
+    from ssl_lib.evaluation import predict_proba_and_features
+
+    both = predict_proba_and_features(model, images[test])
+    assert np.array_equal(both[0], predict_proba(model, images[test]))
+    assert np.array_equal(both[1], extract_features(model, images[test]))
 
 
 def test_prototype_head_init_is_nearest_class_mean(digits):
