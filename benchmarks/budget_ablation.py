@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def config_of(point: dict) -> dict[str, int]:
 
 
 def run(shape: str, seeds: list[int], base: dict, work: Path,
-        configs: tuple[dict[str, int], ...] = CONFIGS) -> list[dict]:
+        configs: tuple[dict[str, int], ...] = CONFIGS) -> Iterator[dict]:
+    """Each seed's point of each config, as soon as it is measured (a long run keeps what it finished)."""
     params0 = shape_params(shape, work, base)
     prepared = work / f"{shape}-pool"
     ingest(params0.data.source, params0.data.path, 0, labels_per_class=LABELS_PER_CLASS, label_fraction=None,
@@ -68,7 +70,6 @@ def run(shape: str, seeds: list[int], base: dict, work: Path,
     data = load_prepared(prepared)
     pool = data.pretrain_pool()
     encoders: dict[tuple, tuple[dict, float]] = {}
-    points = []
     for config in configs:
         params = parse_params(apply_overrides(params0.model_dump(mode="json"), dict(config)))
         # Configs that pretrain alike share one encoder.
@@ -85,8 +86,7 @@ def run(shape: str, seeds: list[int], base: dict, work: Path,
             point.update(shape=shape, config=config, pretrain_s=pretrain_s)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()
                    if not k.startswith("ssl_semi_") or k.endswith(("_dev", "_s", "_final"))}, flush=True)
-            points.append(point)
-    return points
+            yield point
 
 
 def _config_text(config: dict[str, int]) -> str:
