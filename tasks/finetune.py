@@ -49,7 +49,7 @@ def run(params: PipelineParams) -> dict:
             raise TrainingDiverged(f"{err} (set by {_LR_KEYS[err.kind]})") from None
         models = {}
         # How far each kept epoch's val accuracy overstates its model: self_train's rule discounts the SSL one's.
-        optimism = {kind: round(val_optimism(pair.histories[kind]), 6) for kind in KINDS}
+        optimism = {kind: val_optimism(pair.histories[kind]) for kind in KINDS}
         for kind in KINDS:
             models[kind] = pair.models[kind].cpu().eval()
             history = pair.histories[kind]
