@@ -180,10 +180,15 @@ def _candidates(point: dict, kind: str, measure: str) -> list[str]:
     return sorted(names, key=lambda name: -1 if name == "fine_tune" else int(name.split("_")[1]))
 
 
+def _fine_tune_optimism(point: dict, kind: str) -> float:
+    """The recorded val optimism of ``kind``'s fine-tune candidate (its teacher); 0 where none was recorded."""
+    return max(0.0, point.get(f"{TEACHERS[kind]}_val_optimism", 0.0))
+
+
 def _rule_scores(point: dict, kind: str, names: list[str]) -> list[float]:
     """What the rule compares (``ssl_lib.self_train.Candidate.selection_score``): each candidate's recorded val
     accuracy, the fine-tune's less its teacher's recorded val optimism."""
-    optimism = max(0.0, point.get(f"{TEACHERS[kind]}_val_optimism", 0.0))
+    optimism = _fine_tune_optimism(point, kind)
     return [point[f"{kind}_{name}_val"] - (optimism if name == "fine_tune" else 0.0) for name in names]
 
 
@@ -213,9 +218,9 @@ def selection_table(points: list[dict], margin: float) -> str:
                  f"{point[f'ssl_semi_{n}_test']:.4f}" for n in names] + ["-"] * (width - len(names))
         by_rule = names[choose_final(_rule_scores(point, "ssl_semi", names), margin)]
         by_dev = max(names, key=lambda n: point[f"ssl_semi_{n}_dev"])
-        optimism = point.get("ssl_val_optimism", 0.0)
         lines.append(f"| {point['shape']} | {point['seed']} | " + " | ".join(cells)
-                     + f" | {max(0.0, optimism):.4f} | {_candidate_label(by_rule)} | {_candidate_label(by_dev)} |")
+                     + f" | {_fine_tune_optimism(point, 'ssl_semi'):.4f} | {_candidate_label(by_rule)} | "
+                     f"{_candidate_label(by_dev)} |")
     return "\n".join(lines)
 
 
